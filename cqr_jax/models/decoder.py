@@ -1,0 +1,211 @@
+"""The policy model: one Flax NNX decoder for Qwen2/Qwen2.5 and Llama-3.x/SmolLM2 (method.md 1.1).
+
+Usage (all arrays int32 unless said; mask 1 = real token; positions count from 0 at the first
+real token, so a left-padded prompt's positions are 0, 0, ..., 0, 1, 2, ...):
+
+    from flax import nnx
+    from cqr_jax.models.config import ModelConfig
+    from cqr_jax.models.decoder import Decoder
+
+    cfg = ModelConfig.smollm2_135m()                     # or ModelConfig.from_hf_config(folder)
+    model = Decoder(cfg, rngs=nnx.Rngs(0))               # sharded: cqr_jax.sharding.create_model
+    logits_btv = model(tokens_bt, positions_bt, mask_bt)            # float32 [B, T, V]
+    logp_bt = model.token_logprobs(tokens_bt, positions_bt, mask_bt, targets_bt,
+                                   temperature=1.0)      # chunked over T, no [B, T, V] in memory
+    logp_bt, ent_bt = model.token_logprobs(..., with_entropy=True)
+
+    # Generation with the functional KV cache (pytree in -> pytree out; donate it under jit):
+    cache = model.init_cache(batch, max_len)             # [{"k": [B, S, KVH, Dh], "v": ...}] * L
+    kv_valid_bs = zeros([B, S], bool).at[:, :P].set(prompt_mask_bp)   # caller marks real slots
+    logits_bpv, cache = model.decode(prompt_bp, positions_bp, cache, 0, kv_valid_bs)   # prefill
+    kv_valid_bs = kv_valid_bs.at[:, P].set(True)         # the slot the next token goes to
+    logits_b1v, cache = model.decode(next_b1, pos_b1, cache, P, kv_valid_bs)           # one step
+
+    # Under jit: graphdef, state = nnx.split(model); inside the jitted fn
+    #   nnx.merge(graphdef, state).decode(...); pass `cache` with donate_argnums.
+
+Query t of a `decode` call sees slot s iff kv_valid_bs[b, s] and s <= cache_index + t; the call
+writes its own K/V before attending, so kv_valid_bs must already mark the new slots as valid.
+`compute_dtype=` on any method overrides the config's (e.g. float32 for skinny decode matmuls on
+CPU while training uses bfloat16).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cqr_jax.models.attention import Attention
+from cqr_jax.models.config import ModelConfig
+from cqr_jax.models.layers import Embed, RMSNorm, dtype_of, mm
+from cqr_jax.models.mlp import MLP
+from cqr_jax.models.rope import inv_frequencies, rope_cos_sin
+
+Cache = list  # list over layers of {"k": [B, S, KVH, Dh], "v": [B, S, KVH, Dh]}
+
+
+class Block(nnx.Module):
+  """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    dtype = dtype_of(cfg.param_dtype)
+    self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+    self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+    self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs)
+
+  def __call__(self, x_btd, cos_btd, sin_btd, mask_btt, compute_dtype):
+    x_btd = x_btd + self.attn(self.attn_norm(x_btd), cos_btd, sin_btd, mask_btt, compute_dtype)
+    return x_btd + self.mlp(self.mlp_norm(x_btd), compute_dtype)
+
+  def decode(self, x_btd, cos_btd, sin_btd, layer_cache, cache_index, mask_bts, compute_dtype):
+    a_btd, layer_cache = self.attn.decode(self.attn_norm(x_btd), cos_btd, sin_btd, layer_cache,
+                                          cache_index, mask_bts, compute_dtype)
+    x_btd = x_btd + a_btd
+    return x_btd + self.mlp(self.mlp_norm(x_btd), compute_dtype), layer_cache
+
+
+def _remat_policy(name: str):
+  return None if name == "full" else getattr(jax.checkpoint_policies, name)
+
+
+class Decoder(nnx.Module):
+  """Token embedding -> L blocks -> final RMSNorm -> LM head (tied to the embedding or not).
+
+  Parameter paths (see hf_names.py for the HF map): embed.embedding [V, D];
+  layers.{i}.{attn_norm,mlp_norm}.scale [D]; layers.{i}.attn.{q,k,v,o}_proj.kernel [in, out]
+  (+ q/k/v .bias for Qwen2); layers.{i}.mlp.{gate,up,down}_proj.kernel [in, out];
+  final_norm.scale [D]; lm_head.embedding [V, D] when untied.
+  """
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    dtype = dtype_of(config.param_dtype)
+    self.embed = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
+    self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+    self.lm_head = (None if config.tie_word_embeddings else
+                    Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs))
+
+  # ------------------------------------------------------------------ helpers
+  def _cdt(self, compute_dtype):
+    return dtype_of(compute_dtype or self.config.compute_dtype)
+
+  def _rope(self, positions_bt):
+    cfg = self.config
+    return rope_cos_sin(positions_bt, inv_frequencies(cfg.head_dim, cfg.rope_theta,
+                                                      cfg.rope_scaling))
+
+  def lm_head_vd(self) -> jax.Array:
+    """The output projection [V, D] (the embedding table when tied)."""
+    head = self.embed if self.lm_head is None else self.lm_head
+    return head.embedding[...]
+
+  # ------------------------------------------------------------------ full-sequence forward
+  def hidden(self, tokens_bt, positions_bt, mask_bt, *, compute_dtype=None) -> jax.Array:
+    """Final-normed hidden states [B, T, D] (float32); causal + padding attention."""
+    cdt = self._cdt(compute_dtype)
+    t = tokens_bt.shape[1]
+    causal_tt = jnp.tril(jnp.ones((t, t), bool))
+    mask_btt = causal_tt[None] & (mask_bt[:, None, :] > 0)
+    cos, sin = self._rope(positions_bt)
+    x_btd = self.embed(tokens_bt)
+    remat = self.config.remat
+    for layer in self.layers:
+      if remat == "none":
+        x_btd = layer(x_btd, cos, sin, mask_btt, cdt)
+      else:
+        x_btd = _remat_layer(layer, x_btd, cos, sin, mask_btt, cdt, remat)
+    return self.final_norm(x_btd)
+
+  def logits(self, h_btd, *, compute_dtype=None) -> jax.Array:
+    """LM head on hidden states: [B, T, D] -> float32 [B, T, V]."""
+    return mm(h_btd, self.lm_head_vd(), self._cdt(compute_dtype), "btd,vd->btv")
+
+  def __call__(self, tokens_bt, positions_bt, mask_bt, *, compute_dtype=None) -> jax.Array:
+    """Float32 logits [B, T, V] for a left- or right-padded batch."""
+    h_btd = self.hidden(tokens_bt, positions_bt, mask_bt, compute_dtype=compute_dtype)
+    return self.logits(h_btd, compute_dtype=compute_dtype)
+
+  def token_logprobs(self, tokens_bt, positions_bt, mask_bt, targets_bt, *,
+                     temperature: float = 1.0, chunk_size: int = 128,
+                     with_entropy: bool = False, compute_dtype=None):
+    """log_softmax(logits / temperature)[targets] per token, [B, T] float32 (and the entropy of
+    that distribution if `with_entropy`). The LM head runs over `chunk_size` positions at a time
+    inside a rematerialised lax.scan, so [B, T, V] logits never exist (forward or backward)."""
+    h_btd = self.hidden(tokens_bt, positions_bt, mask_bt, compute_dtype=compute_dtype)
+    return chunked_logprobs(h_btd, self.lm_head_vd(), targets_bt, temperature=temperature,
+                            chunk_size=chunk_size, with_entropy=with_entropy,
+                            compute_dtype=self._cdt(compute_dtype))
+
+  # ------------------------------------------------------------------ KV-cache decoding
+  def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
+    """Zeroed cache: per layer {"k", "v"} of [B, S, KVH, Dh] in `dtype` (default: compute dtype)."""
+    cfg = self.config
+    dt = dtype_of(dtype) if isinstance(dtype, str) else (dtype or dtype_of(cfg.compute_dtype))
+    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(cfg.num_layers)]
+
+  def decode(self, tokens_bt, positions_bt, cache: Cache, cache_index, kv_valid_bs, *,
+             compute_dtype=None):
+    """Runs T new tokens against the cache: writes their K/V at [cache_index, cache_index + T)
+    and lets query t see slot s iff kv_valid_bs[b, s] and s <= cache_index + t.
+    Returns (float32 logits [B, T, V], updated cache)."""
+    cdt = self._cdt(compute_dtype)
+    t, s = tokens_bt.shape[1], cache[0]["k"].shape[1]
+    cache_index = jnp.asarray(cache_index, jnp.int32)
+    q_pos_t = cache_index + jnp.arange(t, dtype=jnp.int32)
+    causal_ts = jnp.arange(s, dtype=jnp.int32)[None, :] <= q_pos_t[:, None]
+    mask_bts = causal_ts[None] & kv_valid_bs[:, None, :].astype(bool)
+    cos, sin = self._rope(positions_bt)
+    x_btd = self.embed(tokens_bt)
+    new_cache = []
+    for layer, layer_cache in zip(self.layers, cache):
+      x_btd, layer_cache = layer.decode(x_btd, cos, sin, layer_cache, cache_index, mask_bts, cdt)
+      new_cache.append(layer_cache)
+    return self.logits(self.final_norm(x_btd), compute_dtype=compute_dtype), new_cache
+
+
+def _remat_layer(layer: Block, x_btd, cos, sin, mask_btt, cdt, remat: str):
+  """One block under jax.checkpoint (policy by name), via a pure function of its state."""
+  graphdef, state = nnx.split(layer)
+
+  @functools.partial(jax.checkpoint, policy=_remat_policy(remat))
+  def run(state, x_btd, cos, sin, mask_btt):
+    return nnx.merge(graphdef, state)(x_btd, cos, sin, mask_btt, cdt)
+
+  return run(state, x_btd, cos, sin, mask_btt)
+
+
+def chunked_logprobs(h_btd, w_vd, targets_bt, *, temperature=1.0, chunk_size=128,
+                     with_entropy=False, compute_dtype=jnp.float32):
+  """Per-token target log-probs (and entropies) from hidden states, chunked over T."""
+  b, t, d = h_btd.shape
+  c = max(1, min(chunk_size, t))
+  n = -(-t // c)
+  pad = n * c - t
+  h_nbcd = jnp.pad(h_btd, ((0, 0), (0, pad), (0, 0))).reshape(b, n, c, d).transpose(1, 0, 2, 3)
+  tg_nbc = jnp.pad(targets_bt, ((0, 0), (0, pad))).reshape(b, n, c).transpose(1, 0, 2)
+  inv_temp = 1.0 / temperature
+
+  @jax.checkpoint
+  def chunk(w_vd, h_bcd, tg_bc):
+    z_bcv = mm(h_bcd, w_vd, compute_dtype, "bcd,vd->bcv") * inv_temp
+    lse_bc = jax.nn.logsumexp(z_bcv, axis=-1)
+    logp_bc = jnp.take_along_axis(z_bcv, tg_bc[..., None].astype(jnp.int32), -1)[..., 0] - lse_bc
+    if not with_entropy:
+      return logp_bc, jnp.zeros_like(logp_bc)
+    p_bcv = jnp.exp(z_bcv - lse_bc[..., None])
+    return logp_bc, lse_bc - jnp.sum(p_bcv * z_bcv, axis=-1)
+
+  def body(carry, xs):
+    return carry, chunk(w_vd, *xs)
+
+  _, (logp_nbc, ent_nbc) = jax.lax.scan(body, None, (h_nbcd, tg_nbc))
+  logp_bt = logp_nbc.transpose(1, 0, 2).reshape(b, n * c)[:, :t]
+  if not with_entropy:
+    return logp_bt
+  return logp_bt, ent_nbc.transpose(1, 0, 2).reshape(b, n * c)[:, :t]

@@ -1,0 +1,76 @@
+"""Small building blocks: parameters tagged with logical axes, the mixed-precision matmul,
+linear / embedding / RMSNorm modules.
+
+Every parameter carries `logical_axes` metadata (names such as "embed", "mlp", "vocab"); the one
+partition table in `cqr_jax/sharding.py` maps those names to mesh axes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+INIT_STD = 0.02  # HF initializer_range for both families
+
+
+def dtype_of(name: str):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def param(value, axes: tuple[str | None, ...]) -> nnx.Param:
+  """An `nnx.Param` tagged with one logical axis name per dimension."""
+  assert len(axes) == value.ndim, (axes, value.shape)
+  return nnx.Param(value, logical_axes=tuple(axes))
+
+
+def mm(x: jax.Array, w: jax.Array, compute_dtype, dims: str = "...i,io->...o") -> jax.Array:
+  """einsum with operands cast to `compute_dtype` and float32 accumulation/output.
+
+  bf16 operands + `preferred_element_type=float32` is the fast path on AVX512-BF16 CPUs and TPUs;
+  with float32 compute the operands are used as they are.
+  """
+  if compute_dtype == jnp.float32:
+    return jnp.einsum(dims, x.astype(jnp.float32), w.astype(jnp.float32))
+  return jnp.einsum(dims, x.astype(compute_dtype), w.astype(compute_dtype),
+                    preferred_element_type=jnp.float32)
+
+
+class Linear(nnx.Module):
+  """y = x @ kernel (+ bias); kernel [in, out] (HF stores the transpose, [out, in])."""
+
+  def __init__(self, d_in: int, d_out: int, axes: tuple[str | None, str | None], *,
+               bias: bool, dtype, rngs: nnx.Rngs):
+    w_io = INIT_STD * jax.random.normal(rngs.params(), (d_in, d_out), jnp.float32)
+    self.kernel = param(w_io.astype(dtype), axes)
+    self.bias = param(jnp.zeros((d_out,), dtype), (axes[1],)) if bias else None
+
+  def __call__(self, x_bti: jax.Array, compute_dtype) -> jax.Array:
+    y_bto = mm(x_bti, self.kernel[...], compute_dtype)
+    if self.bias is not None:
+      y_bto = y_bto + self.bias[...].astype(jnp.float32)
+    return y_bto
+
+
+class Embed(nnx.Module):
+  """Token table [V, D]; also used (tied or as the separate lm_head) to produce logits."""
+
+  def __init__(self, vocab: int, dim: int, *, dtype, rngs: nnx.Rngs):
+    w_vd = INIT_STD * jax.random.normal(rngs.params(), (vocab, dim), jnp.float32)
+    self.embedding = param(w_vd.astype(dtype), ("vocab", "embed"))
+
+  def __call__(self, tokens_bt: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], tokens_bt, axis=0).astype(jnp.float32)
+
+
+class RMSNorm(nnx.Module):
+  """x / sqrt(mean(x^2) + eps) * scale, in float32 (as HF's Llama/Qwen2 RMSNorm)."""
+
+  def __init__(self, dim: int, eps: float, *, dtype):
+    self.scale = param(jnp.ones((dim,), dtype), ("norm",))
+    self.eps = eps
+
+  def __call__(self, x_btd: jax.Array) -> jax.Array:
+    x_btd = x_btd.astype(jnp.float32)
+    var_bt1 = jnp.mean(jnp.square(x_btd), axis=-1, keepdims=True)
+    return x_btd * jax.lax.rsqrt(var_bt1 + self.eps) * self.scale[...].astype(jnp.float32)

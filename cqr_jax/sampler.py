@@ -1,0 +1,485 @@
+"""The rollout engine: batched KV-cache generation with n samples per prompt (method.md 4.4-4.5).
+
+One jitted program per (prompt bucket, generation bucket, batch) shape: prefill of the B
+left-padded prompts, the cache repeated n times (prompt-major: sample row i * n + j is sample j of
+prompt i), then a `lax.while_loop` of single-token decode steps over the preallocated cache that
+stops early once every row has emitted an EOS. The model's parameters are passed as its current
+`nnx.State` (no copy; the trainer updates them every step) and the graph definition is static.
+
+Stop strings are found on the host after generation (they do not end the device loop; EOS does).
+Log-probs are log softmax(logits / T) at the sampled token (T = 1 for greedy), method.md 4.5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import time
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cqr_jax import sampling_ops
+
+log = logging.getLogger(__name__)
+
+FINISH_EOS, FINISH_STOP, FINISH_LENGTH = "eos", "stop", "length"
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+  """Sampling settings; defaults are the paper's rollout (method.md 4.4: T 0.7, top-p 1, no top-k,
+  1,536 prompt / 1,024 response tokens, n = 8).
+
+  prompt_len_buckets / gen_len_buckets: padded lengths to compile for (sorted; empty = powers of
+    two from 16 up to the maximum, plus the maximum). batch_buckets: prompt batch sizes to pad to
+    (empty = the batch rounded up to a multiple of the mesh's data x fsdp size).
+  eos_ids: empty = the tokenizer's eos plus the model config's eos ids.
+  cache_dtype: KV cache dtype ("float32" / "bfloat16"); None = the compute dtype.
+  compute_dtype: matmul operand dtype for generation (Decoder `compute_dtype=`); None = the
+    model config's. On XLA:CPU f32 decode is faster than bf16 (bench/results/sampler.md).
+  decode_param_dtype: if set, floating parameters are cast to it once per call inside the
+    program (e.g. "bfloat16" halves the bytes each decode step reads); None = use them as stored.
+  """
+  max_prompt_len: int = 1536
+  max_new_tokens: int = 1024
+  temperature: float = 0.7
+  top_p: float = 1.0
+  top_k: int = 0
+  n: int = 8
+  prompt_len_buckets: tuple[int, ...] = ()
+  gen_len_buckets: tuple[int, ...] = ()
+  batch_buckets: tuple[int, ...] = ()
+  truncate_prompt_left: bool = False
+  stop_strings: tuple[str, ...] = ()
+  eos_ids: tuple[int, ...] = ()
+  cache_dtype: str | None = None
+  compute_dtype: str | None = None
+  decode_param_dtype: str | None = None
+
+  def __post_init__(self):
+    if self.max_prompt_len < 1:
+      raise ValueError(f"SamplerConfig.max_prompt_len must be >= 1, got {self.max_prompt_len}")
+    if self.max_new_tokens < 1:
+      raise ValueError(f"SamplerConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if self.n < 1:
+      raise ValueError(f"SamplerConfig.n must be >= 1, got {self.n}")
+    sampling_ops.check_sampling_args(self.temperature, self.top_k, self.top_p)
+    for name in ("prompt_len_buckets", "gen_len_buckets", "batch_buckets"):
+      b = tuple(getattr(self, name))
+      if any(x < 1 for x in b) or list(b) != sorted(set(b)):
+        raise ValueError(f"SamplerConfig.{name} must be strictly increasing positive ints, got {b}")
+    if any(not s for s in self.stop_strings):
+      raise ValueError("SamplerConfig.stop_strings must not contain an empty string")
+
+
+@dataclasses.dataclass
+class Rollouts:
+  """B prompts x n samples, prompt-major: row r is sample r % n of prompt r // n.
+
+  prompt_ids: [N, P] int32, left-padded with pad_id (P = the prompt bucket).
+  prompt_mask: [N, P] bool.
+  completion_ids: [N, G] int32 (G = max_new_tokens of the call), pad_id after the end.
+  completion_mask: [N, G] bool: 1 up to and including the first EOS (or the token that completes
+    a stop string, or the last token when the length ran out), 0 after (method.md 4.5).
+  logprobs: [N, G] f32: log softmax(logits / T) at the sampled token (T = 1 if greedy); 0 where
+    the mask is 0.
+  finish_reasons: N of "eos" | "stop" | "length".
+  texts: N decoded completions (special tokens skipped, stop string and after removed), or ""
+    without a tokenizer.
+  prompt_truncated: [B] bool, prompts cut from the left (config.truncate_prompt_left).
+  """
+  prompt_ids: np.ndarray
+  prompt_mask: np.ndarray
+  completion_ids: np.ndarray
+  completion_mask: np.ndarray
+  logprobs: np.ndarray
+  finish_reasons: list[str]
+  texts: list[str]
+  n: int
+  prompt_truncated: np.ndarray
+
+  @property
+  def num_prompts(self) -> int:
+    return len(self.prompt_truncated)
+
+  @property
+  def prompt_index(self) -> np.ndarray:
+    """[N] index of the prompt each sample row belongs to (r // n)."""
+    return np.arange(len(self.finish_reasons)) // self.n
+
+  @property
+  def completion_lengths(self) -> np.ndarray:
+    return self.completion_mask.sum(-1).astype(np.int32)
+
+  def completion_tokens(self, r: int) -> list[int]:
+    """Sample r's completion ids (masked part only)."""
+    return self.completion_ids[r, :self.completion_lengths[r]].tolist()
+
+
+# ------------------------------------------------------------------------------------ host side
+def _default_buckets(maximum: int, smallest: int = 16) -> tuple[int, ...]:
+  out, b = [], smallest
+  while b < maximum:
+    out.append(b)
+    b *= 2
+  return tuple(out) + (maximum,)
+
+
+def bucket(length: int, buckets: Sequence[int], what: str) -> int:
+  """The smallest bucket >= length (ValueError naming `what` if none)."""
+  for b in buckets:
+    if b >= length:
+      return b
+  raise ValueError(f"{what}={length} exceeds the largest bucket {buckets[-1]}")
+
+
+def _is_chat(p: Any) -> bool:
+  return (isinstance(p, (list, tuple)) and len(p) > 0 and isinstance(p[0], Mapping))
+
+
+def encode_prompts(prompts: Sequence[Any], tokenizer=None, vocab_size: int | None = None
+                   ) -> list[list[int]]:
+  """Token-id prompts as lists; chat message lists go through the tokenizer's chat template
+  (add_generation_prompt=True). Raises ValueError naming prompts[i] on bad input."""
+  if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) and not hasattr(
+      prompts, "__len__"):
+    raise ValueError(f"prompts must be a list of token-id lists or chat message lists, "
+                     f"got {type(prompts).__name__}")
+  if len(prompts) == 0:
+    raise ValueError("prompts is empty: nothing to generate from")
+  out = []
+  for i, p in enumerate(prompts):
+    if isinstance(p, str):
+      raise ValueError(f"prompts[{i}] is a str; pass token ids or a chat message list "
+                       f"([{{'role': 'user', 'content': ...}}])")
+    if _is_chat(p):
+      if tokenizer is None:
+        raise ValueError(f"prompts[{i}] is a chat message list but the Sampler has no tokenizer")
+      for j, m in enumerate(p):
+        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+          raise ValueError(f"prompts[{i}][{j}] must be a dict with 'role' and 'content', got {m!r}")
+      enc = tokenizer.apply_chat_template(list(p), add_generation_prompt=True, tokenize=True)
+      ids = enc["input_ids"] if isinstance(enc, Mapping) or hasattr(enc, "keys") else enc
+      ids = [int(t) for t in ids]
+    else:
+      arr = np.asarray(p)
+      if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"prompts[{i}] must be a 1-D list of int token ids, got shape "
+                         f"{arr.shape} dtype {arr.dtype}")
+      ids = arr.astype(np.int64).tolist()
+    if not ids:
+      raise ValueError(f"prompts[{i}] is empty (0 tokens)")
+    if vocab_size is not None and (min(ids) < 0 or max(ids) >= vocab_size):
+      bad = next(t for t in ids if t < 0 or t >= vocab_size)
+      raise ValueError(f"prompts[{i}] has token id {bad} outside the vocabulary [0, {vocab_size})")
+    out.append(ids)
+  return out
+
+
+def find_stop(token_ids: Sequence[int], stop_strings: Sequence[str], tokenizer
+              ) -> tuple[int, str] | None:
+  """(k, text) for the shortest prefix token_ids[:k] whose text contains a stop string, and that
+  text cut before the earliest stop string; None if no stop string occurs."""
+  def decode(ids):
+    return tokenizer.decode(list(ids), skip_special_tokens=True)
+
+  def first_hit(text):
+    hits = [text.find(s) for s in stop_strings]
+    hits = [h for h in hits if h >= 0]
+    return min(hits) if hits else -1
+
+  if first_hit(decode(token_ids)) < 0:
+    return None
+  lo, hi = 1, len(token_ids)  # containment is monotone in the prefix length
+  while lo < hi:
+    mid = (lo + hi) // 2
+    if first_hit(decode(token_ids[:mid])) >= 0:
+      hi = mid
+    else:
+      lo = mid + 1
+  text = decode(token_ids[:lo])
+  return lo, text[:first_hit(text)]
+
+
+# ---------------------------------------------------------------------------------- device side
+def _as_graph_state(model_or_state) -> tuple[Any, Any]:
+  if isinstance(model_or_state, nnx.Module):
+    return nnx.split(model_or_state)
+  if isinstance(model_or_state, tuple) and len(model_or_state) == 2:
+    return model_or_state
+  raise TypeError("generate() takes an nnx.Module or a (graphdef, state) pair, got "
+                  f"{type(model_or_state).__name__}")
+
+
+def _cast_floats(state, dtype):
+  def cast(x):
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype:
+      return x.astype(dtype)
+    return x
+  return jax.tree.map(cast, state)
+
+
+def _prefill_last(model, tokens_bp, positions_bp, cache, kv_valid_bs, compute_dtype):
+  """`model.decode` of the prompt at cache index 0, with the LM head applied to the last position
+  only (left padding puts every row's last real token there): [B, V] f32 logits, cache.
+
+  Mirrors Decoder.decode layer by layer; the full [B, P, V] logits would cost a vocab-sized
+  matmul per prompt token and B * P * V * 4 bytes.
+  """
+  if not all(hasattr(model, a) for a in ("_rope", "embed", "layers", "final_norm", "logits")):
+    logits_bpv, cache = model.decode(tokens_bp, positions_bp, cache, 0, kv_valid_bs,
+                                     compute_dtype=compute_dtype)
+    return logits_bpv[:, -1].astype(jnp.float32), cache
+  cdt = model._cdt(compute_dtype)
+  p, s = tokens_bp.shape[1], cache[0]["k"].shape[1]
+  causal_ps = jnp.arange(s)[None, :] <= jnp.arange(p)[:, None]
+  mask_bps = causal_ps[None] & kv_valid_bs[:, None, :].astype(bool)
+  cos, sin = model._rope(positions_bp)
+  x_bpd = model.embed(tokens_bp)
+  new_cache = []
+  for layer, layer_cache in zip(model.layers, cache):
+    x_bpd, layer_cache = layer.decode(x_bpd, cos, sin, layer_cache, jnp.int32(0), mask_bps, cdt)
+    new_cache.append(layer_cache)
+  logits_b1v = model.logits(model.final_norm(x_bpd[:, -1:]), compute_dtype=compute_dtype)
+  return logits_b1v[:, 0].astype(jnp.float32), new_cache
+
+
+def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_steps, *,
+                      n: int, gen_len: int, temperature: float, top_k: int, top_p: float,
+                      eos_ids: tuple[int, ...], pad_id: int, cache_dtype, compute_dtype,
+                      param_dtype, batch_spec):
+  """Prefill + decode loop. Returns tokens [B*n, G], logprobs [B*n, G], lengths [B*n],
+  eos_hit [B*n], steps run."""
+  if param_dtype is not None:
+    state = _cast_floats(state, param_dtype)
+  model = nnx.merge(graphdef, state)
+  b, p = prompt_ids_bp.shape
+  rows, cache_len = b * n, p + gen_len
+
+  def constrain(x):
+    if batch_spec is None:
+      return x
+    spec = jax.sharding.PartitionSpec(batch_spec, *([jax.sharding.PartitionSpec.UNCONSTRAINED]
+                                                    * (x.ndim - 1)))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+  mask_bp = prompt_mask_bp.astype(bool)
+  positions_bp = jnp.maximum(jnp.cumsum(mask_bp, axis=-1) - 1, 0).astype(jnp.int32)
+  kv_valid_bs = jnp.concatenate([mask_bp, jnp.ones((b, gen_len), bool)], axis=-1)
+  cache = jax.tree.map(constrain, model.init_cache(b, cache_len, dtype=cache_dtype))
+  logits_bv, cache = _prefill_last(model, prompt_ids_bp, positions_bp, cache, kv_valid_bs,
+                                   compute_dtype)
+  logits_rv = jnp.repeat(logits_bv, n, axis=0)
+  cache = jax.tree.map(lambda x: constrain(jnp.repeat(x, n, axis=0)), cache)
+  kv_valid_rs = constrain(jnp.repeat(kv_valid_bs, n, axis=0))
+  next_pos_r = jnp.repeat(positions_bp[:, -1] + 1, n, axis=0)
+  eos_arr = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
+
+  def cond(c):
+    i, done_r = c[0], c[6]
+    return (i < max_steps) & ~jnp.all(done_r)
+
+  def body(c):
+    i, cache, logits_rv, tokens_rg, logp_rg, length_r, done_r, eos_r = c
+    tok_r, lp_r = sampling_ops.select_tokens(jax.random.fold_in(key, i), logits_rv,
+                                             temperature=temperature, top_k=top_k, top_p=top_p)
+    tok_r = jnp.where(done_r, pad_id, tok_r)
+    lp_r = jnp.where(done_r, 0.0, lp_r)
+    tokens_rg = jax.lax.dynamic_update_slice(tokens_rg, tok_r[:, None], (0, i))
+    logp_rg = jax.lax.dynamic_update_slice(logp_rg, lp_r[:, None], (0, i))
+    length_r = length_r + (~done_r).astype(jnp.int32)
+    hit_r = ~done_r & jnp.isin(tok_r, eos_arr)
+    eos_r, done_r = eos_r | hit_r, done_r | hit_r
+    logits_r1v, cache = model.decode(tok_r[:, None], (next_pos_r + i)[:, None], cache, p + i,
+                                     kv_valid_rs, compute_dtype=compute_dtype)
+    return (i + 1, cache, logits_r1v[:, 0].astype(jnp.float32), tokens_rg, logp_rg, length_r,
+            done_r, eos_r)
+
+  init = (jnp.int32(0), cache, logits_rv,
+          constrain(jnp.full((rows, gen_len), pad_id, jnp.int32)),
+          constrain(jnp.zeros((rows, gen_len), jnp.float32)),
+          constrain(jnp.zeros((rows,), jnp.int32)),
+          constrain(jnp.repeat(~mask_bp[:, -1], n, axis=0)),  # padding rows start done
+          constrain(jnp.zeros((rows,), bool)))
+  steps, _, _, tokens_rg, logp_rg, length_r, _, eos_r = jax.lax.while_loop(cond, body, init)
+  return tokens_rg, logp_rg, length_r, eos_r, steps
+
+
+class Sampler:
+  """Generates rollouts from a Decoder (its `init_cache` / `decode` methods).
+
+  Args:
+    config: SamplerConfig.
+    tokenizer: HF tokenizer (chat prompts, decoded texts, stop strings, default eos / pad ids).
+    mesh: a jax Mesh with axes ("data", "fsdp", "tensor"), or None for the default device. Prompt
+      rows are sharded over data x fsdp; parameters stay as the model placed them.
+    vocab_size / eos_ids / pad_id: override what the tokenizer says.
+  """
+
+  def __init__(self, config: SamplerConfig = SamplerConfig(), tokenizer=None, *, mesh=None,
+               model_eos_ids: Sequence[int] = (), pad_id: int | None = None):
+    self.config = config
+    self.tokenizer = tokenizer
+    self.mesh = mesh
+    eos = tuple(config.eos_ids)
+    if not eos:
+      tok_eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+      eos = tuple(sorted({*([tok_eos] if tok_eos is not None else []), *model_eos_ids}))
+    self.eos_ids = tuple(int(e) for e in eos)
+    if pad_id is None:
+      pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
+    self.pad_id = int(pad_id if pad_id is not None else (self.eos_ids[0] if self.eos_ids else 0))
+    self.prompt_buckets = tuple(config.prompt_len_buckets) or _default_buckets(config.max_prompt_len)
+    if self.prompt_buckets[-1] < config.max_prompt_len:
+      self.prompt_buckets += (config.max_prompt_len,)
+    self.gen_buckets = tuple(config.gen_len_buckets) or _default_buckets(config.max_new_tokens)
+    if self.gen_buckets[-1] < config.max_new_tokens:
+      self.gen_buckets += (config.max_new_tokens,)
+    self._compiled_shapes: set = set()
+    self.last_timing: dict[str, float] = {}
+
+  # ---------------------------------------------------------------- helpers
+  @property
+  def data_parallel_size(self) -> int:
+    if self.mesh is None:
+      return 1
+    shape = dict(self.mesh.shape)
+    return int(shape.get("data", 1) * shape.get("fsdp", 1))
+
+  def _batch_size(self, b: int) -> int:
+    dp = self.data_parallel_size
+    if self.config.batch_buckets:
+      b = bucket(b, self.config.batch_buckets, "number of prompts")
+    if b % dp:
+      b += dp - b % dp
+    return b
+
+  def prepare(self, prompts: Sequence[Any], vocab_size: int | None = None):
+    """Encodes, checks and left-pads prompts: (ids [B, P], mask [B, P], truncated [B])."""
+    cfg = self.config
+    ids = encode_prompts(prompts, self.tokenizer, vocab_size)
+    truncated = np.zeros(len(ids), bool)
+    for i, t in enumerate(ids):
+      if len(t) > cfg.max_prompt_len:
+        if not cfg.truncate_prompt_left:
+          raise ValueError(f"prompts[{i}] has {len(t)} tokens > max_prompt_len="
+                           f"{cfg.max_prompt_len} (set truncate_prompt_left=True to keep its last "
+                           f"{cfg.max_prompt_len} tokens)")
+        ids[i] = t[-cfg.max_prompt_len:]
+        truncated[i] = True
+    if truncated.any():
+      log.warning("sampler: truncated %d prompt(s) from the left to max_prompt_len=%d: %s",
+                  truncated.sum(), cfg.max_prompt_len, np.flatnonzero(truncated).tolist())
+    p = bucket(max(len(t) for t in ids), self.prompt_buckets, "prompt length")
+    b = self._batch_size(len(ids))
+    ids_bp = np.full((b, p), self.pad_id, np.int32)
+    mask_bp = np.zeros((b, p), bool)
+    for i, t in enumerate(ids):
+      ids_bp[i, p - len(t):] = t
+      mask_bp[i, p - len(t):] = True
+    return ids_bp, mask_bp, truncated
+
+  @functools.cached_property
+  def _jitted(self):
+    return jax.jit(_generate_program, static_argnums=(0,),
+                   static_argnames=("n", "gen_len", "temperature", "top_k", "top_p", "eos_ids",
+                                    "pad_id", "cache_dtype", "compute_dtype", "param_dtype",
+                                    "batch_spec"))
+
+  # ---------------------------------------------------------------- main entry
+  def generate(self, model, prompts: Sequence[Any], *, key: jax.Array, n: int | None = None,
+               max_new_tokens: int | None = None, temperature: float | None = None,
+               top_p: float | None = None, top_k: int | None = None) -> Rollouts:
+    """Samples n completions per prompt.
+
+    Args:
+      model: an nnx Decoder, or its (graphdef, state) pair (read as is: no copy).
+      prompts: token-id lists or chat message lists ([{"role", "content"}, ...]).
+      key: PRNG key; the same key gives the same rollouts.
+      n, max_new_tokens, temperature, top_p, top_k: per-call overrides of the config.
+    Returns:
+      Rollouts with B * n rows, prompt-major (row i * n + j = sample j of prompt i).
+    """
+    cfg = self.config
+    n = cfg.n if n is None else n
+    temperature = cfg.temperature if temperature is None else temperature
+    top_p = cfg.top_p if top_p is None else top_p
+    top_k = cfg.top_k if top_k is None else top_k
+    max_new = cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
+    if not isinstance(n, (int, np.integer)) or n < 1:
+      raise ValueError(f"n (samples per prompt) must be an int >= 1, got {n!r}")
+    sampling_ops.check_sampling_args(temperature, top_k, top_p)
+    if not 1 <= max_new <= cfg.max_new_tokens:
+      raise ValueError(f"max_new_tokens={max_new} must be in [1, SamplerConfig.max_new_tokens="
+                       f"{cfg.max_new_tokens}]")
+    graphdef, state = _as_graph_state(model)
+    mcfg = getattr(model, "config", None)
+    vocab = getattr(mcfg, "vocab_size", None)
+    ids_bp, mask_bp, truncated = self.prepare(prompts, vocab)
+    num_prompts = len(truncated)
+    gen_len = bucket(max_new, self.gen_buckets, "max_new_tokens")
+    cache_dtype = cfg.cache_dtype or cfg.compute_dtype or getattr(mcfg, "compute_dtype", None)
+    kw = dict(n=int(n), gen_len=gen_len, temperature=float(temperature), top_k=int(top_k),
+              top_p=float(top_p), eos_ids=self.eos_ids, pad_id=self.pad_id,
+              cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype),
+              compute_dtype=cfg.compute_dtype,
+              param_dtype=(None if cfg.decode_param_dtype is None
+                           else jnp.dtype(cfg.decode_param_dtype)),
+              batch_spec=None if self.mesh is None else ("data", "fsdp"))
+    shape_key = (graphdef, ids_bp.shape, tuple(sorted(kw.items())))
+    first = shape_key not in self._compiled_shapes
+    if first and self._compiled_shapes:
+      log.info("sampler: compiling a new shape %s (gen_len=%d, n=%d)", ids_bp.shape, gen_len, n)
+    t0 = time.perf_counter()
+    with self._mesh_ctx():
+      ids_in, mask_in = self._place(ids_bp), self._place(mask_bp)
+      out = self._jitted(graphdef, state, ids_in, mask_in, key, jnp.int32(max_new), **kw)
+      tokens, logps, lengths, eos_hit, steps = jax.device_get(out)
+    self._compiled_shapes.add(shape_key)
+    self.last_timing = {"seconds": time.perf_counter() - t0, "first_call": float(first),
+                        "steps": float(steps)}
+    return self._finish(ids_bp, mask_bp, truncated, num_prompts, int(n), max_new,
+                        np.asarray(tokens), np.asarray(logps), np.asarray(lengths),
+                        np.asarray(eos_hit))
+
+  def _mesh_ctx(self):
+    import contextlib
+    return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+  def _place(self, x: np.ndarray) -> jax.Array:
+    if self.mesh is None:
+      return jnp.asarray(x)
+    spec = jax.sharding.PartitionSpec(("data", "fsdp"))
+    return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, spec))
+
+  def _finish(self, ids_bp, mask_bp, truncated, num_prompts, n, max_new, tokens, logps, lengths,
+              eos_hit) -> Rollouts:
+    rows = num_prompts * n
+    tokens, logps = tokens[:rows, :max_new].copy(), logps[:rows, :max_new].copy()
+    lengths, eos_hit = lengths[:rows].copy(), eos_hit[:rows]
+    reasons = [FINISH_EOS if e else FINISH_LENGTH for e in eos_hit]
+    texts = [""] * rows
+    tok = self.tokenizer
+    for r in range(rows):
+      ids = tokens[r, :lengths[r]].tolist()
+      if tok is None:
+        continue
+      hit = find_stop(ids, self.config.stop_strings, tok) if self.config.stop_strings else None
+      if hit is not None:
+        lengths[r], texts[r] = hit
+        reasons[r] = FINISH_STOP
+      else:
+        texts[r] = tok.decode(ids, skip_special_tokens=True)
+    comp_mask = np.arange(max_new)[None, :] < lengths[:, None]
+    tokens = np.where(comp_mask, tokens, self.pad_id).astype(np.int32)
+    logps = np.where(comp_mask, logps, 0.0).astype(np.float32)
+    return Rollouts(
+        prompt_ids=np.repeat(ids_bp[:num_prompts], n, axis=0),
+        prompt_mask=np.repeat(mask_bp[:num_prompts], n, axis=0),
+        completion_ids=tokens, completion_mask=comp_mask, logprobs=logps,
+        finish_reasons=reasons, texts=texts, n=n, prompt_truncated=truncated)

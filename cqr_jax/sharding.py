@@ -1,0 +1,157 @@
+"""Device mesh, the one partition table, and sharded model creation.
+
+Mesh axes ("data", "fsdp", "tensor") use `AxisType.Auto`: classic GSPMD propagation, where only
+parameters and inputs carry shardings and XLA infers every intermediate's layout (no
+`out_sharding=` needed on matmuls, unlike JAX's default Explicit axes).
+
+- Parameters: each carries logical axis names (cqr_jax/models/layers.py); `PARTITION_RULES` maps
+  them to mesh axes: the model dimension over "fsdp" (ZeRO-3 style; gathered per layer by XLA),
+  the heads / MLP / vocab dimensions over "tensor" (Megatron style). Parameters are replicated
+  over "data". A dimension that does not divide by its mesh axes' size stays unsharded.
+- Batches (and the KV cache) are sharded over ("data", "fsdp") on their leading axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from cqr_jax.models.config import ModelConfig
+from cqr_jax.models.decoder import Decoder
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# THE partition table: logical parameter axis -> mesh axis (or None = replicated).
+PARTITION_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "vocab": "tensor",     # embedding / lm_head rows
+    "embed": "fsdp",       # model dimension D of every matrix
+    "q_heads": "tensor",   # H * Dh (q projection out, o projection in)
+    "kv_heads": "tensor",  # KVH * Dh (k/v projections out)
+    "mlp": "tensor",       # intermediate F
+    "norm": None,          # RMSNorm scales (small): replicated
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  """Mesh shape; -1 (at most one axis) takes the remaining devices."""
+  data: int = 1
+  fsdp: int = -1
+  tensor: int = 1
+
+  def shape(self, num_devices: int) -> tuple[int, int, int]:
+    dims = [self.data, self.fsdp, self.tensor]
+    if dims.count(-1) > 1:
+      raise ValueError(f"MeshConfig {self}: at most one axis may be -1")
+    known = int(np.prod([d for d in dims if d != -1]))
+    if -1 in dims:
+      if num_devices % known:
+        raise ValueError(f"MeshConfig {self}: {num_devices} devices are not divisible by {known}")
+      dims[dims.index(-1)] = num_devices // known
+    if int(np.prod(dims)) != num_devices:
+      raise ValueError(f"MeshConfig {self}: data*fsdp*tensor = {int(np.prod(dims))}, "
+                       f"expected the number of devices, {num_devices}")
+    return tuple(dims)
+
+
+def make_mesh(cfg: MeshConfig | None = None, devices=None) -> jax.sharding.Mesh:
+  """A ("data", "fsdp", "tensor") mesh over `devices` (default: all), with Auto axis types."""
+  cfg = cfg or MeshConfig()
+  devices = list(jax.devices() if devices is None else devices)
+  shape = cfg.shape(len(devices))
+  return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                       devices=devices)
+
+
+def logical_to_spec(axes: tuple[str | None, ...], shape: tuple[int, ...], mesh) -> P:
+  """PartitionSpec for a parameter with these logical axes, via PARTITION_RULES."""
+  spec = []
+  for name, dim in zip(axes, shape):
+    if name is not None and name not in PARTITION_RULES:
+      raise KeyError(f"logical axis {name!r} has no entry in PARTITION_RULES "
+                     f"(known: {sorted(PARTITION_RULES)})")
+    mesh_axes = PARTITION_RULES.get(name) if name else None
+    if mesh_axes is not None:
+      size = int(np.prod([mesh.shape[a] for a in np.atleast_1d(mesh_axes)]))
+      if size == 1 or dim % size:
+        mesh_axes = None
+    spec.append(mesh_axes)
+  return P(*spec)
+
+
+def state_shardings(state: nnx.State, mesh) -> nnx.State:
+  """The same tree as `state` (concrete or abstract) with NamedShardings as leaves."""
+  def one(var):
+    axes = var.get_metadata().get("logical_axes")
+    if axes is None:
+      spec = P()
+    else:
+      spec = logical_to_spec(axes, var.shape, mesh)
+    return var.replace(NamedSharding(mesh, spec))
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def create_model(config: ModelConfig, mesh=None, seed: int = 0) -> Decoder:
+  """A randomly initialised Decoder whose parameters are created directly in their shardings
+  (the init runs under jit with out_shardings: no full copy ever sits on one device)."""
+  if mesh is None:
+    mesh = make_mesh(MeshConfig(), jax.devices()[:1])
+  graphdef, abstract = nnx.split(abstract_model(config, seed))
+  shardings = state_shardings(abstract, mesh)
+
+  def init():
+    return nnx.state(Decoder(config, rngs=nnx.Rngs(seed)))
+
+  with jax.set_mesh(mesh):
+    state = jax.jit(init, out_shardings=shardings)()
+  return nnx.merge(graphdef, state)
+
+
+def abstract_model(config: ModelConfig, seed: int = 0) -> Decoder:
+  """The model with ShapeDtypeStruct leaves (no memory): for shapes, shardings, restores."""
+  return nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(seed)))
+
+
+def param_specs(model: nnx.Module) -> dict[str, P]:
+  """{"layers.0.attn.q_proj.kernel": PartitionSpec, ...} of the model's actual arrays."""
+  out = {}
+  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    arr = var[...]
+    sh = getattr(arr, "sharding", None)
+    out[".".join(map(str, path))] = sh.spec if isinstance(sh, NamedSharding) else P()
+  return out
+
+
+def batch_sharding(mesh, ndim: int = 2) -> NamedSharding:
+  """Leading (batch) axis over ("data", "fsdp"), the rest replicated."""
+  return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def shard_batch(batch, mesh):
+  """Places a pytree of host arrays (this process's rows) batch-sharded on the mesh.
+
+  Single process: the arrays are the global batch. Multi-host: each process passes its local
+  slice and the global batch is their concatenation in process order.
+  """
+  def put(x):
+    x = np.asarray(x)
+    sh = batch_sharding(mesh, x.ndim)
+    if jax.process_count() == 1:
+      return jax.device_put(x, sh)
+    return jax.make_array_from_process_local_data(sh, x)
+  return jax.tree.map(put, batch)
+
+
+def cache_shardings(cache, mesh):
+  """Shardings for a KV cache (list of {"k", "v"} [B, S, KVH, Dh]): batch like the batch,
+  KV heads over "tensor" when they divide."""
+  def one(x):
+    t = mesh.shape["tensor"]
+    heads = "tensor" if t > 1 and x.shape[2] % t == 0 else None
+    return NamedSharding(mesh, P(BATCH_AXES, None, heads, None))
+  return jax.tree.map(one, cache)

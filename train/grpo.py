@@ -1,0 +1,222 @@
+"""Stage 2: retrieval-guided GRPO (method.md 4).
+
+One step (design.md "One GRPO step"): a batch of turns -> prompts -> n rollouts each (the sampler)
+-> the reference log-prob pass is dispatched to the device while the host parses the responses,
+ranks the rewrites against the TRAIN qrels and computes rewards -> group advantages -> one AdamW
+update over micro-batches -> metrics, checkpoint every N steps. Resumable from the latest good
+checkpoint (params, optimizer, step, PRNG key, data position).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from cqr_jax import config as cfglib
+from cqr_jax.parsing import parse_response
+from train import common, rollout_batch, steps
+
+log = logging.getLogger("cqr_jax")
+USES_CONFIG = True
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def add_args(p):
+  common.stage_args(p)
+  p.add_argument("--init", choices=["auto", "sft", "initial"], default="auto",
+                 help="policy to start from: the SFT stage's checkpoint (auto: if present) or "
+                 "the initial model (the paper's RL-only ablation)")
+
+
+def run(args) -> int:
+  cfg = common.config_from_args(args)
+  train_grpo(cfg, init=args.init)
+  return 0
+
+
+def total_steps(cfg: cfglib.RunConfig, num_turns: int) -> int:
+  g = cfg.grpo
+  if g.steps:
+    return g.steps
+  return max(num_turns // g.batch_prompts, 1) * g.epochs
+
+
+def sft_params_or_none(cfg: cfglib.RunConfig, params, init: str):
+  """Latest SFT params from `<run>/sft/ckpt`, or None to start from the initial model."""
+  if init == "initial":
+    return None
+  try:
+    step, sft = common.restore_stage_params(cfg, "sft", params)
+  except common.MissingStageError:
+    if init == "sft":
+      raise
+    return None
+  log.info("GRPO starts from the SFT checkpoint (step %d)", step)
+  return sft
+
+
+def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | None = None):
+  """Runs (or resumes) GRPO; returns the final TrainState and the list of step metrics."""
+  from cqr_jax import rewards as rewards_lib
+  from cqr_jax import schedules
+  from cqr_jax.checkpoint import Checkpointer
+  from cqr_jax.data import TurnBatches
+  from cqr_jax.metrics_log import CollapseMonitor, MetricsLogger, Timer
+  from cqr_jax.objectives.grpo import group_advantages
+  from cqr_jax.prompts import PromptBuilder
+  from cqr_jax.sampler import Sampler, SamplerConfig
+
+  g, ro = cfg.grpo, cfg.rollout
+  if (g.batch_prompts * g.n) % g.micro_batch:
+    raise ValueError(f"grpo.batch_prompts * grpo.n = {g.batch_prompts * g.n} must be a multiple "
+                     f"of grpo.micro_batch = {g.micro_batch}")
+  common.write_config(cfg)
+  out = common.stage_dir(cfg, "grpo")
+  mesh = common.make_mesh(cfg)
+  ds = common.load_split(cfg, cfg.data.train_split)
+  tokenizer = common.load_tokenizer_for(cfg.model.source)
+  model, mcfg = common.load_policy(cfg, mesh)
+  graphdef, params, rest = steps.split_model(model)
+  sft = sft_params_or_none(cfg, params, init)
+  if sft is not None:
+    params = sft
+  elif cfg.grpo.reference == "sft":
+    log.warning("no SFT checkpoint: GRPO starts from the initial model, which is also the "
+                "KL reference (the paper's RL-only ablation)")
+  ref_params = jax.tree.map(jnp.copy, params)  # frozen reference (method.md 4.5)
+  n_steps = max_steps or total_steps(cfg, len(ds.turns))
+  tx = schedules.grpo_optimizer(lr=g.lr, warmup_steps=g.warmup_steps, b1=g.b1, b2=g.b2,
+                                weight_decay=g.weight_decay, clip_norm=g.clip_norm)
+  state = steps.init_state(params, tx)
+  ranker = common.build_ranker(cfg, ds, cfg.retrieval.reward_max_words)
+  prompts = PromptBuilder()
+  batches = TurnBatches(ds.turns, g.batch_prompts, seed=g.seed, drop_last=True)
+  key = jax.random.key(g.seed)
+  ckpt = Checkpointer(os.path.join(out, "ckpt"), max_to_keep=g.keep_checkpoints,
+                      save_every=g.save_every)
+  if ckpt.latest_step() is not None:
+    step0, restored, meta = ckpt.restore(None, {"state": common.abstract_like(_as_dict(state))})
+    state = _from_dict(restored["state"])
+    batches.set_state(meta["data"])
+    key = jax.random.wrap_key_data(jnp.asarray(meta["key"], jnp.uint32))
+    log.info("resumed GRPO from step %d", step0)
+  sampler = Sampler(SamplerConfig(
+      max_prompt_len=ro.max_prompt_len, max_new_tokens=ro.max_new_tokens,
+      temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, n=g.n,
+      truncate_prompt_left=ro.truncate_prompt_left), tokenizer, mesh=mesh,
+      model_eos_ids=mcfg.eos_token_ids)
+  update = steps.make_grpo_update(graphdef, rest, tx, g.loss, temperature=ro.temperature,
+                                  micro_batch=g.micro_batch)
+  ref_logprobs = steps.make_logprob_fn(graphdef, rest, temperature=ro.temperature,
+                                       micro_batch=g.micro_batch)
+  logger = MetricsLogger(out)
+  monitor = CollapseMonitor()
+  history, bad_in_row = [], 0
+  start = int(state.step)
+  from tqdm.auto import tqdm
+  bar = tqdm(range(start, n_steps), desc="grpo", initial=start, total=n_steps,
+             disable=not common.is_main())
+  for step in bar:
+    timer = Timer()
+    turns = next(batches)
+    key, sample_key = jax.random.split(key)
+    with timer("rollout"):
+      policy = nnx.merge(graphdef, state.params, rest)
+      prompt_ids = [prompts.token_ids(t, tokenizer) for t in turns]
+      roll = sampler.generate(policy, prompt_ids, key=sample_key, n=g.n)
+    batch = rollout_batch.assemble(roll, mesh)
+    with timer("reference"):
+      ref_lp = ref_logprobs(ref_params, batch["tokens"], batch["mask"])  # async dispatch
+    with timer("reward"):
+      parsed = [parse_response(t) for t in roll.texts]
+      qids = [turns[i].qid for i in roll.prompt_index]
+      ok = np.array([p.format_ok for p in parsed])
+      texts = [p.rewrite if p.format_ok else "" for p in parsed]
+      ranks = np.full(len(parsed), -1, np.int32)
+      idx = np.flatnonzero(ok)
+      if len(idx):
+        ranks[idx] = ranker.ranks([texts[i] for i in idx], [qids[i] for i in idx])
+      reward = rewards_lib.compute_rewards(ok, ranks, g.reward, step=step, total_steps=n_steps,
+                                           num_golds=[len(turns[i].gold_ids)
+                                                      for i in roll.prompt_index])
+      adv = np.asarray(group_advantages(jnp.asarray(reward), g.n))
+    with timer("reference"):
+      ref_lp = jax.block_until_ready(ref_lp)
+    with timer("update"):
+      batch.update(ref_logp=ref_lp, adv=rollout_batch.place(adv.astype(np.float32), mesh))
+      state, um = update(state, batch)
+      um = jax.device_get(um)
+    finite = bool(um["finite"])
+    bad_in_row = 0 if finite else bad_in_row + 1
+    m = step_metrics(step + 1, reward, ok, ranks, roll, um, timer)
+    history.append(m)
+    logger.log(step + 1, m)
+    if common.is_main() and g.log_samples:
+      logger.samples(step + 1, [{"qid": qids[i], "text": roll.texts[i], "reward": float(reward[i]),
+                                 "rank": int(ranks[i])} for i in range(min(g.log_samples,
+                                                                             len(qids)))])
+    for w in monitor.update(m):
+      log.warning(w)
+    bar.set_postfix(reward=f"{m['reward_mean']:.3f}", fmt=f"{m['format_pass']:.2f}",
+                    mrr=f"{m['batch_mrr']:.3f}")
+    if not finite:
+      log.warning("step %d: non-finite loss or gradient (loss=%s); update skipped (%d in a row)",
+                  step + 1, um["loss"], bad_in_row)
+      if bad_in_row >= g.max_nonfinite:
+        ckpt.wait()
+        raise NonFiniteLossError(
+            f"{bad_in_row} non-finite losses in a row at step {step + 1}; stopping. The last good "
+            f"checkpoint is step {ckpt.latest_step()} under {ckpt.directory}")
+      continue
+    ckpt.save(int(state.step), {"state": _as_dict(state)},
+              meta={"data": batches.get_state(), "key": np.asarray(
+                  jax.random.key_data(key)).tolist(), "metrics": m},
+              force=(step + 1 == n_steps))
+  ckpt.wait()
+  logger.close()
+  return state, history
+
+
+def _as_dict(state: steps.TrainState) -> dict:
+  return {"params": state.params, "opt_state": state.opt_state, "step": state.step}
+
+
+def _from_dict(d: dict) -> steps.TrainState:
+  return steps.TrainState(params=d["params"], opt_state=d["opt_state"], step=d["step"])
+
+
+RANK_BINS = (("rank_1", 1, 1), ("rank_2_3", 2, 3), ("rank_4_10", 4, 10),
+             ("rank_11_100", 11, 100))
+
+
+def step_metrics(step, reward, ok, ranks, roll, um, timer) -> dict:
+  """The per-step numbers of issue 6: reward, format pass, rank histogram, batch MRR, loss terms,
+  response length, tokens/s and the time split."""
+  found = ranks > 0
+  m = {"step": step, "reward_mean": float(np.mean(reward)), "reward_std": float(np.std(reward)),
+       "format_pass": float(np.mean(ok)),
+       "batch_mrr": float(np.mean(np.where(found, 1.0 / np.maximum(ranks, 1), 0.0))),
+       "not_found": float(np.mean(~found))}
+  for name, lo, hi in RANK_BINS:
+    m[name] = float(np.mean((ranks >= lo) & (ranks <= hi)))
+  lengths = roll.completion_lengths
+  m["response_len"] = float(np.mean(lengths))
+  m["truncated"] = float(np.mean([r == "length" for r in roll.finish_reasons]))
+  for k in ("loss", "grad_norm", "kl", "entropy", "clipfrac", "pg_loss", "ratio_mean"):
+    if k in um:
+      m[k] = float(um[k])
+  m.update({f"time_{k}": v for k, v in timer.totals().items()})
+  total = sum(timer.totals().values())
+  m["time_step"] = total
+  m["tokens_per_s"] = float(np.sum(lengths)) / max(timer.totals().get("rollout", total), 1e-9)
+  return m

@@ -1,0 +1,133 @@
+"""`cqr-jax pipeline`: the whole method on one run folder (the README's main job).
+
+zero-shot evaluation -> SDPW -> SFT -> GRPO -> evaluation (SFT and GRPO) -> HF export -> report
+(before/after table, metrics JSON + markdown, rewrites, a PNG of reward / format pass / batch MRR
+over GRPO steps). Each phase is also its own subcommand reading this folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+
+from cqr_jax import config as cfglib
+from train import common
+
+log = logging.getLogger("cqr_jax")
+USES_CONFIG = True
+
+
+def add_args(p):
+  common.stage_args(p)
+  p.add_argument("--skip-export", action="store_true", help="stop before the HF export")
+
+
+def run(args) -> int:
+  cfg = common.config_from_args(args)
+  run_pipeline(cfg, export=not args.skip_export)
+  return 0
+
+
+class Eta:
+  """Estimates a phase's wall time from the generation throughput measured so far."""
+
+  def __init__(self):
+    self.tok_per_s = None
+
+  def observe(self, tokens: float, seconds: float):
+    if seconds > 0 and tokens > 0:
+      self.tok_per_s = tokens / seconds
+
+  def say(self, phase: str, gen_tokens: float, extra_s: float = 0.0):
+    if self.tok_per_s:
+      est = gen_tokens / self.tok_per_s + extra_s
+      log.info("== %s: estimated %.0f s (%.0f tokens to generate at %.0f tok/s)", phase, est,
+               gen_tokens, self.tok_per_s)
+    else:
+      log.info("== %s: starting (no throughput measured yet for an estimate)", phase)
+
+
+def run_pipeline(cfg: cfglib.RunConfig, export: bool = True) -> dict:
+  from train import evaluate, grpo, sdpw, sft
+  t_start = time.time()
+  common.write_config(cfg)
+  mesh = common.make_mesh(cfg)
+  eta = Eta()
+  timings = {}
+  test_turns = len(common.load_split(cfg, cfg.data.test_split).turns)
+  train_turns = len(common.load_split(cfg, cfg.data.train_split).turns)
+  e = cfg.eval
+  nseeds = 1 if e.greedy else len(e.seeds)
+
+  def phase(name, fn, gen_tokens):
+    eta.say(name, gen_tokens)
+    t0 = time.time()
+    out = fn()
+    timings[name] = time.time() - t0
+    log.info("== %s done in %.0f s", name, timings[name])
+    return out
+
+  rows = []
+  eval_dir = common.stage_dir(cfg, "eval")
+
+  def eval_stage(stage, name):
+    model, mcfg = evaluate.load_stage_model(cfg, stage, mesh)
+    t0 = time.time()
+    r = evaluate.evaluate_policy(cfg, model, mcfg, mesh, name, os.path.join(eval_dir, name))
+    eta.observe(r[0]["response_len"] * test_turns * nseeds, time.time() - t0)
+    return r
+
+  rows += phase("zero-shot evaluation", lambda: eval_stage("initial", "zero_shot"),
+                test_turns * e.max_new_tokens * nseeds)
+  rows += evaluate.evaluate_baselines(cfg, os.path.join(eval_dir, "baselines"))
+  s = cfg.sdpw
+  summary = phase("self-distillation (SDPW)", lambda: sdpw.run_sdpw(cfg),
+                  train_turns * s.samples_per_turn * s.max_new_tokens)
+  sft_state = phase("SFT", lambda: sft.train_sft(cfg), 0)
+  if sft_state is not None:
+    rows += phase("SFT evaluation", lambda: eval_stage("sft", "sft"),
+                  test_turns * e.max_new_tokens * nseeds)
+  g = cfg.grpo
+  _, history = phase("GRPO", lambda: grpo.train_grpo(cfg),
+                     g.steps * g.batch_prompts * g.n * cfg.rollout.max_new_tokens)
+  rows += phase("GRPO evaluation", lambda: eval_stage("grpo", "grpo"),
+                test_turns * e.max_new_tokens * nseeds)
+  export_dir = None
+  if export:
+    from train import export as export_mod
+    export_dir = phase("HF export", lambda: export_mod.export_stage(
+        cfg, "grpo", None, common.stage_dir(cfg, "export", create=False), overwrite=True,
+        table=evaluate.markdown_table(rows)), 0)
+  timings["total"] = time.time() - t_start
+  report = write_report(cfg, rows, history, summary, timings, export_dir)
+  print(evaluate.markdown_table(rows))
+  log.info("pipeline finished in %.0f s; report in %s", timings["total"], report)
+  return {"rows": rows, "timings": timings, "report": report}
+
+
+def write_report(cfg, rows, history, summary, timings, export_dir) -> str:
+  from cqr_jax.metrics_log import plot_curves
+  from train import evaluate
+  out = common.stage_dir(cfg, "report")
+  common.save_json(os.path.join(out, "metrics.json"), {
+      "rows": rows, "sdpw": summary, "timings_s": timings, "export": export_dir,
+      "grpo_steps": len(history), "config": cfg.name})
+  if common.is_main():
+    with open(os.path.join(out, "metrics.md"), "w", encoding="utf-8") as f:
+      f.write(f"# cqr-jax pipeline report: {cfg.name}\n\n")
+      f.write(evaluate.markdown_table(rows) + "\n\n")
+      f.write(f"SDPW: kept {summary['kept']} of {summary['sampled']} samples "
+              f"({summary['dropped']}).\n\n")
+      f.write("Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + "\n")
+    rw = os.path.join(out, "rewrites")
+    os.makedirs(rw, exist_ok=True)
+    eval_dir = common.stage_dir(cfg, "eval", create=False)
+    for root, _, files in os.walk(eval_dir):
+      for fn in files:
+        if fn.endswith(".jsonl") or fn.endswith(".trec"):
+          shutil.copy(os.path.join(root, fn), os.path.join(rw, fn))
+    plot_curves(os.path.join(common.stage_dir(cfg, "grpo", create=False), "metrics.jsonl"),
+                os.path.join(out, "grpo_curves.png"), ["reward_mean", "format_pass", "batch_mrr"])
+  return out

@@ -1,0 +1,130 @@
+"""Stage 1b: SFT on the self-distilled set (method.md 3.3-3.4).
+
+Each example is the chat-templated zero-shot prompt followed by `<think>..</think>\\n<rewrite>..
+</rewrite>` and EOS; the loss covers the response and EOS only. AdamW (0.9, 0.95), weight decay
+0.01, 10% linear warm-up then cosine to 0, clip 1.0; checkpoints every epoch and resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cqr_jax import config as cfglib
+from cqr_jax.parsing import canonical_response
+from train import common, rollout_batch, sdpw, steps
+
+log = logging.getLogger("cqr_jax")
+USES_CONFIG = True
+
+
+class EmptySFTSetError(RuntimeError):
+  pass
+
+
+def add_args(p):
+  common.stage_args(p)
+
+
+def run(args) -> int:
+  train_sft(common.config_from_args(args))
+  return 0
+
+
+def encode_example(rec: dict, tokenizer, max_len: int) -> tuple[list[int], list[int]] | None:
+  """(token ids, loss mask) of prompt ++ response ++ EOS, or None when longer than max_len."""
+  prompt = tokenizer.apply_chat_template([{"role": "user", "content": rec["prompt"]}],
+                                         add_generation_prompt=True, tokenize=False)
+  p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+  r_ids = tokenizer(canonical_response(rec["reasoning"], rec["rewrite"]),
+                    add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+  ids = p_ids + r_ids
+  if len(ids) > max_len:
+    return None
+  return ids, [0] * len(p_ids) + [1] * len(r_ids)
+
+
+def sft_batches(examples, batch_size: int, seed: int, epoch: int):
+  """Shuffled (seed, epoch) full batches, the last partial one dropped (method.md 3.4)."""
+  order = np.random.default_rng([seed, epoch]).permutation(len(examples))
+  for b in range(len(examples) // batch_size):
+    yield [examples[i] for i in order[b * batch_size:(b + 1) * batch_size]]
+
+
+def train_sft(cfg: cfglib.RunConfig, model=None, mcfg=None):
+  """Returns the final TrainState, or None when the set is empty and sft.allow_empty is set."""
+  from cqr_jax import schedules
+  from cqr_jax.checkpoint import Checkpointer
+  from cqr_jax.metrics_log import MetricsLogger
+  s = cfg.sft
+  common.write_config(cfg)
+  out = common.stage_dir(cfg, "sft")
+  records = sdpw.read_sft_data(cfg)
+  if not records:
+    msg = ("the self-distilled SFT set has zero kept samples: raise sdpw.samples_per_turn or "
+           "sdpw.rank_threshold, or set sft.allow_empty=true to continue with GRPO from the "
+           "initial model (the paper's RL-only ablation)")
+    if s.allow_empty:
+      log.warning(msg)
+      common.save_json(os.path.join(out, "skipped.json"), {"reason": "empty SFT set"})
+      return None
+    raise EmptySFTSetError(msg)
+  mesh = common.make_mesh(cfg)
+  tokenizer = common.load_tokenizer_for(cfg.model.source)
+  if model is None:
+    model, mcfg = common.load_policy(cfg, mesh)
+  examples = [e for e in (encode_example(r, tokenizer, s.max_len) for r in records) if e]
+  if len(examples) < len(records):
+    log.warning("SFT: %d example(s) longer than sft.max_len=%d dropped",
+                len(records) - len(examples), s.max_len)
+  batch_size = min(s.batch_size, len(examples))
+  micro = min(s.micro_batch, batch_size)
+  batch_size -= batch_size % micro
+  steps_per_epoch = len(examples) // batch_size
+  total = steps_per_epoch * s.epochs
+  graphdef, params, rest = steps.split_model(model)
+  tx = schedules.sft_optimizer(lr=s.lr, total_steps=total, warmup_ratio=s.warmup_ratio, b1=s.b1,
+                               b2=s.b2, weight_decay=s.weight_decay, clip_norm=s.clip_norm)
+  state = steps.init_state(params, tx)
+  ckpt = Checkpointer(os.path.join(out, "ckpt"), max_to_keep=2,
+                      save_every=s.save_every or steps_per_epoch)
+  if ckpt.latest_step() is not None:
+    from train.grpo import _as_dict, _from_dict
+    _, restored, _ = ckpt.restore(None, {"state": common.abstract_like(_as_dict(state))})
+    state = _from_dict(restored["state"])
+    log.info("resumed SFT at step %d", int(state.step))
+  update = steps.make_sft_update(graphdef, rest, tx, micro_batch=micro)
+  logger = MetricsLogger(out)
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+  from tqdm.auto import tqdm
+  done = int(state.step)
+  bar = tqdm(total=total, initial=done, desc="sft", disable=not common.is_main())
+  step = 0
+  for epoch in range(s.epochs):
+    for batch in sft_batches(examples, batch_size, s.seed, epoch):
+      step += 1
+      if step <= done:
+        continue
+      length = rollout_batch.bucket_length(max(len(ids) for ids, _ in batch))
+      tokens = rollout_batch.pad_right([ids for ids, _ in batch], length, pad)
+      mask = rollout_batch.pad_right([[1] * len(ids) for ids, _ in batch], length, 0)
+      lmask = rollout_batch.pad_right([lm for _, lm in batch], length, 0)
+      b = {k: rollout_batch.place(v, mesh) for k, v in
+           (("tokens", tokens), ("mask", mask.astype(bool)), ("loss_mask", lmask.astype(bool)))}
+      state, m = update(state, b)
+      m = {k: float(v) for k, v in jax.device_get(m).items()}
+      m["epoch"] = epoch
+      logger.log(step, m)
+      bar.update(1)
+      bar.set_postfix(loss=f"{m['loss']:.4f}")
+      ckpt.save(int(state.step), {"state": {"params": state.params, "opt_state": state.opt_state,
+                                            "step": state.step}},
+                meta={"epoch": epoch, "metrics": m}, force=(step == total))
+  bar.close()
+  ckpt.wait()
+  logger.close()
+  return state

@@ -1,0 +1,171 @@
+"""Pure, jitted step functions over explicit state: log-prob passes, the GRPO update, the SFT update.
+
+State is a pytree `TrainState(params, opt_state, step)`; the model's graph definition and its
+non-trainable variables are closed over as static structure (`nnx.split`), so each step compiles
+once per batch shape and the parameters are donated and updated in place.
+
+Sequence layout (GRPO and SFT alike): `tokens_bl` holds prompt then response, `mask_bl` marks real
+tokens, positions are `cumsum(mask) - 1`, and `loss_mask_bl` marks the *targets* that count: the
+target of input position t is token t + 1, so a response token at index i has its log-prob at i - 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import optax
+
+from cqr_jax.objectives import grpo as grpo_obj
+from cqr_jax.objectives import sft as sft_obj
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+  params: Any
+  opt_state: Any
+  step: jax.Array  # int32 scalar: optimizer updates applied
+
+
+def split_model(model: nnx.Module):
+  """(graphdef, params, rest): trainable `nnx.Param`s apart from everything else."""
+  return nnx.split(model, nnx.Param, ...)
+
+
+def positions_from_mask(mask_bl: jax.Array) -> jax.Array:
+  return jnp.maximum(jnp.cumsum(mask_bl.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _target_logprobs(graphdef, rest, params, tokens_bl, mask_bl, temperature, with_entropy):
+  """log softmax(logits / T) at each next token: [B, L-1] (and entropy [B, L-1])."""
+  model = nnx.merge(graphdef, params, rest)
+  inputs, targets = tokens_bl[:, :-1], tokens_bl[:, 1:]
+  m = mask_bl[:, :-1]
+  return model.token_logprobs(inputs, positions_from_mask(mask_bl)[:, :-1], m, targets,
+                              temperature=temperature, with_entropy=with_entropy)
+
+
+def _split_micro(x, n_micro: int):
+  return x.reshape((n_micro, x.shape[0] // n_micro) + x.shape[1:])
+
+
+def make_logprob_fn(graphdef, rest, *, temperature: float, micro_batch: int) -> Callable:
+  """Jitted `(params, tokens_bl, mask_bl) -> logp [B, L-1]`, in micro-batches (reference pass)."""
+
+  @jax.jit
+  def logprobs(params, tokens_bl, mask_bl):
+    n_micro = max(tokens_bl.shape[0] // micro_batch, 1)
+
+    def one(_, xs):
+      t, m = xs
+      return None, _target_logprobs(graphdef, rest, params, t, m, temperature, False)
+
+    _, out = jax.lax.scan(one, None, (_split_micro(tokens_bl, n_micro),
+                                      _split_micro(mask_bl, n_micro)))
+    return out.reshape((tokens_bl.shape[0],) + out.shape[2:])
+
+  return logprobs
+
+
+def _accumulate(loss_and_grad, params, micro_xs, scale_fn: Callable, merge: Callable):
+  """Sums scaled per-micro-batch gradients: Σ_m scale_m · ∇loss_sum_m equals ∇(step loss) exactly.
+
+  `loss_and_grad(params, mb) -> ((loss_sum, (count, metrics)), grads)`; `scale_fn(count)` is the
+  factor of one micro-batch (e.g. 1 / (count · M) for verl's token mean, method.md 4.7). The first
+  micro-batch seeds the carry (so max/min metrics start from real values); a scan runs the rest.
+  Returns (step loss, grads, total count, merged raw metrics).
+  """
+  def one(mb):
+    (s, (c, metrics)), g = loss_and_grad(params, mb)
+    w = scale_fn(c)
+    return jax.tree.map(lambda b: b * w, g), s * w, c, metrics
+
+  carry = one(jax.tree.map(lambda x: x[0], micro_xs))
+  rest = jax.tree.map(lambda x: x[1:], micro_xs)
+  if jax.tree.leaves(rest)[0].shape[0]:
+    def body(acc, mb):
+      g, s, c, m = one(mb)
+      return (jax.tree.map(jnp.add, acc[0], g), acc[1] + s, acc[2] + c, merge(acc[3], m)), None
+    carry, _ = jax.lax.scan(body, carry, rest)
+  grads, loss, count, metrics = carry
+  return loss, grads, count, metrics
+
+
+def _apply(tx, state: TrainState, grads, loss):
+  """AdamW update unless the loss or the gradient is non-finite (then the state is unchanged)."""
+  gnorm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(gnorm)
+  updates, new_opt = tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  new_state = TrainState(params=keep(new_params, state.params),
+                         opt_state=keep(new_opt, state.opt_state),
+                         step=state.step + finite.astype(jnp.int32))
+  return new_state, gnorm, finite
+
+
+def make_grpo_update(graphdef, rest, tx, loss_cfg, *, temperature: float,
+                     micro_batch: int) -> Callable:
+  """Jitted GRPO update (method.md 4.6-4.8): one optimizer step on a whole rollout batch.
+
+  batch: tokens_bl, mask_bl, loss_mask_bl [B, L] (loss mask over targets, i.e. [:, :L-1] used),
+  ref_logp_bl [B, L-1], adv_b [B]; optionally old_logp_bl (else the detached current log-probs:
+  with one update per batch the policy is exactly on-policy, method.md 4.7).
+  """
+  def loss_fn(params, mb):
+    logp, ent = _target_logprobs(graphdef, rest, params, mb["tokens"], mb["mask"], temperature,
+                                 True)
+    old = mb["old_logp"] if "old_logp" in mb else jax.lax.stop_gradient(logp)
+    s, c, metrics = grpo_obj.grpo_loss(logp, old, mb["ref_logp"], ent, mb["adv"],
+                                       mb["loss_mask"][:, 1:], loss_cfg)
+    return s, (c, metrics)
+
+  loss_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def update(state: TrainState, batch: dict):
+    n_micro = max(batch["tokens"].shape[0] // micro_batch, 1)
+    micro = jax.tree.map(lambda x: _split_micro(x, n_micro), batch)
+    total = jnp.sum(jax.vmap(lambda m: grpo_obj.aggregation_count(m[:, 1:], loss_cfg))(
+        micro["loss_mask"]))
+    scale = lambda c: grpo_obj.accumulation_scale(loss_cfg, c, n_micro, total)  # noqa: E731
+    loss, grads, _, raw = _accumulate(loss_and_grad, state.params, micro, scale,
+                                      grpo_obj.merge_metrics)
+    new_state, gnorm, finite = _apply(tx, state, grads, loss)
+    return new_state, {"loss": loss, "grad_norm": gnorm, "finite": finite,
+                       **grpo_obj.finalize_metrics(raw)}
+
+  return update
+
+
+def make_sft_update(graphdef, rest, tx, *, micro_batch: int) -> Callable:
+  """Jitted SFT update (method.md 3.3-3.4): CE on response tokens + EOS, token mean per
+  micro-batch averaged over micro-batches (verl's per-rank mean), one optimizer step."""
+
+  def loss_fn(params, mb):
+    logp = _target_logprobs(graphdef, rest, params, mb["tokens"], mb["mask"], 1.0, False)
+    s, c = sft_obj.sft_loss(logp, mb["loss_mask"][:, 1:])
+    return s, (c, {})
+
+  loss_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+
+  @functools.partial(jax.jit, donate_argnums=(0,))
+  def update(state: TrainState, batch: dict):
+    n_micro = max(batch["tokens"].shape[0] // micro_batch, 1)
+    micro = jax.tree.map(lambda x: _split_micro(x, n_micro), batch)
+    scale = lambda c: 1.0 / (jnp.maximum(c, 1.0) * n_micro)  # noqa: E731
+    loss, grads, count, _ = _accumulate(loss_and_grad, state.params, micro, scale,
+                                        lambda a, b: a)
+    new_state, gnorm, finite = _apply(tx, state, grads, loss)
+    return new_state, {"loss": loss, "grad_norm": gnorm, "finite": finite, "tokens": count}
+
+  return update
+
+
+def init_state(params, tx) -> TrainState:
+  return TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
