@@ -156,12 +156,17 @@ class RunConfig:
 
 # ------------------------------------------------------------------------------------ presets
 
+HF_NAMES = {"qwen2.5-3b": "Qwen2.5-3B-Instruct", "llama3.2-3b": "Llama-3.2-3B-Instruct"}
+
+
 def _paper(backbone: str, dataset: str, retriever: str) -> dict:
   """The paper's GPU settings for a backbone x dataset x retriever (method.md 4.4, 3.4)."""
   k1, b = (0.9, 0.4) if dataset == "topiocqa" else (0.82, 0.68)
   return {
       "name": f"{backbone}-{dataset}-{retriever}",
-      "model": {"source": backbone, "compute_dtype": "bfloat16", "remat": "full"},
+      # A local HF folder of the instruct model, copied to every worker (no hub access at run time).
+      "model": {"source": f"models/{HF_NAMES[backbone]}", "compute_dtype": "bfloat16",
+                "remat": "full"},
       "data": {"dataset": f"{dataset}:data/{dataset}", "test_split": "dev" if dataset ==
                "topiocqa" else "test"},
       "retrieval": {"kind": "bm25" if retriever == "bm25" else "dense", "k1": k1, "b": b,

@@ -115,11 +115,14 @@ def fail_fast():
   A normal exit runs JAX's shutdown barrier, which waits (minutes) for every other process; a
   crashed process must not wait for peers that are themselves blocked in a collective. Exiting
   at once lets the launcher (gcloud ssh, tests/multiprocess.py) see the failure and stop the rest.
-  SystemExit keeps its code; any other exception exits with 1.
+  SystemExit keeps its code; any other exception exits with 1. In a single-process run (the
+  distributed runtime not started) errors propagate as usual.
   """
   try:
     yield
   except BaseException as e:  # noqa: BLE001 - we re-signal every failure as an exit code
+    if not jax.distributed.is_initialized():
+      raise
     if isinstance(e, SystemExit):
       code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
       if code == 0:

@@ -22,7 +22,7 @@ _REWRITE_RE = re.compile(r"<rewrite>(.*?)</rewrite>", re.DOTALL)
 
 @dataclasses.dataclass(frozen=True)
 class ParsedResponse:
-  """format_ok: phi(y) of method.md 4.1; think/rewrite: first captured groups, untrimmed, or None."""
+  """format_ok: phi(y) of method.md 4.1; think/rewrite: first groups untrimmed, or None."""
 
   format_ok: bool
   think: str | None
@@ -51,5 +51,5 @@ def parse_response(text: str) -> ParsedResponse:
 
 
 def canonical_response(think: str, rewrite: str) -> str:
-  """The SFT target of method.md 3.3: tags around the untrimmed texts, exactly one newline between."""
+  """The SFT target of method.md 3.3: tags around the untrimmed texts, one newline between."""
   return f"<think>{think}</think>\n<rewrite>{rewrite}</rewrite>"

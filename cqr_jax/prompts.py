@@ -63,7 +63,7 @@ def default_few_shot_example() -> str:
 
 
 def context_lines(context: Sequence[tuple[str, str | None]], first_index: int = 1) -> list[str]:
-  """`Qk: question` / `Ak: answer` lines (method.md 2.2); a turn without answer gives its Q line only."""
+  """`Qk: question` / `Ak: answer` lines (method.md 2.2); no answer: the Q line alone."""
   lines = []
   for k, (q, a) in enumerate(context, first_index):
     lines.append(f"Q{k}: {q}")
@@ -78,9 +78,9 @@ class PromptBuilder:
   Args:
     template: None for the packaged template, or a path to a template file.
     few_shot: use the few-shot template (method.md 2.5) with `example` in its `{example}` slot.
-    max_context_tokens: None (paper: no truncation) or a budget; the most recent previous turns whose
-      Q/A lines fit it are kept, numbered as in the full conversation. Counted with `tokenizer`
-      (given here or to `token_ids`), else in whitespace words.
+    max_context_tokens: None (paper: no truncation) or a budget; the most recent previous turns
+      whose Q/A lines fit it are kept, numbered as in the full conversation. Counted with
+      `tokenizer` (given here or to `token_ids`), else in whitespace words.
     example: few-shot example text; None for the packaged one.
     tokenizer: optional HF tokenizer used for truncation counts.
   """

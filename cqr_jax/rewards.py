@@ -27,6 +27,7 @@ import numpy as np
 from cqr_jax.objectives.registry import Registry
 
 REWARDS: Registry = Registry("reward kind")
+_USES_GOLDS = ("ndcg@3", "recall@10", "recall@100")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,12 +109,16 @@ def compute_rewards(format_ok, ranks, cfg: RewardConfig = RewardConfig(), step: 
                      "be 1-D of the same length")
   if ranks.size and not np.issubdtype(ranks.dtype, np.integer):
     raise ValueError(f"compute_rewards: ranks must be integers, got dtype {ranks.dtype}")
-  golds = np.ones(ranks.shape, np.int64) if num_golds is None else np.asarray(num_golds)
-  if golds.shape != ranks.shape or (golds.size and golds.min() < 1):
-    raise ValueError(f"compute_rewards: num_golds must be [N] ints >= 1, got {golds.tolist()}")
+  kind = REWARDS.canonical(cfg.kind)
+  golds = np.ones(ranks.shape, np.int64)
+  if num_golds is not None and kind in _USES_GOLDS:
+    golds = np.asarray(num_golds)
+    if golds.shape != ranks.shape or (golds.size and golds.min() < 1):
+      raise ValueError(f"compute_rewards: num_golds must be [N] ints >= 1 for reward kind "
+                       f"{kind!r}, got {golds.tolist()}")
   rank = ranks.astype(np.float64)
   found = (ranks >= 1) & (ranks <= cfg.top_k)
-  r = REWARDS.get(cfg.kind)(rank=rank, found=found, num_golds=golds.astype(np.float64),
+  r = REWARDS.get(kind)(rank=rank, found=found, num_golds=golds.astype(np.float64),
                             step=step, total_steps=total_steps, cfg=cfg)
   return np.where(format_ok.astype(bool), r, cfg.format_penalty).astype(np.float32)
 

@@ -13,7 +13,6 @@ Log-probs are log softmax(logits / T) at the sampled token (T = 1 for greedy), m
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import time
 from typing import Any, Mapping, Sequence
@@ -310,6 +309,22 @@ def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_s
   return tokens_rg, logp_rg, length_r, eos_r, steps
 
 
+# Number of times the generation program was traced (each is a compilation): tests and the
+# trainer use it to check that step 2 onward reuses the compiled shapes.
+TRACE_COUNT = [0]
+
+
+def _traced_program(*args, **kw):
+  TRACE_COUNT[0] += 1
+  return _generate_program(*args, **kw)
+
+
+_JITTED = jax.jit(_traced_program, static_argnums=(0,),
+                  static_argnames=("n", "gen_len", "temperature", "top_k", "top_p", "eos_ids",
+                                   "pad_id", "cache_dtype", "compute_dtype", "param_dtype",
+                                   "batch_spec"))
+
+
 class Sampler:
   """Generates rollouts from a Decoder (its `init_cache` / `decode` methods).
 
@@ -340,7 +355,7 @@ class Sampler:
     self.gen_buckets = tuple(config.gen_len_buckets) or _default_buckets(config.max_new_tokens)
     if self.gen_buckets[-1] < config.max_new_tokens:
       self.gen_buckets += (config.max_new_tokens,)
-    self._compiled_shapes: set = set()
+    self.num_compiles = 0
     self.last_timing: dict[str, float] = {}
 
   # ---------------------------------------------------------------- helpers
@@ -384,13 +399,6 @@ class Sampler:
       mask_bp[i, p - len(t):] = True
     return ids_bp, mask_bp, truncated
 
-  @functools.cached_property
-  def _jitted(self):
-    return jax.jit(_generate_program, static_argnums=(0,),
-                   static_argnames=("n", "gen_len", "temperature", "top_k", "top_p", "eos_ids",
-                                    "pad_id", "cache_dtype", "compute_dtype", "param_dtype",
-                                    "batch_spec"))
-
   # ---------------------------------------------------------------- main entry
   def generate(self, model, prompts: Sequence[Any], *, key: jax.Array, n: int | None = None,
                max_new_tokens: int | None = None, temperature: float | None = None,
@@ -431,17 +439,19 @@ class Sampler:
               param_dtype=(None if cfg.decode_param_dtype is None
                            else jnp.dtype(cfg.decode_param_dtype)),
               batch_spec=None if self.mesh is None else ("data", "fsdp"))
-    shape_key = (graphdef, ids_bp.shape, tuple(sorted(kw.items())))
-    first = shape_key not in self._compiled_shapes
-    if first and self._compiled_shapes:
-      log.info("sampler: compiling a new shape %s (gen_len=%d, n=%d)", ids_bp.shape, gen_len, n)
+    traces = TRACE_COUNT[0]
     t0 = time.perf_counter()
     with self._mesh_ctx():
       ids_in, mask_in = self._place(ids_bp), self._place(mask_bp)
-      out = self._jitted(graphdef, state, ids_in, mask_in, key, jnp.int32(max_new), **kw)
+      out = _JITTED(graphdef, state, ids_in, mask_in, key, jnp.int32(max_new), **kw)
       tokens, logps, lengths, eos_hit, steps = jax.device_get(out)
-    self._compiled_shapes.add(shape_key)
-    self.last_timing = {"seconds": time.perf_counter() - t0, "first_call": float(first),
+    compiled = TRACE_COUNT[0] > traces
+    if compiled:
+      self.num_compiles += 1
+      if self.num_compiles > 1:
+        log.warning("sampler: compiled a new shape (prompts %s, gen bucket %d, n=%d); a run "
+                    "should only compile a few", ids_bp.shape, gen_len, n)
+    self.last_timing = {"seconds": time.perf_counter() - t0, "compiled": float(compiled),
                         "steps": float(steps)}
     return self._finish(ids_bp, mask_bp, truncated, num_prompts, int(n), max_new,
                         np.asarray(tokens), np.asarray(logps), np.asarray(lengths),

@@ -44,22 +44,27 @@ def sft_schedule(lr: float = 1e-5, total_steps: int = 1, warmup_ratio: float = 0
   return schedule
 
 
-def _adamw(schedule: Callable, b1: float, b2: float, eps: float, wd: float, clip: float | None,
-           wd_mask: Any) -> optax.GradientTransformation:
-  parts = [] if clip is None else [optax.clip_by_global_norm(clip)]
-  parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=wd, mask=wd_mask))
+def _adamw(schedule: Callable, b1: float, b2: float, eps: float, weight_decay: float,
+           clip_norm: float | None, wd_mask: Any) -> optax.GradientTransformation:
+  parts = [] if clip_norm is None else [optax.clip_by_global_norm(clip_norm)]
+  parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                           mask=wd_mask))
   return optax.chain(*parts)
 
 
 def grpo_optimizer(lr: float = 1e-6, warmup_steps: int = 100, b1: float = 0.9, b2: float = 0.999,
-                   wd: float = 0.01, clip: float | None = 1.0, eps: float = 1e-8,
+                   weight_decay: float = 0.01, clip_norm: float | None = 1.0, eps: float = 1e-8,
                    wd_mask: Any = None) -> optax.GradientTransformation:
-  """AdamW (0.9, 0.999), wd 0.01, clip 1.0, linear warmup then constant (method.md 4.8)."""
-  return _adamw(grpo_schedule(lr, warmup_steps), b1, b2, eps, wd, clip, wd_mask)
+  """AdamW (0.9, 0.999), wd 0.01, clip 1.0, linear warmup then constant (method.md 4.8).
+
+  clip_norm=None disables clipping; wd_mask (optax mask) limits weight decay (default: all)."""
+  return _adamw(grpo_schedule(lr, warmup_steps), b1, b2, eps, weight_decay, clip_norm, wd_mask)
 
 
 def sft_optimizer(lr: float = 1e-5, total_steps: int = 1, warmup_ratio: float = 0.1,
-                  b1: float = 0.9, b2: float = 0.95, wd: float = 0.01, clip: float | None = 1.0,
-                  eps: float = 1e-8, wd_mask: Any = None) -> optax.GradientTransformation:
+                  b1: float = 0.9, b2: float = 0.95, weight_decay: float = 0.01,
+                  clip_norm: float | None = 1.0, eps: float = 1e-8,
+                  wd_mask: Any = None) -> optax.GradientTransformation:
   """AdamW (0.9, 0.95), wd 0.01, clip 1.0, 10% warmup then cosine to 0 (method.md 3.4)."""
-  return _adamw(sft_schedule(lr, total_steps, warmup_ratio), b1, b2, eps, wd, clip, wd_mask)
+  return _adamw(sft_schedule(lr, total_steps, warmup_ratio), b1, b2, eps, weight_decay, clip_norm,
+                wd_mask)

@@ -69,3 +69,25 @@ def smollm2_gguf_path() -> str | None:
     return None
   p = os.path.join(list(spec.submodule_search_locations)[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
   return p if os.path.exists(p) else None
+
+
+def write_tiny_hf_model(path: str | os.PathLike, family: str = "llama", template: str = "chatml",
+                        seed: int = 0, **config_kw) -> str:
+  """A tiny random HF causal LM (Llama or Qwen2) + tiny tokenizer in `path` (needs torch)."""
+  import torch
+  from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+  tok = save_tiny_tokenizer(path, template)
+  kw = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+            tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
+            bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
+  kw.update(config_kw)
+  torch.manual_seed(seed)
+  if family == "llama":
+    model = LlamaForCausalLM(LlamaConfig(**kw))
+  elif family == "qwen2":
+    model = Qwen2ForCausalLM(Qwen2Config(**kw))
+  else:
+    raise ValueError(f"family {family!r}: expected 'llama' or 'qwen2'")
+  model.save_pretrained(str(path))
+  return str(path)

@@ -1,4 +1,4 @@
-"""BM25 over an inverted index held as term-major sparse matrices (method.md 4.2, 5.2).
+"""BM25 over an inverted index held as term-major posting arrays (method.md 4.2, 5.2).
 
 Two scorers share one index layout (docs/retrieval.md):
 - `ExactOkapiBM25`: rank_bm25.BM25Okapi's scores bit for bit (same idf with its floor of
@@ -7,13 +7,12 @@ Two scorers share one index layout (docs/retrieval.md):
   length stored lossily in one byte (SmallFloat), float32 term scores summed in float64.
 `RankBM25Searcher` wraps rank_bm25 itself: the reference, and a backend for small corpora.
 
-Search: the analysed queries become a sparse [Q, V] matrix; one sparse product with the [V, N]
-posting matrix sums every query's term scores over the documents that contain a query term
-(scipy's product keeps no zero sums); then a top-k per query. A document with score exactly 0
-(no query term) is never returned: results are padded with row -1 / score -inf instead.
-Ties: passage id ascending (`searcher.id_order`), as pyserini does.
-Large corpora are split into document shards of < 2**31 postings (int32 indices); their
-top-k lists merge exactly.
+Search, per query and shard: the posting lists of the query terms are concatenated and summed
+into a score per document with one np.bincount, then a top-k (numpy + argpartition, no scipy).
+A document with score exactly 0 (no query term) is never returned: results are padded with
+row -1 / score -inf instead. Ties: passage id ascending (`searcher.id_order`), as pyserini does.
+Large corpora are split into document shards of < 2**31 postings (int32 offsets); their top-k
+lists merge exactly. `search(..., prune=True)` adds exact MaxScore pruning.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ import os
 from typing import Iterable, Sequence
 
 import numpy as np
-import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from retrieval import searcher as searcher_lib
@@ -112,14 +110,6 @@ class Shard:
   tf: np.ndarray
   value: np.ndarray
 
-  def matrix(self) -> sp.csr_matrix:
-    m = getattr(self, "_matrix", None)
-    if m is None:
-      m = sp.csr_matrix((self.value, self.rows, self.indptr),
-                        shape=(len(self.indptr) - 1, self.num_docs), copy=False)
-      self._matrix = m
-    return m
-
 
 def _check_corpus(texts: Sequence[str], ids: Sequence[str]) -> None:
   if len(texts) == 0:
@@ -197,12 +187,12 @@ def split_shards(indptr: np.ndarray, rows: np.ndarray, tf: np.ndarray, value: np
   """Cuts the postings into document ranges of `shard_docs` (default: < 2**31 postings each)."""
   n, v = len(doc_len), len(indptr) - 1
   if shard_docs is None:
-    cum = np.cumsum(np.count_nonzero(doc_len > 0) and np.bincount(rows, minlength=n))
-    limit = 2**31 - 1
-    bounds, lo = [0], 0
-    while cum[-1] - (cum[lo - 1] if lo else 0) > limit:
-      lo = int(np.searchsorted(cum, (cum[lo - 1] if lo else 0) + limit, side="right"))
+    cum = np.cumsum(np.bincount(rows, minlength=n))  # postings up to and including each doc
+    limit, bounds, done = 2**31 - 1, [0], 0
+    while cum[-1] - done > limit:
+      lo = int(np.searchsorted(cum, done + limit, side="right"))
       bounds.append(lo)
+      done = int(cum[lo - 1])
     bounds.append(n)
   else:
     bounds = list(range(0, n, shard_docs)) + [n]
@@ -246,18 +236,26 @@ class SparseBM25:
     self.shards = shards
     self.stats = stats
     self.analyzer = analyzer if analyzer is not None else get_analyzer(params.analyzer)
-    self.max_batch_postings = 1 << 24  # bounds the [Q, N] sparse product per query batch
-    self._df = np.diff(np.asarray(sum((s.indptr.astype(np.int64) for s in shards))))
+    self.prune_seed_postings = 4096  # postings of the first essential terms (pruned search)
+    self.prune_max_fraction = 0.5  # give up pruning when essential postings exceed this x N
+    # Relative gap between the bound and the k-th score below which pruning is not trusted:
+    # covers float64 summation (okapi) and the final float32 rounding (lucene).
+    self.prune_margin = 1e-6 if params.kind == "lucene" else 1e-9
 
   def __len__(self) -> int:
     return len(self.ids)
 
   # -- per-subclass pieces -----------------------------------------------------------------------
-  def _query_entries(self, terms: list[int]) -> tuple[list[int], list[float], list[tuple]]:
-    """One query's (term ids, weights) for the product, and extra (term, count) pairs."""
+  def _applications(self, terms: list[int]) -> list[tuple[int, int]]:
+    """(term, count) pairs whose contributions are added, in summation order."""
     raise NotImplementedError
 
-  def _extra_scores(self, shard: Shard, term: int, count: int) -> np.ndarray:
+  def _contrib(self, shard: Shard, term: int, count: int, sel: np.ndarray | slice) -> np.ndarray:
+    """float64 contributions of one application of (term, count) at postings `sel` of its list."""
+    raise NotImplementedError
+
+  def _upper_bound(self, shard: Shard, term: int, count: int) -> float:
+    """An upper bound of one application's contribution to any document of the shard."""
     raise NotImplementedError
 
   def _finish(self, scores: np.ndarray) -> np.ndarray:
@@ -269,76 +267,171 @@ class SparseBM25:
     voc = self.vocab
     return [voc[t] for t in self.analyzer(query) if t in voc]
 
-  def _batches(self, queries: Sequence[str]):
-    """Yields (first query index, query matrix [q, V], extras) with bounded postings each."""
-    q_ptr, q_cols, q_vals, extras = [0], [], [], []
-    lo, budget = 0, 0
-    for i, text in enumerate(queries):
-      cols, vals, extra = self._query_entries(self.analyze(text))
-      cost = int(self._df[cols].sum()) + sum(int(self._df[t]) for t, _ in extra)
-      if i > lo and budget + cost > self.max_batch_postings:
-        yield lo, self._qmat(q_ptr, q_cols, q_vals), extras
-        q_ptr, q_cols, q_vals, extras, lo, budget = [0], [], [], [], i, 0
-      q_cols += cols
-      q_vals += vals
-      q_ptr.append(len(q_cols))
-      extras.append(extra)
-      budget += cost
-    if len(queries) > lo:
-      yield lo, self._qmat(q_ptr, q_cols, q_vals), extras
+  def _shard_scores(self, shard: Shard, apps: list[tuple[int, int]]) -> np.ndarray | None:
+    """float64 scores [n_shard] of one query (None when no query term is in the shard).
 
-  def _qmat(self, ptr, cols, vals) -> sp.csr_matrix:
-    # Built without sorting or summing duplicates: the product visits entries in this order.
-    return sp.csr_matrix((np.asarray(vals, np.float64), np.asarray(cols, np.int32),
-                          np.asarray(ptr, np.int32)), shape=(len(ptr) - 1, len(self.vocab)))
+    One bincount over the concatenated postings: it adds in input order, so each document's
+    score is the same sequence of additions as a term-at-a-time loop in query order.
+    """
+    rows, vals, ptr = [], [], shard.indptr
+    for t, c in apps:
+      lo, hi = int(ptr[t]), int(ptr[t + 1])
+      if hi > lo:
+        rows.append(shard.rows[lo:hi])
+        vals.append(self._contrib(shard, t, c, slice(lo, hi)))
+    if not rows:
+      return None
+    return np.bincount(np.concatenate(rows), np.concatenate(vals), minlength=shard.num_docs)
 
-  def _shard_scores(self, shard: Shard, qmat: sp.csr_matrix, extras) -> sp.csr_matrix:
-    """Sparse [q, n_shard] float64 scores: the product, plus any per-query extra terms."""
-    out = qmat @ shard.matrix()
-    if any(extras):
-      qi, cols, vals = [], [], []
-      for i, extra in enumerate(extras):
-        for term, count in extra:
-          lo, hi = shard.indptr[term], shard.indptr[term + 1]
-          qi.append(np.full(hi - lo, i, np.int64))
-          cols.append(shard.rows[lo:hi])
-          vals.append(self._extra_scores(shard, term, count).astype(np.float64))
-      more = sp.csr_matrix((np.concatenate(vals), (np.concatenate(qi), np.concatenate(cols))),
-                           shape=out.shape)
-      out = (out + more).tocsr()
-    return out
+  def _merge(self, parts, k):
+    if not parts:
+      return np.zeros(0, np.int64), np.zeros(0)
+    if len(parts) == 1:
+      return parts[0]
+    rows = np.concatenate([r for r, _ in parts])
+    return searcher_lib.top_k(np.concatenate([s for _, s in parts]), rows, self.tie[rows], k)
 
-  def search(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k rows and scores per query: (rows int64 [Q, k], scores float64 [Q, k])."""
+  def search(self, queries: Sequence[str], k: int,
+             prune: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k rows and scores per query: (rows int64 [Q, k], scores float64 [Q, k]).
+
+    prune=False: score every document holding a query term (exhaustive).
+    prune=True: MaxScore-style pruning (`_pruned_top_k`), same results; pays off when a few rare
+      query terms carry most of the score, costs extra when all terms are common.
+    """
     if k <= 0:
       raise ValueError(f"k must be positive, got {k}")
-    results: list = [None] * len(queries)
-    for lo, qmat, extras in self._batches(queries):
-      parts: list[list] = [[] for _ in range(qmat.shape[0])]
-      for shard in self.shards:
-        res = self._shard_scores(shard, qmat, extras)
-        for i in range(res.shape[0]):
-          a, b = res.indptr[i], res.indptr[i + 1]
-          local = res.indices[a:b].astype(np.int64)
-          scores = self._finish(res.data[a:b])
-          rows = local + shard.start
-          parts[i].append(searcher_lib.top_k(scores, rows, self.tie[rows], k))
-      for i, p in enumerate(parts):
-        if len(p) == 1:
-          results[lo + i] = p[0]
-        else:
-          rows = np.concatenate([r for r, _ in p])
-          results[lo + i] = searcher_lib.top_k(np.concatenate([s for _, s in p]), rows,
-                                               self.tie[rows], k)
+    if prune:
+      return self._search_pruned(queries, k)
+    results = []
+    for text in queries:
+      apps = self._applications(self.analyze(text))
+      parts = []
+      for shard in self.shards if apps else ():
+        scores = self._shard_scores(shard, apps)
+        if scores is None:
+          continue
+        nz = np.flatnonzero(scores)  # documents with no query term score exactly 0
+        rows = nz + shard.start
+        parts.append(searcher_lib.top_k(self._finish(scores[nz]), rows, self.tie[rows], k))
+      results.append(self._merge(parts, k))
     return searcher_lib.pad_results(results, k)
+
+  # -- exact dynamic pruning ---------------------------------------------------------------------
+
+  def _max_value(self, shard: Shard) -> np.ndarray:
+    """[V] largest posting value per term in the shard (0 for terms absent from it)."""
+    m = getattr(shard, "_max_value", None)
+    if m is None:
+      v = len(shard.indptr) - 1
+      m = np.zeros(v)
+      nonempty = np.flatnonzero(np.diff(shard.indptr) > 0)
+      if nonempty.size:
+        m[nonempty] = np.maximum.reduceat(np.asarray(shard.value),
+                                          np.asarray(shard.indptr[nonempty], np.int64))
+      shard._max_value = m
+    return m
+
+  def _pruned_top_k(self, shard: Shard, apps: list[tuple[int, int]], k: int):
+    """Exact top-k of one query in one shard, scoring only documents that can make it.
+
+    MaxScore: each term t has an upper bound UB(t) on what it adds to a score. Score exactly the
+    candidates C holding an "essential" term (all query terms looked up for them); if the UBs of
+    the other terms sum to less than the k-th best score in C, no document outside C can reach
+    the top k (not even as a tie), so the top k of C is the answer. Otherwise the terms with the
+    largest UBs become essential until the bound holds for the current k-th score, which can only
+    rise as C grows, so the second round is final. Summation order per document is unchanged.
+    """
+    indptr = shard.indptr
+    ub: dict[int, float] = {}
+    for t, c in apps:
+      ub[t] = ub.get(t, 0.0) + self._upper_bound(shard, t, c)
+    terms = [t for t in sorted(ub, key=lambda t: -ub[t]) if indptr[t + 1] > indptr[t]]
+    if not terms:
+      return np.zeros(0, np.int64), np.zeros(0)
+    if min(ub[t] for t in terms) < 0:  # negative weights (degenerate okapi idf): no bound
+      n_ess = len(terms)
+    else:
+      n_ess, cum = 1, int(indptr[terms[0] + 1] - indptr[terms[0]])
+      while n_ess < len(terms):  # seed: the largest bounds, within a small posting budget
+        df = int(indptr[terms[n_ess] + 1] - indptr[terms[n_ess]])
+        if cum + df > self.prune_seed_postings:
+          break
+        cum += df
+        n_ess += 1
+    margin = 1 + self.prune_margin
+    while True:
+      essential = terms[:n_ess]
+      rest = sum(ub[t] for t in terms[n_ess:])
+      ess_set = set(essential)
+      cand = np.unique(np.concatenate([shard.rows[indptr[t]:indptr[t + 1]] for t in essential]))
+      vec: dict[tuple[int, int], np.ndarray] = {}
+      for t, c in dict.fromkeys(apps):
+        lo, hi = int(indptr[t]), int(indptr[t + 1])
+        v = np.zeros(cand.size)
+        if lo == hi:
+          pass
+        elif t in ess_set:
+          v[np.searchsorted(cand, shard.rows[lo:hi])] = self._contrib(shard, t, c, slice(lo, hi))
+        elif hi - lo < cand.size:  # short list: find its postings among the candidates
+          rows_t = shard.rows[lo:hi]
+          pos = np.minimum(np.searchsorted(cand, rows_t), cand.size - 1)
+          hit = np.flatnonzero(cand[pos] == rows_t)
+          v[pos[hit]] = self._contrib(shard, t, c, lo + hit)
+        else:  # long list: find the candidates in it
+          rows_t = shard.rows[lo:hi]
+          idx = np.minimum(np.searchsorted(rows_t, cand), hi - lo - 1)
+          hit = rows_t[idx] == cand
+          v[hit] = self._contrib(shard, t, c, lo + idx[hit])
+        vec[(t, c)] = v
+      scores = np.zeros(cand.size)
+      for app in apps:
+        scores += vec[app]
+      nz = np.flatnonzero(scores)
+      if n_ess == len(terms):
+        break
+      kth = np.partition(scores[nz], nz.size - k)[nz.size - k] if nz.size >= k else 0.0
+      if rest * margin < kth:
+        break
+      while n_ess < len(terms) and rest * margin >= kth:  # make the largest bounds essential
+        rest -= ub[terms[n_ess]]
+        n_ess += 1
+      if kth <= 0:
+        n_ess = len(terms)
+      work = sum(int(indptr[t + 1] - indptr[t]) for t in terms[:n_ess])
+      if work > self.prune_max_fraction * shard.num_docs:
+        return None  # pruning would touch most of the shard: the batched product is faster
+    rows = cand[nz].astype(np.int64) + shard.start
+    return searcher_lib.top_k(self._finish(scores[nz]), rows, self.tie[rows], k)
+
+  def _search_pruned(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pruned top-k per query; queries where pruning gives up are scored exhaustively."""
+    results, hard = [], []
+    for i, text in enumerate(queries):
+      apps = self._applications(self.analyze(text))
+      parts = []
+      for shard in self.shards if apps else ():
+        parts.append(self._pruned_top_k(shard, apps, k))
+        if parts[-1] is None:
+          hard.append(i)
+          break
+      results.append((np.zeros(0, np.int64), np.zeros(0)) if hard and hard[-1] == i
+                     else self._merge(parts, k))
+    rows_qk, scores_qk = searcher_lib.pad_results(results, k)
+    if hard:
+      rows_qk[hard], scores_qk[hard] = self.search([queries[i] for i in hard], k)
+    self.last_pruned_fraction = 1 - len(hard) / max(1, len(queries))
+    return rows_qk, scores_qk
 
   def score_all(self, queries: Sequence[str]) -> np.ndarray:
     """Dense scores [Q, N] (small corpora and tests)."""
     out = np.zeros((len(queries), len(self.ids)))
-    for lo, qmat, extras in self._batches(queries):
-      for shard in self.shards:
-        res = self._shard_scores(shard, qmat, extras).toarray()
-        out[lo:lo + qmat.shape[0], shard.start:shard.start + shard.num_docs] = res
+    for i, text in enumerate(queries):
+      apps = self._applications(self.analyze(text))
+      for shard in self.shards if apps else ():
+        scores = self._shard_scores(shard, apps)
+        if scores is not None:
+          out[i, shard.start:shard.start + shard.num_docs] = scores
     return self._finish(out)
 
   def save(self, path: str | os.PathLike) -> None:
@@ -372,14 +465,21 @@ class ExactOkapiBM25(SparseBM25):
     idf[negative] = p.epsilon * mean_idf
     denom_d = p.k1 * (1 - p.b + p.b * doc_len / avgdl)  # [N], same operations as rank_bm25
     tf64 = tf.astype(np.int64)
-    value = tf64 * (p.k1 + 1) / (tf64 + denom_d[rows])
+    term = np.repeat(np.arange(len(vocab)), df)
+    value = idf[term] * (tf64 * (p.k1 + 1) / (tf64 + denom_d[rows]))  # rank_bm25's product
     stats = {"num_docs": n, "avgdl": avgdl, "mean_idf": mean_idf, "num_postings": int(rows.size)}
     return cls(p, list(ids), vocab, idf, doc_len.astype(np.int32),
                searcher_lib.id_order(ids), split_shards(indptr, rows, tf, value, doc_len,
                                                          shard_docs), stats, an)
 
-  def _query_entries(self, terms):
-    return terms, self.idf[terms].tolist(), []
+  def _applications(self, terms):
+    return [(t, 1) for t in terms]  # every token, repeats included, in query order
+
+  def _contrib(self, shard, term, count, sel):
+    return shard.value[sel]  # idf(t) * tfn(t, d), computed once at indexing
+
+  def _upper_bound(self, shard, term, count):
+    return float(self._max_value(shard)[term])
 
 
 class LuceneBM25(SparseBM25):
@@ -434,18 +534,23 @@ class LuceneBM25(SparseBM25):
       c = self._cache = self._norm_inverse(self.params, np.float32(self.stats["avgdl"]))
     return c
 
-  def _query_entries(self, terms):
+  def _applications(self, terms):
     counts: dict[int, int] = {}
     for t in terms:
       counts[t] = counts.get(t, 0) + 1
-    once = [t for t, c in counts.items() if c == 1]
-    return once, [1.0] * len(once), [(t, c) for t, c in counts.items() if c > 1]
+    return list(counts.items())
 
-  def _extra_scores(self, shard, term, count):
-    lo, hi = shard.indptr[term], shard.indptr[term + 1]
+  def _contrib(self, shard, term, count, sel):
+    if count == 1:
+      return np.asarray(shard.value[sel], np.float64)
+    rows = shard.rows[sel] + shard.start
     w = np.float32(count) * self.idf[term]
-    rows = shard.rows[lo:hi] + shard.start
-    return self._term_score(w, shard.tf[lo:hi], self.norm_inverse[self.norms[rows]])
+    return self._term_score(w, shard.tf[sel], self.norm_inverse[self.norms[rows]]).astype(
+        np.float64)
+
+  def _upper_bound(self, shard, term, count):
+    # c * idf * q / (1 + q) <= c * (one-occurrence score); 1e-5 covers float32 rounding.
+    return count * float(self._max_value(shard)[term]) * (1 + 1e-5)
 
   def _finish(self, scores):
     return scores.astype(np.float32).astype(np.float64)

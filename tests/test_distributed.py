@@ -90,7 +90,10 @@ def _worker(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-  _worker(sys.argv[1])
+  from cqr_jax.distributed import fail_fast
+
+  with fail_fast():
+    _worker(sys.argv[1])
   sys.exit(0)
 
 
@@ -128,20 +131,23 @@ def test_two_processes_match_one_process(tmp_path):
   assert one["shared"] == two[0]["shared"]
 
 
-def test_failing_process_fails_fast_instead_of_hanging(tmp_path):
-  code = ("import os, sys\n"
-          "from cqr_jax import distributed\n"
-          "distributed.initialize()\n"
-          "import jax\n"
-          "with distributed.fail_fast():\n"
-          "  if jax.process_index() == 1: sys.exit(3)\n"
-          "  distributed.sync('never-reached-by-1')\n")
+@pytest.mark.parametrize("fail,code,text", [("sys.exit(3)", 3, ""),
+                                             ("raise RuntimeError('boom')", 1, "boom")])
+def test_failing_process_fails_fast_instead_of_hanging(tmp_path, fail, code, text):
+  """Process 1 dies while process 0 waits in a barrier: the group stops in seconds."""
   script = tmp_path / "fail.py"
-  script.write_text(code)
+  script.write_text("import sys\n"
+                    "from cqr_jax import distributed\n"
+                    "distributed.initialize()\n"
+                    "import jax\n"
+                    "with distributed.fail_fast():\n"
+                    f"  if jax.process_index() == 1: {fail}\n"
+                    "  distributed.sync('never-reached-by-1')\n")
   with pytest.raises(MultiprocessError) as e:
     run_processes([sys.executable, str(script)], num_processes=2, local_devices=1,
                   timeout_s=60)
-  assert "returncode 3" in str(e.value)
+  assert f"process 1 (returncode {code})" in str(e.value) and text in str(e.value)
+  assert "timed out" not in str(e.value)
 
 
 def test_timeout_kills_the_group(tmp_path):
@@ -181,6 +187,9 @@ def test_single_process_helpers():
       {"a": np.ones((8, 2)), "b": {"c": np.zeros(8)}}, mesh,
       {"a": jax.P(("data", "fsdp")), "b": jax.P("data")})
   assert batch["a"].shape == (8, 2) and batch["b"]["c"].sharding.spec == jax.P("data")
+  with pytest.raises(RuntimeError, match="single process: errors propagate"):
+    with distributed.fail_fast():
+      raise RuntimeError("single process: errors propagate")
   with pytest.raises(ValueError, match="process_id must be in"):
     distributed.initialize("127.0.0.1:1", num_processes=2, process_id=2)
   with pytest.raises(ValueError, match="num_processes missing"):

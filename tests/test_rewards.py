@@ -65,8 +65,9 @@ def test_bad_input_is_named():
     compute_rewards([True, True], [1, 2, 3])
   with pytest.raises(ValueError, match="ranks must be integers"):
     compute_rewards([True], [1.5])
-  with pytest.raises(ValueError, match="num_golds"):
-    compute_rewards([True], [1], num_golds=[0])
+  with pytest.raises(ValueError, match="num_golds must be"):
+    compute_rewards([True], [1], RewardConfig(kind="recall@10"), num_golds=[0])
+  assert compute_rewards([True], [1], num_golds=[0])[0] == 2.0  # rirs ignores num_golds
   assert compute_rewards([], np.array([], np.int64)).shape == (0,)
 
 

@@ -3,7 +3,6 @@ LambdaLR (float64 reference; optax in float32: rtol 1e-5)."""
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -81,4 +80,3 @@ def test_first_grpo_update_leaves_params_unchanged():
   p = {"w": jnp.ones((3,))}
   upd, _ = tx.update({"w": jnp.ones((3,))}, tx.init(p), p)
   assert float(jnp.abs(upd["w"]).max()) == 0.0
-  del jax

@@ -77,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
   if getattr(args, "distributed", False):
     from cqr_jax import distributed
     distributed.initialize()
+    with distributed.fail_fast():  # a crashed worker must not hang the others in a barrier
+      return int(module.run(args) or 0)
   return int(module.run(args) or 0)
 
 

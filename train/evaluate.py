@@ -22,7 +22,7 @@ from train import common, rewriting
 
 log = logging.getLogger("cqr_jax")
 USES_CONFIG = True
-METRICS = ("mrr", "mrr@3", "ndcg@3", "recall@10", "recall@100")
+METRICS = ("recip_rank", "mrr_cut_3", "ndcg_cut_3", "recall_10", "recall_100")  # pytrec names
 
 
 def add_args(p):

@@ -9,7 +9,7 @@ checkpoint (params, optimizer, step, PRNG key, data position).
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import logging
 import os
 import time
@@ -119,7 +119,7 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
                                   micro_batch=g.micro_batch)
   ref_logprobs = steps.make_logprob_fn(graphdef, rest, temperature=ro.temperature,
                                        micro_batch=g.micro_batch)
-  logger = MetricsLogger(out)
+  logger = MetricsLogger(out, resume_step=int(state.step) if int(state.step) else None)
   monitor = CollapseMonitor()
   history, bad_in_row = [], 0
   start = int(state.step)
@@ -141,17 +141,14 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
       parsed = [parse_response(t) for t in roll.texts]
       qids = [turns[i].qid for i in roll.prompt_index]
       ok = np.array([p.format_ok for p in parsed])
-      texts = [p.rewrite if p.format_ok else "" for p in parsed]
-      ranks = np.full(len(parsed), -1, np.int32)
-      idx = np.flatnonzero(ok)
-      if len(idx):
-        ranks[idx] = ranker.ranks([texts[i] for i in idx], [qids[i] for i in idx])
+      # Only responses that pass the format check are sent to the retriever (method.md 4.1).
+      ranks = ranker.ranks([p.rewrite if p.format_ok else None for p in parsed], qids)
       reward = rewards_lib.compute_rewards(ok, ranks, g.reward, step=step, total_steps=n_steps,
                                            num_golds=[len(turns[i].gold_ids)
                                                       for i in roll.prompt_index])
-      adv = np.asarray(group_advantages(jnp.asarray(reward), g.n))
     with timer("reference"):
       ref_lp = jax.block_until_ready(ref_lp)
+    adv = np.asarray(group_advantages(jnp.asarray(reward), g.n))  # after the device is free
     with timer("update"):
       batch.update(ref_logp=ref_lp, adv=rollout_batch.place(adv.astype(np.float32), mesh))
       state, um = update(state, batch)
@@ -162,11 +159,10 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
     history.append(m)
     logger.log(step + 1, m)
     if common.is_main() and g.log_samples:
-      logger.samples(step + 1, [{"qid": qids[i], "text": roll.texts[i], "reward": float(reward[i]),
-                                 "rank": int(ranks[i])} for i in range(min(g.log_samples,
-                                                                             len(qids)))])
-    for w in monitor.update(m):
-      log.warning(w)
+      write_samples(out, step + 1, [{"qid": qids[i], "text": roll.texts[i],
+                                     "reward": float(reward[i]), "rank": int(ranks[i])}
+                                    for i in range(min(g.log_samples, len(qids)))])
+    monitor.update(step + 1, m["format_pass"], m["reward_mean"])
     bar.set_postfix(reward=f"{m['reward_mean']:.3f}", fmt=f"{m['format_pass']:.2f}",
                     mrr=f"{m['batch_mrr']:.3f}")
     if not finite:
@@ -215,8 +211,15 @@ def step_metrics(step, reward, ok, ranks, roll, um, timer) -> dict:
   for k in ("loss", "grad_norm", "kl", "entropy", "clipfrac", "pg_loss", "ratio_mean"):
     if k in um:
       m[k] = float(um[k])
-  m.update({f"time_{k}": v for k, v in timer.totals().items()})
-  total = sum(timer.totals().values())
-  m["time_step"] = total
-  m["tokens_per_s"] = float(np.sum(lengths)) / max(timer.totals().get("rollout", total), 1e-9)
+  split = timer.split()
+  m.update(split)
+  m["tokens_per_s"] = float(np.sum(lengths)) / max(split.get("time/rollout", 0.0), 1e-9)
   return m
+
+
+def write_samples(out: str, step: int, samples: list[dict]) -> None:
+  d = os.path.join(out, "samples")
+  os.makedirs(d, exist_ok=True)
+  with open(os.path.join(d, "samples.jsonl"), "a", encoding="utf-8") as f:
+    for s in samples:
+      f.write(json.dumps({"step": step, **s}) + "\n")

@@ -98,7 +98,7 @@ def train_sft(cfg: cfglib.RunConfig, model=None, mcfg=None):
     state = _from_dict(restored["state"])
     log.info("resumed SFT at step %d", int(state.step))
   update = steps.make_sft_update(graphdef, rest, tx, micro_batch=micro)
-  logger = MetricsLogger(out)
+  logger = MetricsLogger(out, resume_step=int(state.step) if int(state.step) else None)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
   from tqdm.auto import tqdm
   done = int(state.step)

@@ -12,7 +12,6 @@ target of input position t is token t + 1, so a response token at index i has it
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import flax.nnx as nnx
@@ -109,6 +108,20 @@ def _apply(tx, state: TrainState, grads, loss):
   return new_state, gnorm, finite
 
 
+def jit_state_step(fn: Callable) -> Callable:
+  """jit(fn) over (state, batch), donating the state and pinning the new state's shardings to the
+  old one's, so step 2 onward reuses step 1's executable (one compile per batch shape)."""
+  cache = {}
+
+  def call(state, batch):
+    if "f" not in cache:
+      shardings = jax.tree.map(lambda x: x.sharding, state)
+      cache["f"] = jax.jit(fn, donate_argnums=(0,), out_shardings=(shardings, None))
+    return cache["f"](state, batch)
+
+  return call
+
+
 def make_grpo_update(graphdef, rest, tx, loss_cfg, *, temperature: float,
                      micro_batch: int) -> Callable:
   """Jitted GRPO update (method.md 4.6-4.8): one optimizer step on a whole rollout batch.
@@ -127,7 +140,6 @@ def make_grpo_update(graphdef, rest, tx, loss_cfg, *, temperature: float,
 
   loss_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
 
-  @functools.partial(jax.jit, donate_argnums=(0,))
   def update(state: TrainState, batch: dict):
     n_micro = max(batch["tokens"].shape[0] // micro_batch, 1)
     micro = jax.tree.map(lambda x: _split_micro(x, n_micro), batch)
@@ -140,7 +152,7 @@ def make_grpo_update(graphdef, rest, tx, loss_cfg, *, temperature: float,
     return new_state, {"loss": loss, "grad_norm": gnorm, "finite": finite,
                        **grpo_obj.finalize_metrics(raw)}
 
-  return update
+  return jit_state_step(update)
 
 
 def make_sft_update(graphdef, rest, tx, *, micro_batch: int) -> Callable:
@@ -154,7 +166,6 @@ def make_sft_update(graphdef, rest, tx, *, micro_batch: int) -> Callable:
 
   loss_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
 
-  @functools.partial(jax.jit, donate_argnums=(0,))
   def update(state: TrainState, batch: dict):
     n_micro = max(batch["tokens"].shape[0] // micro_batch, 1)
     micro = jax.tree.map(lambda x: _split_micro(x, n_micro), batch)
@@ -164,7 +175,7 @@ def make_sft_update(graphdef, rest, tx, *, micro_batch: int) -> Callable:
     new_state, gnorm, finite = _apply(tx, state, grads, loss)
     return new_state, {"loss": loss, "grad_norm": gnorm, "finite": finite, "tokens": count}
 
-  return update
+  return jit_state_step(update)
 
 
 def init_state(params, tx) -> TrainState:

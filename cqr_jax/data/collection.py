@@ -32,7 +32,8 @@ class MemoryCollection:
     self._rows: dict[str, int] = {}
     for i, p in enumerate(self._passages):
       if p.pid in self._rows:
-        raise DataError(f"{source}: duplicate passage id {p.pid!r} (rows {self._rows[p.pid]} and {i})")
+        raise DataError(f"{source}: duplicate passage id {p.pid!r} "
+                        f"(rows {self._rows[p.pid]} and {i})")
       self._rows[p.pid] = i
 
   def __len__(self) -> int:
@@ -70,7 +71,7 @@ def parse_jsonl_record(line: bytes) -> tuple[str, str, str]:
 
 
 def parse_topiocqa_tsv_record(line: bytes) -> tuple[str, str, str]:
-  """`full_wiki_segments.tsv` row: id, text, title; title's " [SEP] " becomes a space (method.md 1.2)."""
+  """A `full_wiki_segments.tsv` row: id, text, title; title " [SEP] " -> " " (method.md 1.2)."""
   s = line.decode("utf-8").rstrip("\r\n")
   fields = next(csv.reader([s], delimiter="\t")) if '"' in s else s.split("\t")
   if len(fields) != 3:
@@ -91,12 +92,13 @@ def id_hash(pid: str) -> int:
 
 
 def default_index_dir(path: str | os.PathLike) -> str:
-  """`<path>.cqridx` beside the data when writable, else under $CQR_JAX_CACHE or ~/.cache/cqr_jax."""
+  """`<path>.cqridx` beside the data when writable, else in $CQR_JAX_CACHE or ~/.cache/cqr_jax."""
   path = os.path.abspath(path)
   parent = os.path.dirname(path)
   if os.access(parent, os.W_OK) and not os.environ.get("CQR_JAX_CACHE"):
     return path + ".cqridx"
-  root = os.environ.get("CQR_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cqr_jax")
+  root = (os.environ.get("CQR_JAX_CACHE")
+          or os.path.join(os.path.expanduser("~"), ".cache", "cqr_jax"))
   digest = hashlib.sha1(path.encode()).hexdigest()[:16]
   return os.path.join(root, "index", f"{os.path.basename(path)}-{digest}")
 
@@ -159,6 +161,9 @@ class FileCollection:
   def _build(self, meta: dict) -> dict:
     from tqdm.auto import tqdm
     os.makedirs(self.index_dir, exist_ok=True)
+    meta_path = os.path.join(self.index_dir, "meta.json")
+    if os.path.exists(meta_path):  # invalid until this build completes
+      os.remove(meta_path)
     offsets, hashes = array.array("q"), array.array("Q")
     starts = [0]
     id_map = None
@@ -225,7 +230,7 @@ class FileCollection:
 
   # --------------------------------------------------------------------------- access
   def __len__(self) -> int:
-    return int(self._meta["num_rows"])
+    return int(self._offsets.shape[0])
 
   def _file_of(self, row: int) -> int:
     return int(np.searchsorted(self._starts, row, side="right")) - 1

@@ -83,14 +83,16 @@ def load_dataset(name_or_path: str, split: str = "train", strict: bool = False,
     split: "train" or "test" (TopiOCQA's "dev" is its test split; "test" is accepted for it).
     strict: gold ids missing from the collection are an error instead of a counted warning.
     progress: progress bars while indexing large collections.
-    **kw: reader-specific options (e.g. index_dir).
+    **kw: reader-specific options (synthetic: size, seed; files: index_dir, ...).
   """
   kind, _, rest = name_or_path.partition(":")
   if kind == "synthetic":
     from cqr_jax.data import synthetic
     parts = [p for p in rest.split(":") if p] if rest else []
-    size = parts[0] if parts else "default"
-    seed = int(parts[1]) if len(parts) > 1 else 0
+    size = parts[0] if parts else kw.pop("size", "default")
+    seed = int(parts[1]) if len(parts) > 1 else int(kw.pop("seed", 0))
+    if kw:
+      raise TypeError(f"synthetic dataset: unexpected options {sorted(kw)}")
     return synthetic.synthetic_dataset(size=size, seed=seed, split=split)
   if kind == "topiocqa" and rest:
     from cqr_jax.data import topiocqa

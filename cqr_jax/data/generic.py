@@ -74,7 +74,8 @@ def read_conversations(path: str) -> list[tuple[int, dict]]:
         conv = json.loads(line)
       except json.JSONDecodeError as e:
         raise DataError(f"{path}:{lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
-      if not isinstance(conv, dict) or "conv_id" not in conv or not isinstance(conv.get("turns"), list):
+      if (not isinstance(conv, dict) or "conv_id" not in conv
+          or not isinstance(conv.get("turns"), list)):
         raise DataError(f"{path}:{lineno}: a conversation needs 'conv_id' and a list 'turns'")
       cid = str(conv["conv_id"])
       if cid in seen:
@@ -101,7 +102,7 @@ def read_generic(root: str | os.PathLike, split: str | None = "train", strict: b
                  progress: bool = True, streamed: bool | None = None,
                  index_dir: str | None = None, keep_unjudged: bool = False,
                  collection: Collection | None = None) -> Dataset:
-  """Reads a generic folder; see the module docstring. keep_unjudged emits scored turns without qrels."""
+  """Reads a generic folder (module docstring); keep_unjudged emits scored turns without qrels."""
   root = os.fspath(root)
   conv_path = _find(root, split, "conversations.jsonl")
   qrels_path = _find(root, split, "qrels.tsv")

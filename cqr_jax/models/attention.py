@@ -34,14 +34,13 @@ class Attention(nnx.Module):
   """q kernel [D, H*Dh] ("embed", "q_heads"); k/v [D, KVH*Dh] ("embed", "kv_heads");
   o [H*Dh, D] ("q_heads", "embed")."""
 
-  def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
-    d, h, kvh, dh = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    self.num_heads, self.num_kv_heads, self.head_dim = h, kvh, dh
-    kw = dict(bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-    self.q_proj = Linear(d, h * dh, ("embed", "q_heads"), **kw)
-    self.k_proj = Linear(d, kvh * dh, ("embed", "kv_heads"), **kw)
-    self.v_proj = Linear(d, kvh * dh, ("embed", "kv_heads"), **kw)
-    self.o_proj = Linear(h * dh, d, ("q_heads", "embed"), bias=False, dtype=dtype, rngs=rngs)
+  def __init__(self, cfg: ModelConfig, kernels: dict[str, jax.Array]):
+    """kernels: initial "q_proj" [D, H*Dh], "k_proj"/"v_proj" [D, KVH*Dh], "o_proj" [H*Dh, D]."""
+    self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.q_proj = Linear(kernels["q_proj"], ("embed", "q_heads"), bias=cfg.qkv_bias)
+    self.k_proj = Linear(kernels["k_proj"], ("embed", "kv_heads"), bias=cfg.qkv_bias)
+    self.v_proj = Linear(kernels["v_proj"], ("embed", "kv_heads"), bias=cfg.qkv_bias)
+    self.o_proj = Linear(kernels["o_proj"], ("q_heads", "embed"), bias=False)
 
   def qkv(self, x_btd, cos_btd, sin_btd, compute_dtype):
     """Projected, rotated q [B, T, H, Dh] and k, v [B, T, KVH, Dh] (float32)."""

@@ -40,7 +40,7 @@ from flax import nnx
 
 from cqr_jax.models.attention import Attention
 from cqr_jax.models.config import ModelConfig
-from cqr_jax.models.layers import Embed, RMSNorm, dtype_of, mm
+from cqr_jax.models.layers import Embed, RMSNorm, dtype_of, init_normal, mm
 from cqr_jax.models.mlp import MLP
 from cqr_jax.models.rope import inv_frequencies, rope_cos_sin
 
@@ -50,12 +50,12 @@ Cache = list  # list over layers of {"k": [B, S, KVH, Dh], "v": [B, S, KVH, Dh]}
 class Block(nnx.Module):
   """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
 
-  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, kernels: dict[str, jax.Array]):
     dtype = dtype_of(cfg.param_dtype)
     self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-    self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
+    self.attn = Attention(cfg, kernels)
     self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
-    self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, dtype=dtype, rngs=rngs)
+    self.mlp = MLP(kernels)
 
   def __call__(self, x_btd, cos_btd, sin_btd, mask_btt, compute_dtype):
     x_btd = x_btd + self.attn(self.attn_norm(x_btd), cos_btd, sin_btd, mask_btt, compute_dtype)
@@ -66,6 +66,14 @@ class Block(nnx.Module):
                                           cache_index, mask_bts, compute_dtype)
     x_btd = x_btd + a_btd
     return x_btd + self.mlp(self.mlp_norm(x_btd), compute_dtype), layer_cache
+
+
+def block_kernel_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
+  """[in, out] shape of each matrix in a block."""
+  d, f, qd, kvd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads * cfg.head_dim,
+                   cfg.num_kv_heads * cfg.head_dim)
+  return {"q_proj": (d, qd), "k_proj": (d, kvd), "v_proj": (d, kvd), "o_proj": (qd, d),
+          "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
 
 
 def _remat_policy(name: str):
@@ -84,11 +92,19 @@ class Decoder(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
     dtype = dtype_of(config.param_dtype)
-    self.embed = Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs)
-    self.layers = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    n = config.num_layers
+    k_embed, k_head, k_layers = jax.random.split(rngs.params(), 3)
+    vd = (config.vocab_size, config.hidden_size)
+    # One RNG draw per matrix kind, stacked over layers, then sliced: compiles in O(1) ops
+    # (not O(layers)) and, with partitionable threefry, each device draws only its shards.
+    shapes = block_kernel_shapes(config)
+    stacked = {name: init_normal(k, (n, *shape), dtype)
+               for (name, shape), k in zip(shapes.items(), jax.random.split(k_layers, len(shapes)))}
+    self.embed = Embed(init_normal(k_embed, vd, dtype))
+    self.layers = nnx.List([Block(config, {name: w[i] for name, w in stacked.items()})
+                            for i in range(n)])
     self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-    self.lm_head = (None if config.tie_word_embeddings else
-                    Embed(config.vocab_size, config.hidden_size, dtype=dtype, rngs=rngs))
+    self.lm_head = None if config.tie_word_embeddings else Embed(init_normal(k_head, vd, dtype))
 
   # ------------------------------------------------------------------ helpers
   def _cdt(self, compute_dtype):

@@ -9,6 +9,7 @@ files, rebuild `config.json` from the metadata and a `tokenizers` BPE from the e
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -57,14 +58,22 @@ class GGUFError(ValueError):
   """A GGUF file this importer cannot read; the message names the file and field or tensor."""
 
 
+@functools.lru_cache(maxsize=2)
+def _open(path: str, size: int, mtime_ns: int):
+  import gguf
+  return gguf.GGUFReader(path, "r")  # read-only memmap; parsing the metadata takes ~2 s
+
+
 def _reader(path_or_reader):
+  """A GGUFReader (cached per file version: tests and the CLI open the same file repeatedly)."""
   import gguf
   if isinstance(path_or_reader, gguf.GGUFReader):
     return path_or_reader
-  path = os.fspath(path_or_reader)
+  path = os.path.abspath(os.fspath(path_or_reader))
   if not os.path.isfile(path):
     raise FileNotFoundError(f"GGUF file not found: {path}")
-  return gguf.GGUFReader(path, "r")
+  st = os.stat(path)
+  return _open(path, st.st_size, st.st_mtime_ns)
 
 
 def _field(reader, key: str, default: Any = KeyError) -> Any:
@@ -259,7 +268,6 @@ def materialize_hf_folder(gguf_path: str | os.PathLike, out_dir: str | os.PathLi
   that is already complete is reused; it is built in a temporary sibling and renamed into place.
   """
   gguf_path = os.fspath(gguf_path)
-  r = _reader(gguf_path)
   if out_dir is None:
     suffix = f"-weights-{dtype}" if weights else ""
     out_dir = os.path.join(default_cache_dir(), "gguf", _file_key(gguf_path) + suffix)
@@ -269,6 +277,7 @@ def materialize_hf_folder(gguf_path: str | os.PathLike, out_dir: str | os.PathLi
     return out_dir
   parent = os.path.dirname(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)
+  r = _reader(gguf_path)
   tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
   try:
     cfg = gguf_hf_config(r)

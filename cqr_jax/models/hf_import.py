@@ -73,7 +73,8 @@ def load_from_hf_tensors(config: ModelConfig, named_tensors: Iterable[tuple[str,
   if mesh is None:
     mesh = make_mesh(MeshConfig(), jax.devices()[:1])
   graphdef, abstract = nnx.split(abstract_model(config))
-  shardings = {tuple(p): v[...] for p, v in nnx.to_flat_state(state_shardings(abstract, mesh))}
+  shardings = {tuple(p): v.get_value()
+               for p, v in nnx.to_flat_state(state_shardings(abstract, mesh))}
   expected = {tuple(p): v for p, v in nnx.to_flat_state(abstract)}
   dtype = dtype_of(config.param_dtype)
   filled: dict[tuple, jax.Array] = {}

@@ -14,6 +14,11 @@ from flax import nnx
 INIT_STD = 0.02  # HF initializer_range for both families
 
 
+def init_normal(key, shape, dtype) -> jax.Array:
+  """N(0, INIT_STD^2) values (HF's initializer for both families)."""
+  return (INIT_STD * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
 def dtype_of(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
@@ -39,11 +44,9 @@ def mm(x: jax.Array, w: jax.Array, compute_dtype, dims: str = "...i,io->...o") -
 class Linear(nnx.Module):
   """y = x @ kernel (+ bias); kernel [in, out] (HF stores the transpose, [out, in])."""
 
-  def __init__(self, d_in: int, d_out: int, axes: tuple[str | None, str | None], *,
-               bias: bool, dtype, rngs: nnx.Rngs):
-    w_io = INIT_STD * jax.random.normal(rngs.params(), (d_in, d_out), jnp.float32)
-    self.kernel = param(w_io.astype(dtype), axes)
-    self.bias = param(jnp.zeros((d_out,), dtype), (axes[1],)) if bias else None
+  def __init__(self, kernel_io: jax.Array, axes: tuple[str | None, str | None], *, bias: bool):
+    self.kernel = param(kernel_io, axes)
+    self.bias = param(jnp.zeros(kernel_io.shape[1:], kernel_io.dtype), (axes[1],)) if bias else None
 
   def __call__(self, x_bti: jax.Array, compute_dtype) -> jax.Array:
     y_bto = mm(x_bti, self.kernel[...], compute_dtype)
@@ -55,9 +58,8 @@ class Linear(nnx.Module):
 class Embed(nnx.Module):
   """Token table [V, D]; also used (tied or as the separate lm_head) to produce logits."""
 
-  def __init__(self, vocab: int, dim: int, *, dtype, rngs: nnx.Rngs):
-    w_vd = INIT_STD * jax.random.normal(rngs.params(), (vocab, dim), jnp.float32)
-    self.embedding = param(w_vd.astype(dtype), ("vocab", "embed"))
+  def __init__(self, table_vd: jax.Array):
+    self.embedding = param(table_vd, ("vocab", "embed"))
 
   def __call__(self, tokens_bt: jax.Array) -> jax.Array:
     return jnp.take(self.embedding[...], tokens_bt, axis=0).astype(jnp.float32)

@@ -11,10 +11,11 @@ from cqr_jax.models.layers import Linear
 class MLP(nnx.Module):
   """gate/up kernels [D, F] ("embed", "mlp"), down kernel [F, D] ("mlp", "embed")."""
 
-  def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs):
-    self.gate_proj = Linear(dim, hidden, ("embed", "mlp"), bias=False, dtype=dtype, rngs=rngs)
-    self.up_proj = Linear(dim, hidden, ("embed", "mlp"), bias=False, dtype=dtype, rngs=rngs)
-    self.down_proj = Linear(hidden, dim, ("mlp", "embed"), bias=False, dtype=dtype, rngs=rngs)
+  def __init__(self, kernels: dict[str, jax.Array]):
+    """kernels: initial "gate_proj" [D, F], "up_proj" [D, F], "down_proj" [F, D]."""
+    self.gate_proj = Linear(kernels["gate_proj"], ("embed", "mlp"), bias=False)
+    self.up_proj = Linear(kernels["up_proj"], ("embed", "mlp"), bias=False)
+    self.down_proj = Linear(kernels["down_proj"], ("mlp", "embed"), bias=False)
 
   def __call__(self, x_btd: jax.Array, compute_dtype) -> jax.Array:
     h_btf = jax.nn.silu(self.gate_proj(x_btd, compute_dtype)) * self.up_proj(x_btd, compute_dtype)

@@ -21,7 +21,8 @@ def inv_frequencies(head_dim: int, theta: float, scaling: dict | None = None) ->
   interpolated with smooth = (original_len / wavelen - low) / (high - low).
   """
   exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
-  inv = (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
+  # theta ** e correctly rounded to float32 (torch's float32 pow agrees to within 1 ulp)
+  inv = (np.float32(1.0) / (np.float64(theta) ** exponent.astype(np.float64)).astype(np.float32))
   if scaling is None:
     return inv
   factor = scaling["factor"]

@@ -20,10 +20,12 @@ the trainer turns micro-batches into the loss of one optimizer step depends on t
 accumulation, differentiate `loss_sum * accumulation_scale(cfg, count, num_microbatches, total)`
 per micro-batch and add the gradients: the sum equals the gradient of the step loss exactly.
 `total` is `Σ aggregation_count(mask)` over the step's micro-batches (known before the update;
-unused by token_mean). token_mean gives verl's numbers: each micro-batch's token mean divided by the
-number of accumulation steps (method.md 4.7); across data-parallel devices, gradients are averaged,
-which is what a single global-batch jit with the batch sharded computes when every device holds the
-same number of micro-batches.
+unused by token_mean). token_mean gives verl's numbers on one device: each micro-batch's token mean
+divided by the number of accumulation steps (method.md 4.7). verl also averages gradients over GPUs,
+each GPU taking the token mean of its own micro-batch; a global-batch jit whose micro-batch spans all
+devices takes the token mean over the whole global micro-batch instead. The two agree when every
+device's share holds the same number of valid tokens, and otherwise weight tokens slightly
+differently (token_sum_global is the layout-independent choice).
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ class GRPOLossConfig:
   dual_clip: c > 1 bounds the loss of negative-advantage tokens at −A·c (None = off, the paper).
   kl_estimator: "k3" (= verl low_var_kl, clamped to [−10, 10]), "k1" (= kl) or "k2" (= mse).
   log_ratio_clamp: logπ_θ − logπ_old is clamped to ±this before exp (verl uses 20).
-  norm_length: the constant L of seq_mean_token_sum_norm (None = the padded length T).
+  norm_length: the constant L of seq_mean_token_sum_norm (None = the padded length T; set it to
+    the maximum response length when batches are length-bucketed, so L stays constant).
   """
 
   policy_loss: str = "ppo_clip"

@@ -1,0 +1,143 @@
+"""Forward throughput (tokens/s): the Flax decoder vs transformers' PyTorch model (issue 2).
+
+Same SmolLM2-135M architecture and the same random weights on both sides (the PyTorch model's
+init, copied into ours through the HF name map), batch 8 x 256, in one run. Rows: each side's
+float32 and its fastest dtype setting (ours: bf16 operands with f32 accumulation; PyTorch: bf16
+weights, and bf16 autocast). Ours also runs the chunked `token_logprobs` path (no [B, T, V]).
+
+    python bench/bench_forward.py --out bench/results/forward.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax import nnx
+
+from cqr_jax.models.config import ModelConfig
+from cqr_jax.models.hf_import import load_from_hf_tensors
+
+
+def timeit(fn, iters: int, warmup: int) -> float:
+  """Median seconds per call after `warmup` calls."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--seq", type=int, default=256)
+  ap.add_argument("--iters", type=int, default=5)
+  ap.add_argument("--warmup", type=int, default=2)
+  ap.add_argument("--preset", default="smollm2_135m")
+  ap.add_argument("--out", default=None, help="write a markdown section here")
+  args = ap.parse_args(argv)
+
+  from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+  cfg = ModelConfig.preset(args.preset)
+  hf_cls = (Qwen2ForCausalLM, Qwen2Config) if cfg.family == "qwen2" else (LlamaForCausalLM,
+                                                                           LlamaConfig)
+  torch.manual_seed(0)
+  hf = hf_cls[0](hf_cls[1].from_dict(cfg.to_hf_config())).float().eval()
+  sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+
+  b, t = args.batch, args.seq
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, cfg.vocab_size, (b, t)).astype(np.int32)
+  positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()
+  mask = np.ones((b, t), np.int32)
+  targets = np.roll(tokens, -1, axis=1)
+  n_tok = b * t
+  rows = []
+
+  def add(name, sec, note=""):
+    rows.append((name, n_tok / sec, sec, note))
+    print(f"{name:45s} {n_tok / sec:9.0f} tok/s  ({sec * 1e3:.0f} ms){'  ' + note if note else ''}",
+          flush=True)
+
+  # ---------------- ours
+  model = load_from_hf_tensors(cfg, sd.items())
+  graphdef, state = nnx.split(model)
+  tok_j, pos_j, mask_j, tgt_j = map(jnp.asarray, (tokens, positions, mask, targets))
+  ref_logits = None
+  for cdt in ("float32", "bfloat16"):
+    fwd = jax.jit(lambda s, cdt=cdt: nnx.merge(graphdef, s)(tok_j, pos_j, mask_j,
+                                                             compute_dtype=cdt))
+    lp = jax.jit(lambda s, cdt=cdt: nnx.merge(graphdef, s).token_logprobs(
+        tok_j, pos_j, mask_j, tgt_j, chunk_size=128, compute_dtype=cdt))
+    out = np.asarray(fwd(state))
+    if cdt == "float32":
+      ref_logits = out
+    add(f"flax logits, compute {cdt}", timeit(lambda: fwd(state).block_until_ready(),
+                                              args.iters, args.warmup))
+    add(f"flax token_logprobs (chunked), compute {cdt}",
+        timeit(lambda: lp(state).block_until_ready(), args.iters, args.warmup))
+  del fwd, lp
+
+  # ---------------- PyTorch
+  tt = torch.as_tensor(tokens, dtype=torch.long)
+  kw = dict(input_ids=tt, attention_mask=torch.as_tensor(mask, dtype=torch.long),
+            position_ids=torch.as_tensor(positions, dtype=torch.long))
+
+  def torch_fwd(m, autocast=False):
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+      return m(**kw).logits
+
+  err = float(np.abs(torch_fwd(hf).float().numpy() - ref_logits).max())
+  print(f"max |logits flax f32 - torch f32| = {err:.2e}")
+  add("torch logits, float32", timeit(lambda: torch_fwd(hf), args.iters, args.warmup))
+  add("torch logits, bf16 autocast", timeit(lambda: torch_fwd(hf, True), args.iters,
+                                            args.warmup))
+  hf_bf16 = hf.to(torch.bfloat16)
+  add("torch logits, bf16 weights", timeit(lambda: torch_fwd(hf_bf16), args.iters, args.warmup))
+
+  best = {side: max(r[1] for r in rows if r[0].startswith(side) and "logits" in r[0])
+          for side in ("flax", "torch")}
+  f32 = {side: next(r[1] for r in rows if r[0] == name) for side, name in
+         (("flax", "flax logits, compute float32"), ("torch", "torch logits, float32"))}
+  print(f"ratio f32: {f32['flax'] / f32['torch']:.2f}x; ratio fastest: "
+        f"{best['flax'] / best['torch']:.2f}x")
+  if args.out:
+    write_md(args, cfg, rows, f32, best, err)
+
+
+def write_md(args, cfg, rows, f32, best, err):
+  cmd = "python bench/bench_forward.py " + " ".join(sys.argv[1:])
+  lines = [
+      "## Forward throughput: Flax decoder vs transformers (PyTorch)", "",
+      f"{args.preset} architecture ({cfg.num_params() / 1e6:.1f}M params, random weights "
+      f"shared by both sides), batch {args.batch} x {args.seq} tokens, median of {args.iters} "
+      f"after {args.warmup} warm-up calls; {platform.processor() or platform.machine()}, "
+      f"{os.cpu_count()} cores (shared with other jobs: compare ratios, not absolute numbers); "
+      f"jax {jax.__version__}, torch {torch.__version__}.", "",
+      f"Command: `{cmd}`", "",
+      "| setting | tokens/s | ms / batch |", "|---|---:|---:|",
+      *[f"| {name} | {tps:.0f} | {sec * 1e3:.0f} |" for name, tps, sec, _ in rows], "",
+      f"- Flax / PyTorch, both float32: **{f32['flax'] / f32['torch']:.2f}x**",
+      f"- Flax / PyTorch, each at its fastest logits setting: "
+      f"**{best['flax'] / best['torch']:.2f}x** (goal: >= 1.5x)",
+      f"- float32 logits agree to {err:.1e} (max abs).",
+      "- Flax bf16 = bf16 matmul operands with float32 accumulation "
+      "(`preferred_element_type`); norms, softmax, residual stream and logits stay float32.", ""]
+  with open(args.out, "w") as f:
+    f.write("\n".join(lines))
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,279 @@
+"""The rollout engine on tiny random Qwen2 / Llama models: greedy parity with transformers'
+`generate`, sampling distribution, log-probs, EOS / stop handling, meshes, bucketing, bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy import stats
+
+from cqr_jax.models.hf_import import load_hf
+from cqr_jax.models.tiny_hf import save_tiny_hf
+from cqr_jax.sampler import TRACE_COUNT, Rollouts, Sampler, SamplerConfig, bucket, find_stop
+from cqr_jax.sharding import MeshConfig, make_mesh
+from cqr_jax.testing import tiny_tokenizer
+
+torch = pytest.importorskip("torch")
+
+PROMPTS = [[5, 17, 33, 9, 71, 4, 12, 88, 21, 40, 3], [7, 90, 2 + 60], [11, 45, 23, 67, 30, 99]]
+EOS = 2
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def tiny(request, tmp_path_factory):
+  path = tmp_path_factory.mktemp(request.param)
+  hf = save_tiny_hf(path, request.param, seed=3)
+  model, cfg = load_hf(path, mesh=make_mesh(MeshConfig(), jax.devices()[:1]))
+  return request.param, path, hf, model, cfg
+
+
+@pytest.fixture(scope="module")
+def qwen(tmp_path_factory):
+  path = tmp_path_factory.mktemp("qwen2-1")
+  save_tiny_hf(path, "qwen2", seed=5, vocab_size=512)  # holds the tiny tokenizer's vocab
+  model, cfg = load_hf(path, mesh=make_mesh(MeshConfig(), jax.devices()[:1]))
+  return path, model, cfg
+
+
+def _sampler(**kw):
+  base = dict(max_prompt_len=32, max_new_tokens=16, temperature=0.0, n=1, eos_ids=(EOS,))
+  base.update(kw)
+  return Sampler(SamplerConfig(**base), pad_id=0)
+
+
+def _hf_greedy(hf, prompts, max_new, eos):
+  width = max(map(len, prompts))
+  ids = torch.zeros((len(prompts), width), dtype=torch.long)
+  mask = torch.zeros_like(ids)
+  for i, p in enumerate(prompts):
+    ids[i, width - len(p):] = torch.tensor(p)
+    mask[i, width - len(p):] = 1
+  with torch.no_grad():
+    out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new,
+                      eos_token_id=eos, pad_token_id=0, min_new_tokens=0)
+  rows = []
+  for row in out[:, width:].tolist():
+    rows.append(row[:row.index(eos) + 1] if eos in row else row)
+  return rows
+
+
+def test_greedy_matches_transformers_generate(tiny):
+  family, _, hf, model, _ = tiny
+  r = _sampler().generate(model, PROMPTS, key=jax.random.key(0))
+  want = _hf_greedy(hf, PROMPTS, 16, EOS)
+  got = [r.completion_tokens(i) for i in range(len(PROMPTS))]
+  assert got == want, family
+  for i, w in enumerate(want):
+    assert r.finish_reasons[i] == ("eos" if w[-1] == EOS else "length")
+
+
+def test_greedy_same_on_8_devices_as_on_1(tiny):
+  _, path, _, model1, _ = tiny
+  mesh8 = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  model8, _ = load_hf(path, mesh=mesh8)
+  prompts = PROMPTS + [[3, 4, 5, 6]] * 3  # 6 prompts x n=2 over data x fsdp = 4
+  r1 = _sampler(n=2).generate(model1, prompts, key=jax.random.key(0))
+  r8 = Sampler(_sampler(n=2).config, mesh=mesh8, pad_id=0).generate(model8, prompts,
+                                                                   key=jax.random.key(0))
+  np.testing.assert_array_equal(r1.completion_ids, r8.completion_ids)
+  np.testing.assert_array_equal(r1.completion_mask, r8.completion_mask)
+  np.testing.assert_allclose(r1.logprobs, r8.logprobs, atol=1e-5)
+
+
+def _first_token_probs(model, prompt, temperature):
+  t = jnp.asarray([prompt])
+  logits = np.asarray(model(t, jnp.arange(len(prompt))[None], jnp.ones_like(t))[0, -1], np.float64)
+  z = logits / temperature
+  e = np.exp(z - z.max())
+  return e / e.sum()
+
+
+def _chi2(tokens, p, min_expected=5.0):
+  """Chi-square p-value of token counts vs probabilities p, pooling bins expected < 5."""
+  counts = np.bincount(tokens, minlength=p.size).astype(np.float64)
+  assert counts[p == 0].sum() == 0, "sampled a token of probability 0"
+  exp = p * len(tokens)
+  big = exp >= min_expected
+  obs, exp = counts[big], exp[big]
+  if (~big & (p > 0)).any():
+    obs, exp = np.append(obs, counts[~big].sum()), np.append(exp, (p[~big] * len(tokens)).sum())
+  return stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
+
+
+def test_sampling_distribution_matches_softmax_over_t(qwen):
+  _, model, _ = qwen
+  prompt = [5, 17, 33]
+  n = 4000
+  r = _sampler(temperature=0.7, n=n, max_new_tokens=1, eos_ids=()).generate(
+      model, [prompt], key=jax.random.key(1))
+  first = r.completion_ids[:, 0]
+  assert _chi2(first, _first_token_probs(model, prompt, 0.7)) > 1e-4
+  # The same draws reject the wrong temperature (power of the test).
+  assert _chi2(first, _first_token_probs(model, prompt, 0.8)) < 1e-6
+  assert _chi2(first, _first_token_probs(model, prompt, 1.0)) < 1e-6
+
+
+def test_top_k_and_top_p_stay_in_the_kept_set(qwen):
+  _, model, _ = qwen
+  prompt = [5, 17, 33]
+  p = _first_token_probs(model, prompt, 0.7)
+  order = np.argsort(-p)
+  r = _sampler(temperature=0.7, n=2000, max_new_tokens=1, top_k=5, eos_ids=()).generate(
+      model, [prompt], key=jax.random.key(2))
+  assert set(r.completion_ids[:, 0].tolist()) == set(order[:5].tolist())
+  keep = np.zeros_like(p)
+  keep[order[:5]] = p[order[:5]]
+  assert _chi2(r.completion_ids[:, 0], keep / keep.sum()) > 1e-4
+  # top-p just above the mass of the 3 most likely tokens keeps exactly 4 tokens.
+  top_p = float(np.sort(p)[::-1][:3].sum() + 1e-4)
+  r = _sampler(temperature=0.7, n=2000, max_new_tokens=1, top_p=top_p, eos_ids=()).generate(
+      model, [prompt], key=jax.random.key(3))
+  assert set(r.completion_ids[:, 0].tolist()) == set(order[:4].tolist())
+  # Returned log-probs are the full tempered distribution's, not the truncated one's.
+  np.testing.assert_allclose(r.logprobs[:, 0], np.log(p[r.completion_ids[:, 0]]), atol=2e-5)
+
+
+@pytest.mark.parametrize("temperature", [0.7, 0.0])
+def test_logprobs_equal_forward_logprobs(qwen, temperature):
+  _, model, _ = qwen
+  r = _sampler(temperature=temperature, n=3, max_new_tokens=12, eos_ids=()).generate(
+      model, PROMPTS, key=jax.random.key(4))
+  tokens = np.concatenate([r.prompt_ids, r.completion_ids], 1)
+  mask = np.concatenate([r.prompt_mask, r.completion_mask], 1)
+  positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+  targets = np.concatenate([tokens[:, 1:], np.zeros_like(tokens[:, :1])], 1)
+  want = model.token_logprobs(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask),
+                              jnp.asarray(targets), temperature=temperature or 1.0)
+  p = r.prompt_ids.shape[1]
+  want = np.asarray(want)[:, p - 1:-1]
+  # f32 forward vs f32 KV-cache decode: same math, different summation order.
+  np.testing.assert_allclose(r.logprobs[r.completion_mask], want[r.completion_mask], atol=1e-4)
+
+
+def test_same_key_same_output_different_keys_differ(qwen):
+  _, model, _ = qwen
+  s = _sampler(temperature=0.7, n=4, eos_ids=())
+  a = s.generate(model, PROMPTS, key=jax.random.key(7))
+  b = s.generate(model, PROMPTS, key=jax.random.key(7))
+  c = s.generate(model, PROMPTS, key=jax.random.key(8))
+  np.testing.assert_array_equal(a.completion_ids, b.completion_ids)
+  np.testing.assert_array_equal(a.logprobs, b.logprobs)
+  assert (a.completion_ids != c.completion_ids).any()
+  # The n samples of one prompt differ from each other (prompt-major rows i * n + j).
+  assert len({tuple(row) for row in a.completion_ids[:4].tolist()}) > 1
+  assert a.prompt_index.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+  assert (a.prompt_ids[4:8] == a.prompt_ids[4]).all()
+
+
+def test_eos_mask_and_early_exit(qwen):
+  _, model, _ = qwen
+  free = _sampler(eos_ids=()).generate(model, PROMPTS[:1], key=jax.random.key(0))
+  eos = int(free.completion_ids[0, 3])  # make the 4th greedy token an EOS
+  first = free.completion_ids[0].tolist().index(eos)
+  s = _sampler(eos_ids=(eos, 127))
+  r = s.generate(model, PROMPTS[:1], key=jax.random.key(0))
+  assert r.finish_reasons == ["eos"]
+  assert r.completion_mask[0].tolist() == [True] * (first + 1) + [False] * (15 - first)
+  assert r.completion_ids[0, first] == eos and (r.completion_ids[0, first + 1:] == 0).all()
+  assert (r.logprobs[0, first + 1:] == 0).all()
+  assert s.last_timing["steps"] == first + 1  # the loop stopped once every row was done
+
+
+def test_prompt_param_updates_seen_without_recompile(qwen):
+  _, model, _ = qwen
+  s = _sampler(prompt_len_buckets=(16, 32))
+  a = s.generate(model, [[5, 6, 7]], key=jax.random.key(0))
+  traces = TRACE_COUNT[0]
+  s.generate(model, [[5, 6, 7, 8, 9, 10, 11]], key=jax.random.key(0))  # same bucket (16)
+  old = model.final_norm.scale[...]
+  model.final_norm.scale[...] = -old  # the trainer updating parameters in place
+  b = s.generate(model, [[5, 6, 7]], key=jax.random.key(0))
+  model.final_norm.scale[...] = old
+  assert TRACE_COUNT[0] == traces
+  assert (a.completion_ids != b.completion_ids).any()
+
+
+def test_chat_prompts_texts_and_stop_strings(qwen):
+  _, model, cfg = qwen
+  tok = tiny_tokenizer("chatml", vocab_size=cfg.vocab_size)
+  chats = [[{"role": "user", "content": "Who wrote the novel?"}],
+           [{"role": "system", "content": "Rewrite."}, {"role": "user", "content": "the castle"}]]
+  s = Sampler(SamplerConfig(max_prompt_len=64, max_new_tokens=16, temperature=0.0, n=1), tok)
+  r = s.generate(model, chats, key=jax.random.key(0))
+  ids0 = tok.apply_chat_template(chats[0], add_generation_prompt=True, tokenize=True)["input_ids"]
+  assert r.prompt_ids[0][r.prompt_mask[0]].tolist() == list(ids0)
+  assert s.eos_ids == (tok.eos_token_id,)
+  for i in range(2):
+    assert r.texts[i] == tok.decode(r.completion_tokens(i), skip_special_tokens=True)
+  # A stop string taken from the middle of the greedy text ends the completion there.
+  full = r.texts[0]
+  stop = full[len(full) // 2:len(full) // 2 + 3]
+  s2 = Sampler(SamplerConfig(max_prompt_len=64, max_new_tokens=16, temperature=0.0, n=1,
+                             stop_strings=(stop,)), tok)
+  r2 = s2.generate(model, chats[:1], key=jax.random.key(0))
+  assert r2.finish_reasons == ["stop"]
+  assert r2.texts[0] == full[:full.index(stop)]
+  k = r2.completion_lengths[0]
+  assert stop in tok.decode(r2.completion_tokens(0))
+  assert stop not in tok.decode(r.completion_tokens(0)[:k - 1])
+  assert r2.completion_ids[0, :k].tolist() == r.completion_ids[0, :k].tolist()
+
+
+def test_find_stop_shortest_prefix():
+  tok = tiny_tokenizer("chatml")
+  ids = tok("the quick brown fox jumps over the lazy dog")["input_ids"]
+  k, text = find_stop(ids, ["fox", "lazy"], tok)
+  assert "fox" in tok.decode(ids[:k]) and "fox" not in tok.decode(ids[:k - 1])
+  assert text == "the quick brown "
+  assert find_stop(ids, ["cat"], tok) is None
+
+
+def test_truncate_prompt_left(qwen):
+  _, model, _ = qwen
+  long = list(range(3, 43))  # 40 tokens > 32
+  with pytest.raises(ValueError, match=r"prompts\[1\] has 40 tokens > max_prompt_len=32"):
+    _sampler().generate(model, [[4, 5], long], key=jax.random.key(0))
+  s = _sampler(truncate_prompt_left=True)
+  r = s.generate(model, [[4, 5], long], key=jax.random.key(0))
+  assert r.prompt_truncated.tolist() == [False, True]
+  assert r.prompt_ids[1][r.prompt_mask[1]].tolist() == long[-32:]
+  ref = s.generate(model, [long[-32:]], key=jax.random.key(0))
+  np.testing.assert_array_equal(r.completion_ids[1], ref.completion_ids[0])
+
+
+@pytest.mark.parametrize("prompts,kw,msg", [
+    ([[4, 5], []], {}, r"prompts\[1\] is empty"),
+    ([], {}, "prompts is empty"),
+    ([[4, 5]], {"n": 0}, "n .* must be an int >= 1"),
+    ([[4, 5]], {"temperature": -0.5}, "temperature must be >= 0"),
+    ([[4, 5]], {"top_p": 0.0}, "top_p"),
+    ([[4, 512]], {}, r"prompts\[0\] has token id 512 outside the vocabulary"),
+    (["hello"], {}, r"prompts\[0\] is a str"),
+    ([[{"role": "user", "content": "hi"}]], {}, "no tokenizer"),
+    ([[4, 5]], {"max_new_tokens": 17}, "max_new_tokens=17"),
+])
+def test_bad_input_errors(qwen, prompts, kw, msg):
+  _, model, _ = qwen
+  with pytest.raises(ValueError, match=msg):
+    _sampler().generate(model, prompts, key=jax.random.key(0), **kw)
+
+
+def test_bad_config_errors():
+  with pytest.raises(ValueError, match="SamplerConfig.n"):
+    SamplerConfig(n=0)
+  with pytest.raises(ValueError, match="temperature"):
+    SamplerConfig(temperature=-1.0)
+  with pytest.raises(ValueError, match="prompt_len_buckets"):
+    SamplerConfig(prompt_len_buckets=(64, 32))
+
+
+def test_bucket():
+  assert bucket(3, (16, 32), "x") == 16 and bucket(17, (16, 32), "x") == 32
+  with pytest.raises(ValueError, match="x=33 exceeds the largest bucket 32"):
+    bucket(33, (16, 32), "x")
+
+
+def test_rollouts_is_the_documented_dataclass():
+  assert {f for f in Rollouts.__dataclass_fields__} >= {
+      "prompt_ids", "completion_ids", "completion_mask", "logprobs", "finish_reasons", "texts"}
