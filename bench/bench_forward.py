@@ -11,6 +11,7 @@ weights, and bf16 autocast). Ours also runs the chunked `token_logprobs` path (n
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import sys
@@ -26,16 +27,19 @@ from cqr_jax.models.config import ModelConfig
 from cqr_jax.models.hf_import import load_from_hf_tensors
 
 
-def timeit(fn, iters: int, warmup: int) -> float:
-  """Median seconds per call after `warmup` calls."""
-  for _ in range(warmup):
-    fn()
-  times = []
+def interleaved_medians(fns: dict, iters: int, warmup: int) -> dict[str, float]:
+  """Median seconds per call of each function, timed round-robin (one call of each per round) so
+  that load from other jobs on the shared machine hits every setting alike."""
+  for fn in fns.values():
+    for _ in range(warmup):
+      fn()
+  times = {name: [] for name in fns}
   for _ in range(iters):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+  return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
 def main(argv=None):
@@ -63,31 +67,25 @@ def main(argv=None):
   mask = np.ones((b, t), np.int32)
   targets = np.roll(tokens, -1, axis=1)
   n_tok = b * t
-  rows = []
-
-  def add(name, sec, note=""):
-    rows.append((name, n_tok / sec, sec, note))
-    print(f"{name:45s} {n_tok / sec:9.0f} tok/s  ({sec * 1e3:.0f} ms){'  ' + note if note else ''}",
-          flush=True)
+  fns = {}
 
   # ---------------- ours
   model = load_from_hf_tensors(cfg, sd.items())
   graphdef, state = nnx.split(model)
   tok_j, pos_j, mask_j, tgt_j = map(jnp.asarray, (tokens, positions, mask, targets))
   ref_logits = None
-  for cdt in ("float32", "bfloat16"):
+  for cdt in ("float32", "bfloat16"):  # each call compiles here, outside the timing
     fwd = jax.jit(lambda s, cdt=cdt: nnx.merge(graphdef, s)(tok_j, pos_j, mask_j,
                                                              compute_dtype=cdt))
     lp = jax.jit(lambda s, cdt=cdt: nnx.merge(graphdef, s).token_logprobs(
         tok_j, pos_j, mask_j, tgt_j, chunk_size=128, compute_dtype=cdt))
     out = np.asarray(fwd(state))
+    lp(state).block_until_ready()
     if cdt == "float32":
       ref_logits = out
-    add(f"flax logits, compute {cdt}", timeit(lambda: fwd(state).block_until_ready(),
-                                              args.iters, args.warmup))
-    add(f"flax token_logprobs (chunked), compute {cdt}",
-        timeit(lambda: lp(state).block_until_ready(), args.iters, args.warmup))
-  del fwd, lp
+    del out
+    fns[f"flax logits, compute {cdt}"] = lambda f=fwd: f(state).block_until_ready()
+    fns[f"flax token_logprobs (chunked), compute {cdt}"] = lambda f=lp: f(state).block_until_ready()
 
   # ---------------- PyTorch
   tt = torch.as_tensor(tokens, dtype=torch.long)
@@ -100,11 +98,14 @@ def main(argv=None):
 
   err = float(np.abs(torch_fwd(hf).float().numpy() - ref_logits).max())
   print(f"max |logits flax f32 - torch f32| = {err:.2e}")
-  add("torch logits, float32", timeit(lambda: torch_fwd(hf), args.iters, args.warmup))
-  add("torch logits, bf16 autocast", timeit(lambda: torch_fwd(hf, True), args.iters,
-                                            args.warmup))
-  hf_bf16 = hf.to(torch.bfloat16)
-  add("torch logits, bf16 weights", timeit(lambda: torch_fwd(hf_bf16), args.iters, args.warmup))
+  hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
+  fns["torch logits, float32"] = lambda: torch_fwd(hf)
+  fns["torch logits, bf16 autocast"] = lambda: torch_fwd(hf, True)
+  fns["torch logits, bf16 weights"] = lambda: torch_fwd(hf_bf16)
+  rows = []
+  for name, sec in interleaved_medians(fns, args.iters, args.warmup).items():
+    rows.append((name, n_tok / sec, sec, ""))
+    print(f"{name:45s} {n_tok / sec:9.0f} tok/s  ({sec * 1e3:.0f} ms)", flush=True)
 
   best = {side: max(r[1] for r in rows if r[0].startswith(side) and "logits" in r[0])
           for side in ("flax", "torch")}
@@ -122,7 +123,8 @@ def write_md(args, cfg, rows, f32, best, err):
       "## Forward throughput: Flax decoder vs transformers (PyTorch)", "",
       f"{args.preset} architecture ({cfg.num_params() / 1e6:.1f}M params, random weights "
       f"shared by both sides), batch {args.batch} x {args.seq} tokens, median of {args.iters} "
-      f"after {args.warmup} warm-up calls; {platform.processor() or platform.machine()}, "
+      f"round-robin rounds (each setting timed once per round, so load from other jobs hits all "
+      f"alike) after {args.warmup} warm-up calls; {platform.processor() or platform.machine()}, "
       f"{os.cpu_count()} cores (shared with other jobs: compare ratios, not absolute numbers); "
       f"jax {jax.__version__}, torch {torch.__version__}.", "",
       f"Command: `{cmd}`", "",

@@ -83,6 +83,11 @@ class SDPWSection:
   few_shot: bool = True
   batch_prompts: int = 32
   seed: int = 1
+  # Small-model bootstrap (off = the paper): when a sample fails the format check, each sentence
+  # of the model's own output is tried as the rewrite; the best-ranked one, if it meets the rank
+  # threshold, is kept in the canonical think/rewrite format. Still no human or external rewrites.
+  lenient_candidates: bool = False
+  response_prefix: str = ""   # e.g. "<think>": forced start of the sampled response
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +192,8 @@ def _cpu(size: str) -> dict:
       "retrieval": {"kind": "bm25", "bm25": "lucene", "k1": 0.9, "b": 0.4},
       "rollout": {"max_prompt_len": 512, "max_new_tokens": 48 if tiny else 96},
       "sdpw": {"max_new_tokens": 48 if tiny else 96, "samples_per_turn": 1 if tiny else 2,
-               "batch_prompts": 16 if tiny else 64},
+               "batch_prompts": 16 if tiny else 64, "lenient_candidates": True,
+               "response_prefix": "<think>"},
       "sft": {"lr": 5e-5, "epochs": 1 if tiny else 2, "batch_size": 8 if tiny else 16,
               "micro_batch": 8, "max_len": 512},
       "grpo": {"steps": 2 if tiny else 40, "batch_prompts": 4 if tiny else 16,

@@ -37,10 +37,13 @@ class SamplerConfig:
   prompt_len_buckets / gen_len_buckets: padded lengths to compile for (sorted; empty = powers of
     two from 16 up to the maximum, plus the maximum). batch_buckets: prompt batch sizes to pad to
     (empty = the batch rounded up to a multiple of the mesh's data x fsdp size).
-  eos_ids: empty = the tokenizer's eos plus the model config's eos ids.
+  eos_ids: empty = the tokenizer's eos plus the model config's eos ids. ignore_eos: generate
+    max_new_tokens for every row (benchmarks).
   cache_dtype: KV cache dtype ("float32" / "bfloat16"); None = the compute dtype.
   compute_dtype: matmul operand dtype for generation (Decoder `compute_dtype=`); None = the
-    model config's. On XLA:CPU f32 decode is faster than bf16 (bench/results/sampler.md).
+    model config's. prefill_compute_dtype: the same for the prompt pass (None = compute_dtype):
+    prefill is made of large matmuls, where bf16 pays off even on CPU, decode of skinny ones
+    (measured in bench/results/sampler.md).
   decode_param_dtype: if set, floating parameters are cast to it once per call inside the
     program (e.g. "bfloat16" halves the bytes each decode step reads); None = use them as stored.
   """
@@ -56,8 +59,10 @@ class SamplerConfig:
   truncate_prompt_left: bool = False
   stop_strings: tuple[str, ...] = ()
   eos_ids: tuple[int, ...] = ()
+  ignore_eos: bool = False
   cache_dtype: str | None = None
   compute_dtype: str | None = None
+  prefill_compute_dtype: str | None = None
   decode_param_dtype: str | None = None
 
   def __post_init__(self):
@@ -122,11 +127,15 @@ class Rollouts:
 
 # ------------------------------------------------------------------------------------ host side
 def _default_buckets(maximum: int, smallest: int = 16) -> tuple[int, ...]:
+  """16, 32, 64, 128, then 1.5x / 2x steps (192, 256, 384, 512, ...), capped by `maximum`: at
+  most a third of a row is padding beyond 128 tokens; ~10 shapes up to 1,536."""
   out, b = [], smallest
   while b < maximum:
     out.append(b)
+    if b >= 128 and b + b // 2 < maximum:
+      out.append(b + b // 2)
     b *= 2
-  return tuple(out) + (maximum,)
+  return tuple(x for x in out if x < maximum) + (maximum,)
 
 
 def bucket(length: int, buckets: Sequence[int], what: str) -> int:
@@ -248,11 +257,12 @@ def _prefill_last(model, tokens_bp, positions_bp, cache, kv_valid_bs, compute_dt
   return logits_b1v[:, 0].astype(jnp.float32), new_cache
 
 
-def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_steps, *,
-                      n: int, gen_len: int, temperature: float, top_k: int, top_p: float,
-                      eos_ids: tuple[int, ...], pad_id: int, cache_dtype, compute_dtype,
-                      param_dtype, batch_spec):
-  """Prefill + decode loop. Returns tokens [B*n, G], logprobs [B*n, G], lengths [B*n],
+def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_steps,
+                      temperature, top_p, eos_e, *, n: int, gen_len: int, top_k: int,
+                      pad_id: int, cache_dtype, compute_dtype, prefill_dtype, param_dtype,
+                      batch_spec):
+  """Prefill + decode loop. temperature, top_p (None = off) and the eos ids eos_e [E] (-1 =
+  unused slot) are traced. Returns tokens [B*n, G], logprobs [B*n, G], lengths [B*n],
   eos_hit [B*n], steps run."""
   if param_dtype is not None:
     state = _cast_floats(state, param_dtype)
@@ -272,12 +282,11 @@ def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_s
   kv_valid_bs = jnp.concatenate([mask_bp, jnp.ones((b, gen_len), bool)], axis=-1)
   cache = jax.tree.map(constrain, model.init_cache(b, cache_len, dtype=cache_dtype))
   logits_bv, cache = _prefill_last(model, prompt_ids_bp, positions_bp, cache, kv_valid_bs,
-                                   compute_dtype)
+                                   prefill_dtype)
   logits_rv = jnp.repeat(logits_bv, n, axis=0)
   cache = jax.tree.map(lambda x: constrain(jnp.repeat(x, n, axis=0)), cache)
   kv_valid_rs = constrain(jnp.repeat(kv_valid_bs, n, axis=0))
   next_pos_r = jnp.repeat(positions_bp[:, -1] + 1, n, axis=0)
-  eos_arr = jnp.asarray(eos_ids if eos_ids else (-1,), jnp.int32)
 
   def cond(c):
     i, done_r = c[0], c[6]
@@ -286,13 +295,13 @@ def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_s
   def body(c):
     i, cache, logits_rv, tokens_rg, logp_rg, length_r, done_r, eos_r = c
     tok_r, lp_r = sampling_ops.select_tokens(jax.random.fold_in(key, i), logits_rv,
-                                             temperature=temperature, top_k=top_k, top_p=top_p)
+                                             temperature, top_k=top_k, top_p=top_p)
     tok_r = jnp.where(done_r, pad_id, tok_r)
     lp_r = jnp.where(done_r, 0.0, lp_r)
     tokens_rg = jax.lax.dynamic_update_slice(tokens_rg, tok_r[:, None], (0, i))
     logp_rg = jax.lax.dynamic_update_slice(logp_rg, lp_r[:, None], (0, i))
     length_r = length_r + (~done_r).astype(jnp.int32)
-    hit_r = ~done_r & jnp.isin(tok_r, eos_arr)
+    hit_r = ~done_r & jnp.any(tok_r[:, None] == eos_e[None, :], axis=-1)
     eos_r, done_r = eos_r | hit_r, done_r | hit_r
     logits_r1v, cache = model.decode(tok_r[:, None], (next_pos_r + i)[:, None], cache, p + i,
                                      kv_valid_rs, compute_dtype=compute_dtype)
@@ -320,8 +329,8 @@ def _traced_program(*args, **kw):
 
 
 _JITTED = jax.jit(_traced_program, static_argnums=(0,),
-                  static_argnames=("n", "gen_len", "temperature", "top_k", "top_p", "eos_ids",
-                                   "pad_id", "cache_dtype", "compute_dtype", "param_dtype",
+                  static_argnames=("n", "gen_len", "top_k", "pad_id", "cache_dtype",
+                                   "compute_dtype", "prefill_dtype", "param_dtype",
                                    "batch_spec"))
 
 
@@ -345,7 +354,7 @@ class Sampler:
     if not eos:
       tok_eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
       eos = tuple(sorted({*([tok_eos] if tok_eos is not None else []), *model_eos_ids}))
-    self.eos_ids = tuple(int(e) for e in eos)
+    self.eos_ids = () if config.ignore_eos else tuple(int(e) for e in eos)
     if pad_id is None:
       pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     self.pad_id = int(pad_id if pad_id is not None else (self.eos_ids[0] if self.eos_ids else 0))
@@ -365,6 +374,14 @@ class Sampler:
       return 1
     shape = dict(self.mesh.shape)
     return int(shape.get("data", 1) * shape.get("fsdp", 1))
+
+  def eos_ids_for(self, model_config=None) -> tuple[int, ...]:
+    """The EOS ids used with a model: config.eos_ids if given, else the tokenizer's eos plus
+    the model config's (HF generation_config style); none with ignore_eos."""
+    if self.config.ignore_eos or self.config.eos_ids:
+      return self.eos_ids
+    extra = tuple(getattr(model_config, "eos_token_ids", ()) or ())
+    return tuple(sorted(set(self.eos_ids) | set(extra)))
 
   def _batch_size(self, b: int) -> int:
     dp = self.data_parallel_size
@@ -432,10 +449,10 @@ class Sampler:
     num_prompts = len(truncated)
     gen_len = bucket(max_new, self.gen_buckets, "max_new_tokens")
     cache_dtype = cfg.cache_dtype or cfg.compute_dtype or getattr(mcfg, "compute_dtype", None)
-    kw = dict(n=int(n), gen_len=gen_len, temperature=float(temperature), top_k=int(top_k),
-              top_p=float(top_p), eos_ids=self.eos_ids, pad_id=self.pad_id,
+    kw = dict(n=int(n), gen_len=gen_len, top_k=int(top_k), pad_id=self.pad_id,
               cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype),
               compute_dtype=cfg.compute_dtype,
+              prefill_dtype=cfg.prefill_compute_dtype or cfg.compute_dtype,
               param_dtype=(None if cfg.decode_param_dtype is None
                            else jnp.dtype(cfg.decode_param_dtype)),
               batch_spec=None if self.mesh is None else ("data", "fsdp"))
@@ -443,7 +460,12 @@ class Sampler:
     t0 = time.perf_counter()
     with self._mesh_ctx():
       ids_in, mask_in = self._place(ids_bp), self._place(mask_bp)
-      out = _JITTED(graphdef, state, ids_in, mask_in, key, jnp.int32(max_new), **kw)
+      eos_ids = self.eos_ids_for(mcfg)
+      eos_e = np.full((max(8, len(eos_ids)),), -1, np.int32)
+      eos_e[:len(eos_ids)] = eos_ids
+      out = _JITTED(graphdef, state, ids_in, mask_in, key, jnp.int32(max_new),
+                    jnp.float32(temperature), None if top_p >= 1.0 else jnp.float32(top_p),
+                    jnp.asarray(eos_e), **kw)
       tokens, logps, lengths, eos_hit, steps = jax.device_get(out)
     compiled = TRACE_COUNT[0] > traces
     if compiled:

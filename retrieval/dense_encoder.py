@@ -255,28 +255,37 @@ class DenseEncoder:
   fixed-size batches, so a corpus compiles a handful of shapes.
   """
 
-  def __init__(self, model: BertEncoder, tokenizer, max_length: int, batch_size: int = 64):
-    self.model, self.tokenizer = model, tokenizer
+  def __init__(self, model: BertEncoder, tokenizer, max_length: int, batch_size: int = 64,
+               mesh: jax.sharding.Mesh | None = None):
+    self.model, self.tokenizer, self.mesh = model, tokenizer, mesh
     self.max_length, self.batch_size = int(max_length), int(batch_size)
     self.pad_id = model.config.pad_token_id
     self.dim = model.config.head_dim if model.config.pooling == "cls_linear_ln" else (
         model.config.hidden_size)
     graphdef, state = nnx.split(model)
+    self._batch_sharding = None
+    if mesh is not None:  # data parallel: params replicated, batch split over every mesh axis
+      P = jax.sharding.PartitionSpec
+      state = jax.device_put(state, jax.sharding.NamedSharding(mesh, P()))
+      self._batch_sharding = jax.sharding.NamedSharding(mesh, P(tuple(mesh.axis_names)))
     self._state = state
     self._fwd = jax.jit(lambda s, ids, mask: nnx.merge(graphdef, s)(ids, mask))
 
   @classmethod
   def from_hf(cls, path: str | os.PathLike, pooling: str = "cls_linear_ln",
-              max_length: int | None = None, batch_size: int = 64,
-              dtype=jnp.float32) -> "DenseEncoder":
-    """Loads model + tokenizer from an HF folder (max_length: sentence_bert_config or model's)."""
+              max_length: int | None = None, batch_size: int = 64, dtype=jnp.float32,
+              mesh: jax.sharding.Mesh | None = None) -> "DenseEncoder":
+    """Loads model + tokenizer from an HF folder (max_length: sentence_bert_config or model's).
+
+    With a `mesh`, batches are split over all its devices (batch_size: a multiple of its size).
+    """
     from transformers import AutoTokenizer
     path = os.fspath(path)
     model = load_bert_encoder(path, pooling, dtype)
     tok = AutoTokenizer.from_pretrained(path)
     if max_length is None:
       max_length = _default_max_length(path, model.config, tok)
-    return cls(model, tok, max_length, batch_size)
+    return cls(model, tok, max_length, batch_size, mesh)
 
   def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
     enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length,
@@ -287,12 +296,18 @@ class DenseEncoder:
     return min(max(16, 1 << (max(n, 1) - 1).bit_length()), self.max_length)
 
   def embed_ids(self, ids_bt: np.ndarray, mask_bt: np.ndarray) -> jax.Array:
-    return self._fwd(self._state, jnp.asarray(ids_bt, jnp.int32), jnp.asarray(mask_bt, jnp.int32))
+    """[B, T] token ids + attention mask -> [B, E] embeddings (jitted)."""
+    ids_bt, mask_bt = np.asarray(ids_bt, np.int32), np.asarray(mask_bt, np.int32)
+    if self._batch_sharding is not None:
+      ids_bt, mask_bt = jax.device_put((ids_bt, mask_bt), self._batch_sharding)
+    return self._fwd(self._state, ids_bt, mask_bt)
 
   def encode(self, texts: Sequence[str], batch_size: int | None = None,
              progress: bool = False) -> np.ndarray:
     """Embeds `texts` -> [N, E] float32 in input order."""
     bs = int(batch_size or self.batch_size)
+    if self.mesh is not None and bs % self.mesh.size:
+      raise ValueError(f"batch_size {bs} must be a multiple of the mesh's {self.mesh.size} devices")
     toks = self.tokenize(texts)
     order = np.argsort([-len(t) for t in toks], kind="stable")
     out = np.zeros((len(toks), self.dim), np.float32)

@@ -3,12 +3,14 @@
 Layout: the corpus [N, D] is zero-padded and cut into chunks [n_chunks, C, D]; the chunk axis is
 sharded over every mesh axis (device d holds a contiguous run of rows). Each device scans its
 chunks: scores [Q, C] = q @ chunk.T, a chunk top-k, and a running top-k merge, so memory stays
-O(Q * C) whatever N. The per-device [Q, k] lists are all-gathered and merged. Every step keeps the
-exact k best, so the result equals a brute-force top-k; equal scores go to the lower row.
+O(Q * C) whatever N. The per-device [Q, k] lists are gathered and merged. Every step keeps the
+exact k best, so the result equals a brute-force top-k. Inside the kernel equal scores go to the
+lower row; `DenseSearcher` then orders equal scores by passage id (retrieval/searcher.py).
 
 Chunk top-k (exact, two-stage): rows of a chunk form C/16 strided blocks; the k blocks with the
 largest maxima hold every top-k element (the k-th block maximum is a lower bound on the k-th
 score), so one top-k over the block maxima and one over those k*16 scores replace a top-k over C.
+`pruned_scan` (opt-in) goes further: see its docstring.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from retrieval.searcher import id_order
 
 BLOCK = 16  # rows per block (strided in `chunk_topk`, contiguous in `pruned_scan`)
 MIN_KEEP = 16  # blocks kept per chunk in pass 1 of `pruned_scan`, at least
@@ -144,8 +148,9 @@ def pruned_scan(q_qd, chunks_ncd, starts_n, n_rows: int, k: int, precision=None,
 
 
 def local_topk(q_qd, chunks_ncd, starts_n, n_rows: int, k: int, precision=None,
-               axes: tuple[str, ...] = (), prune: bool = True):
-  """Exact running top-k over chunks [n, C, D]: `pruned_scan` where it pays, else `exact_scan`.
+               axes: tuple[str, ...] = (), prune: bool = False):
+  """Exact running top-k over chunks [n, C, D]: `exact_scan`, or `pruned_scan` if `prune` and
+  the chunks have enough blocks.
 
   Output rows are sorted by (score desc, row asc).
   """
@@ -157,7 +162,7 @@ def local_topk(q_qd, chunks_ncd, starts_n, n_rows: int, k: int, precision=None,
   return -neg_v, r_qk
 
 
-def make_search_fn(mesh: Mesh, n_rows: int, k: int, precision=None, prune: bool = True):
+def make_search_fn(mesh: Mesh, n_rows: int, k: int, precision=None, prune: bool = False):
   """jit: (q [Q, D] replicated, chunks, starts sharded on axis 0) -> (values, rows) [Q, k]."""
   axes = tuple(mesh.axis_names)
 
@@ -215,12 +220,13 @@ class DenseSearcher:
     query_batch: queries per jitted call (fewer are padded to a power of two).
     dtype: corpus dtype on device; float32 keeps the search exact, bfloat16 halves HBM.
     precision: matmul precision (HIGHEST keeps f32 exact on TPU, where the default is bf16).
-    prune: use the two-pass `pruned_scan` (same results, less top-k work) where it applies.
+    prune: use the two-pass `pruned_scan` (same results, narrower top-k calls). Off by default:
+      on CPU it ran slower than `exact_scan` (bench/results/dense.md); untried on TPU/GPU.
   """
 
   def __init__(self, encoder, embeddings, ids: Sequence[str], mesh: Mesh | None = None,
                chunk_size: int = 32768, query_batch: int = 1024, dtype=jnp.float32,
-               precision=lax.Precision.HIGHEST, prune: bool = True):
+               precision=lax.Precision.HIGHEST, prune: bool = False):
     rows, n, dim = _rows_fn(embeddings)
     if n == 0:
       raise ValueError("DenseSearcher: empty corpus (0 embeddings)")
@@ -233,6 +239,7 @@ class DenseSearcher:
     if encoder is not None and getattr(encoder, "dim", dim) != dim:
       raise ValueError(f"DenseSearcher: encoder dim {encoder.dim} != embeddings dim {dim}")
     self.encoder, self.ids, self.dim, self.n = encoder, list(ids), dim, n
+    self._id_rank = id_order(self.ids)
     self.mesh = mesh if mesh is not None else Mesh(np.array(jax.devices()[:1]), ("data",))
     self.query_batch, self.precision, self.prune = int(query_batch), precision, prune
     n_dev = self.mesh.size
@@ -252,7 +259,7 @@ class DenseSearcher:
       out = np.zeros(((hi - lo) * c, dim), np.float32)
       got = rows(min(lo * c, n), min(hi * c, n))
       out[:len(got)] = got
-      return out.reshape(hi - lo, c, dim).astype(dtype)
+      return out.reshape(hi - lo, c, dim).astype(dtype, copy=False)
 
     self.chunks = jax.make_array_from_callback((n_chunks, c, dim), sharding, fill)
     self.starts = jax.device_put(np.arange(n_chunks, dtype=np.int32) * c, sharding)
@@ -260,15 +267,19 @@ class DenseSearcher:
     self._fns: dict[int, object] = {}
 
   def search(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Encodes and searches texts -> (rows int64 [Q, k], scores float32 [Q, k]); pad -1 / -inf."""
+    """Encodes and searches texts -> (rows int64 [Q, k], scores float64 [Q, k]); pad -1 / -inf."""
     if self.encoder is None:
       raise ValueError("DenseSearcher.search needs an encoder; use search_embeddings")
     if len(queries) == 0:
-      return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
+      return np.zeros((0, k), np.int64), np.zeros((0, k), np.float64)
     return self.search_embeddings(self.encoder.encode(queries), k)
 
   def search_embeddings(self, q_qd: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k of q [Q, D] against the corpus -> (rows int64 [Q, k], scores f32 [Q, k])."""
+    """Exact top-k of q [Q, D] -> (rows int64 [Q, k], scores float64 [Q, k]), best first.
+
+    Equal scores are ordered by passage id (retrieval/searcher.py); a tie across the k-th
+    place keeps the lower row.
+    """
     q_qd = np.asarray(q_qd, np.float32)
     if q_qd.ndim != 2 or q_qd.shape[1] != self.dim:
       raise ValueError(f"query embeddings must be [Q, {self.dim}], got {q_qd.shape}")
@@ -277,7 +288,7 @@ class DenseSearcher:
     if k not in self._fns:
       self._fns[k] = make_search_fn(self.mesh, self.n, k, self.precision, self.prune)
     rows_qk = np.full((len(q_qd), k), -1, np.int64)
-    scores_qk = np.full((len(q_qd), k), -np.inf, np.float32)
+    scores_qk = np.full((len(q_qd), k), -np.inf, np.float64)
     for s in range(0, len(q_qd), self.query_batch):
       qb = q_qd[s:s + self.query_batch]
       pad = min(self.query_batch, 1 << max(len(qb) - 1, 0).bit_length())
@@ -287,7 +298,9 @@ class DenseSearcher:
       v, r = self._fns[k](qj, self.chunks, self.starts)
       scores_qk[s:s + len(qb)] = np.asarray(v)[:len(qb)]
       rows_qk[s:s + len(qb)] = np.asarray(r)[:len(qb)]
-    return rows_qk, scores_qk
+    tie_qk = np.where(rows_qk >= 0, self._id_rank[rows_qk], np.iinfo(np.int32).max)
+    order = np.lexsort((tie_qk, -scores_qk), axis=1)  # score desc, then passage id
+    return np.take_along_axis(rows_qk, order, 1), np.take_along_axis(scores_qk, order, 1)
 
   def memory_bytes(self) -> int:
     """Device bytes of the corpus chunks (all devices)."""

@@ -11,12 +11,14 @@ MTRAG-style data retrieves within the conversation's domain: pass a {domain: Sea
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
-from cqr_jax.data.types import DataError, Qrels
 from retrieval.searcher import Searcher
+
+if TYPE_CHECKING:
+  from cqr_jax.data.types import Qrels
 
 NOT_FOUND = -1
 
@@ -60,7 +62,8 @@ class GoldRanker:
     by: dict[str, list[int]] = {}
     for i, d in enumerate(domains):
       if d not in self.searchers:
-        raise ValueError(f"query {i}: domain {d!r} has no searcher (known: {sorted(self.searchers)})")
+        raise ValueError(
+            f"query {i}: domain {d!r} has no searcher (known: {sorted(self.searchers)})")
       by.setdefault(d, []).append(i)
     for d, idx in by.items():
       yield self.searchers[d], np.asarray(idx)
@@ -91,6 +94,8 @@ class GoldRanker:
       raise ValueError(f"{len(texts)} texts but {len(qids)} qids")
     missing = [q for q in qids if q not in self.golds]
     if missing:
+      # Imported here: cqr_jax.data's package __init__ pulls in jax, which BM25 users don't need.
+      from cqr_jax.data.types import DataError
       raise DataError(f"{len(missing)} query id(s) have no qrels, e.g. {missing[:3]!r} "
                       f"(the reward needs the train split's qrels: method.md 4.2)")
     out = np.full(len(texts), NOT_FOUND, np.int32)

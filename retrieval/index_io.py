@@ -9,7 +9,8 @@ Layout of an index directory (docs/retrieval.md):
   tie.npy          [N] int32 rank of each row's id in sorted id order (tie-break)
   norms.npy        [N] uint8 Lucene length bytes (lucene only)
   shard-SSSSS/     indptr.npy [V + 1] int32|int64, rows.npy [P] int32 (row - shard start),
-                   tf.npy [P] uint16|int32, value.npy [P] float64 (see bm25.Shard)
+                   tf.npy [P] uint16|int32,
+                   value.npy [P] float64 (okapi) | float32 (lucene) (see bm25.Shard)
 Arrays of postings are opened memory-mapped (np.load(mmap_mode="r")) unless mmap=False.
 """
 

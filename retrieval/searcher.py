@@ -55,6 +55,18 @@ def top_k(scores_n: np.ndarray, rows_n: np.ndarray, tie_n: np.ndarray,
   return rows_n[order], scores_n[order]
 
 
+def top_k_dense(scores_n: np.ndarray, tie_n: np.ndarray,
+                k: int) -> tuple[np.ndarray, np.ndarray]:
+  """The k best non-zero entries of a dense score vector [n] (zero = not a hit).
+
+  Returns (indices int64 [m], scores [m]), m <= k, score descending then tie key ascending.
+  """
+  n = scores_n.shape[0]
+  kth = np.partition(scores_n, n - k)[n - k] if n > k else 0.0
+  cand = np.flatnonzero(scores_n >= kth) if kth > 0 else np.flatnonzero(scores_n)
+  return top_k(scores_n[cand], cand, tie_n[cand], k)
+
+
 def pad_results(results: Sequence[tuple[np.ndarray, np.ndarray]],
                 k: int) -> tuple[np.ndarray, np.ndarray]:
   """Stacks per-query (rows, scores) into [Q, k] arrays padded with -1 / -inf."""

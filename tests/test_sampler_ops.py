@@ -12,11 +12,10 @@ LOGITS_V = np.array([2.0, 1.6, 1.1, 0.5, 0.0, -0.4, -1.0, -2.0], np.float32)
 N = 40_000
 
 
-def _draw(temperature, top_k=0, top_p=1.0, seed=0):
+def _draw(temperature, top_k=0, top_p=None, seed=0):
   logits_nv = jnp.broadcast_to(jnp.asarray(LOGITS_V), (N, LOGITS_V.size))
-  fn = jax.jit(lambda k, x: ops.select_tokens(k, x, temperature=temperature, top_k=top_k,
-                                              top_p=top_p))
-  toks, logps = fn(jax.random.key(seed), logits_nv)
+  fn = jax.jit(lambda k, x, t, p: ops.select_tokens(k, x, t, top_k=top_k, top_p=p))
+  toks, logps = fn(jax.random.key(seed), logits_nv, temperature, top_p)
   return np.asarray(toks), np.asarray(logps)
 
 
@@ -77,7 +76,28 @@ def test_greedy_is_argmax_first_on_ties_with_t1_logprobs():
   x = jnp.array([[0.0, 3.0, 3.0, 1.0], [5.0, -1.0, 0.0, 0.0]])
   toks, logps = ops.select_tokens(jax.random.key(0), x, temperature=0.0)
   assert toks.tolist() == [1, 0]
-  np.testing.assert_allclose(logps, jax.nn.log_softmax(x)[jnp.arange(2), toks], rtol=1e-6)
+  np.testing.assert_allclose(logps, jax.nn.log_softmax(x)[jnp.arange(2), toks], atol=1e-6)
+
+
+def test_traced_zero_temperature_is_greedy():
+  toks, logps = _draw(0.0)
+  assert (toks == 0).all()
+  np.testing.assert_allclose(logps, np.log(_probs(1.0))[0], rtol=1e-5)
+
+
+def test_inverse_cdf_across_blocks_and_zero_weights():
+  # V not a multiple of the block; mass in several blocks; zero weights in between and at ends.
+  v = 3 * ops.BLOCK + 17
+  rng = np.random.default_rng(0)
+  w = np.zeros(v)
+  idx = np.array([1, 5, ops.BLOCK - 1, ops.BLOCK, 2 * ops.BLOCK + 3, v - 2])
+  w[idx] = rng.uniform(0.2, 1.0, size=idx.size)
+  w_nv = jnp.broadcast_to(jnp.asarray(w, jnp.float32), (N, v))
+  toks = np.asarray(jax.jit(ops.inverse_cdf_sample)(jax.random.key(3), w_nv))
+  assert _chi2_pvalue(toks, w / w.sum()) > 1e-4
+  # A single positive weight, even a tiny one next to zeros, is always the pick.
+  one = jnp.zeros((4, v)).at[:, v - 1].set(1e-30)
+  assert (ops.inverse_cdf_sample(jax.random.key(0), one) == v - 1).all()
 
 
 def test_filter_never_drops_the_argmax():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 import jax
 import numpy as np
@@ -73,8 +74,10 @@ def run_sdpw(cfg: cfglib.RunConfig, model=None, mcfg=None) -> dict:
          open(done_path, "a", encoding="utf-8") as fdone:
       for _, rewrites, _ in rewriting.rewrite_batches(
           model, sampler, tokenizer, few_shot, todo, key=key, n=s.samples_per_turn,
-          batch_prompts=s.batch_prompts, temperature=s.temperature, desc="sdpw"):
-        _filter_and_write(rewrites, todo, ranker, zero_shot, s.rank_threshold, fdata, fdone)
+          batch_prompts=s.batch_prompts, temperature=s.temperature, desc="sdpw",
+          response_prefix=s.response_prefix):
+        _filter_and_write(rewrites, todo, ranker, zero_shot, s.rank_threshold, fdata, fdone,
+                          s.lenient_candidates)
   summary = summarize(_read_jsonl(done_path), len(ds.turns))
   common.save_json(os.path.join(out, SUMMARY_FILE), summary)
   log.info("SDPW kept %d of %d sampled (%s)", summary["kept"], summary["sampled"],
@@ -82,32 +85,71 @@ def run_sdpw(cfg: cfglib.RunConfig, model=None, mcfg=None) -> dict:
   return summary
 
 
-def _filter_and_write(rewrites, turns, ranker, zero_shot, threshold, fdata, fdone):
-  ok = [r for r in rewrites if r.parsed.format_ok]
-  ranks = {}
-  if ok:
-    rk = ranker.ranks([r.parsed.rewrite for r in ok], [turns[r.turn_index].qid for r in ok])
-    ranks = {(r.turn_index, r.sample): int(x) for r, x in zip(ok, rk)}
+_SENTENCE = re.compile(r"[^\n.?!]+[.?!]?")
+_TAG = re.compile(r"</?(think|rewrite)>")
+
+
+def lenient_candidates(text: str, max_candidates: int = 8) -> list[str]:
+  """Sentences of a response that failed the format check, as candidate rewrites (tags removed,
+  at least 3 words, first occurrence kept, at most `max_candidates`)."""
+  out = []
+  for m in _SENTENCE.finditer(_TAG.sub(" ", text)):
+    c = " ".join(m.group(0).split()).strip(" \"'")
+    if len(c.split()) >= 3 and c not in out:
+      out.append(c)
+    if len(out) == max_candidates:
+      break
+  return out
+
+
+def _think_of(text: str, rewrite: str, max_words: int = 60) -> str:
+  """The reasoning kept for a lenient sample: the response without tags and without the sentence
+  chosen as the rewrite, at most `max_words` words."""
+  words = _TAG.sub(" ", text).replace(rewrite, " ").split()
+  return " " + " ".join(words[:max_words]) + " "
+
+
+def _filter_and_write(rewrites, turns, ranker, zero_shot, threshold, fdata, fdone,
+                      lenient: bool = False):
+  # (turn, sample, candidate text, is_lenient) for every query to rank
+  queries = []
+  for r in rewrites:
+    if r.parsed.format_ok:
+      queries.append((r, r.parsed.rewrite, False))
+    elif lenient:
+      queries += [(r, c, True) for c in lenient_candidates(r.text)]
+  rk = ranker.ranks([q[1] for q in queries],
+                    [turns[q[0].turn_index].qid for q in queries]) if queries else []
+  best: dict[tuple[int, int], tuple] = {}  # (turn, sample) -> (rank, text, lenient)
+  for (r, text, len_), x in zip(queries, rk):
+    key, x = (r.turn_index, r.sample), int(x)
+    cur = best.get(key)
+    if cur is None or (x > 0 and (cur[0] < 1 or x < cur[0])):
+      best[key] = (x, text, len_)
   by_turn: dict[int, list] = {}
   for r in rewrites:
     by_turn.setdefault(r.turn_index, []).append(r)
   for ti, rs in sorted(by_turn.items()):
     turn, kept, reasons = turns[ti], None, []
     for r in rs:
-      rank = ranks.get((ti, r.sample))
-      if rank is None:
+      got = best.get((ti, r.sample))
+      if got is None:
         reasons.append("format")
-      elif rank < 1:
+        continue
+      rank, text, len_ = got
+      if rank < 1:
         reasons.append("not_found")
       elif rank > threshold:
         reasons.append("rank_above_threshold")
       elif kept is None or rank < kept[1]:
-        kept = (r, rank)
+        kept = (r, rank, text, len_)
     if kept is not None:
-      r, rank = kept
+      r, rank, text, len_ = kept
+      think = _think_of(r.text, text) if len_ else r.parsed.think
+      rewrite = f" {text} " if len_ else text
       fdata.write(json.dumps({
-          "qid": turn.qid, "prompt": zero_shot.text(turn), "reasoning": r.parsed.think,
-          "rewrite": r.parsed.rewrite, "rank": rank, "turn": turn.to_json()}) + "\n")
+          "qid": turn.qid, "prompt": zero_shot.text(turn), "reasoning": think,
+          "rewrite": rewrite, "rank": rank, "lenient": len_, "turn": turn.to_json()}) + "\n")
     fdone.write(json.dumps({"qid": turn.qid, "kept": kept is not None, "samples": len(rs),
                             "reasons": reasons}) + "\n")
   fdata.flush()

@@ -179,4 +179,14 @@ def make_sft_update(graphdef, rest, tx, *, micro_batch: int) -> Callable:
 
 
 def init_state(params, tx) -> TrainState:
-  return TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
+  """Optimizer state beside the params; leaves that land off the params' mesh (step counters)
+  are replicated onto it, so the whole state lives on one mesh."""
+  from jax.sharding import NamedSharding, PartitionSpec
+  state = TrainState(params=params, opt_state=tx.init(params), step=jnp.zeros((), jnp.int32))
+  mesh = next((x.sharding.mesh for x in jax.tree.leaves(params)
+               if isinstance(x.sharding, NamedSharding)), None)
+  if mesh is None:
+    return state
+  rep = NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(lambda x: x if isinstance(x.sharding, NamedSharding)
+                      else jax.device_put(x, rep), state)

@@ -75,8 +75,8 @@ def read_run(path: str | os.PathLike) -> Run:
 
 
 def ranked_from_run(run: Mapping[str, Mapping[str, float]]) -> dict[str, list[str]]:
-  """Orders each query's passages by descending score (ties by pid, as trec_eval does)."""
-  return {q: [p for p, _ in sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))]
+  """Orders each query's passages by descending score, ties by descending pid (trec_eval)."""
+  return {q: [p for p, _ in sorted(d.items(), key=lambda kv: (kv[1], kv[0]), reverse=True)]
           for q, d in run.items()}
 
 

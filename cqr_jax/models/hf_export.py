@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import struct
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -117,8 +117,8 @@ def write_safetensors(named_arrays: Iterable[tuple[str, Any]], out_dir: str | os
           raise ExportError(f"tensor {name!r}: shape {arr.shape}, expected {want_shape}")
         arr = np.ascontiguousarray(arr.astype(np_dt, copy=False))
         total += arr.nbytes
-        if f is not None:
-          f.write(arr.tobytes())  # little-endian on every platform JAX runs on
+        if f is not None:  # raw little-endian bytes (every platform JAX runs on), no copy
+          f.write(arr.reshape(-1).view(np.uint8).data)
         del arr
     finally:
       if f is not None:
@@ -260,7 +260,7 @@ def export_hf(model_state_or_model, config, out_dir: str | os.PathLike, *,
                         "replace it")
   state = _as_state(model_state_or_model)
   specs = hf_tensor_specs(state, config)
-  tokenizer = _load_tokenizer(tokenizer_dir)
+  tokenizer = _load_tokenizer(tokenizer_dir) if main else None
   tmp = f"{out_dir}.tmp-export"
   if main:
     if os.path.exists(tmp):
@@ -293,7 +293,7 @@ def export_hf(model_state_or_model, config, out_dir: str | os.PathLike, *,
 
 
 def upload_operations(out_dir: str | os.PathLike) -> list:
-  """`huggingface_hub.CommitOperationAdd` for every file of an exported folder (dotfiles skipped)."""
+  """`huggingface_hub.CommitOperationAdd` for each file of an exported folder (no dotfiles)."""
   from huggingface_hub import CommitOperationAdd
   out_dir = os.fspath(out_dir)
   if not os.path.isfile(os.path.join(out_dir, "config.json")):
@@ -305,8 +305,8 @@ def upload_operations(out_dir: str | os.PathLike) -> list:
       if name.startswith("."):
         continue
       path = os.path.join(root, name)
-      ops.append(CommitOperationAdd(path_in_repo=os.path.relpath(path, out_dir).replace(os.sep, "/"),
-                                    path_or_fileobj=path))
+      in_repo = os.path.relpath(path, out_dir).replace(os.sep, "/")
+      ops.append(CommitOperationAdd(path_in_repo=in_repo, path_or_fileobj=path))
   return ops
 
 

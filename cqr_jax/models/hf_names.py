@@ -1,15 +1,18 @@
 """The Hugging Face <-> cqr_jax parameter name map for the Qwen2 / Llama decoder (one place).
 
-| HF tensor (shape)                                          | ours (shape)                        | transform  |
-|------------------------------------------------------------|-------------------------------------|------------|
-| model.embed_tokens.weight [V, D]                           | embed.embedding [V, D]              | identity   |
-| model.layers.{i}.input_layernorm.weight [D]                | layers.{i}.attn_norm.scale          | identity   |
-| model.layers.{i}.self_attn.{q,k,v,o}_proj.weight [out, in] | layers.{i}.attn.{q,k,v,o}_proj.kernel [in, out] | transpose |
-| model.layers.{i}.self_attn.{q,k,v}_proj.bias (Qwen2)       | layers.{i}.attn.{q,k,v}_proj.bias   | identity   |
-| model.layers.{i}.post_attention_layernorm.weight [D]       | layers.{i}.mlp_norm.scale           | identity   |
-| model.layers.{i}.mlp.{gate,up,down}_proj.weight [out, in]  | layers.{i}.mlp.{gate,up,down}_proj.kernel [in, out] | transpose |
-| model.norm.weight [D]                                      | final_norm.scale                    | identity   |
-| lm_head.weight [V, D] (untied only)                        | lm_head.embedding [V, D]            | identity   |
+HF tensor [shape] -> ours [shape] (transform):
+  model.embed_tokens.weight [V, D]                -> embed.embedding [V, D]           (identity)
+  model.layers.{i}.input_layernorm.weight [D]     -> layers.{i}.attn_norm.scale [D]   (identity)
+  model.layers.{i}.self_attn.{q,k,v,o}_proj.weight [out, in]
+                                                  -> layers.{i}.attn.{q,k,v,o}_proj.kernel [in, out]
+                                                                                      (transpose)
+  model.layers.{i}.self_attn.{q,k,v}_proj.bias    -> layers.{i}.attn.{q,k,v}_proj.bias (Qwen2 only)
+  model.layers.{i}.post_attention_layernorm.weight -> layers.{i}.mlp_norm.scale [D]   (identity)
+  model.layers.{i}.mlp.{gate,up,down}_proj.weight [out, in]
+                                                  -> layers.{i}.mlp.{gate,up,down}_proj.kernel
+                                                     [in, out]                        (transpose)
+  model.norm.weight [D]                           -> final_norm.scale [D]             (identity)
+  lm_head.weight [V, D] (untied only)             -> lm_head.embedding [V, D]         (identity)
 
 Both transforms are their own inverse, so `apply_transform` converts in either direction.
 With tied embeddings HF files may still carry `lm_head.weight` (a copy of the embedding):

@@ -12,6 +12,7 @@ from cqr_jax.models.config import ModelConfig
 from cqr_jax.models.decoder import Decoder
 from cqr_jax.models.hf_import import load_hf
 from cqr_jax.models.tiny_hf import LLAMA3_SCALING, hf_logits, padded_batch, save_tiny_hf
+from cqr_jax.sharding import abstract_model
 
 PARITY_TOL = 1e-4  # issue 2: logits within 1e-4 of transformers f32
 
@@ -66,7 +67,7 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(side):
     positions = np.concatenate([positions, positions[:, -1:] + 1 + np.arange(n)], 1)
     mask = np.concatenate([mask, np.ones((b, n), np.int32)], 1)
   # full-forward reference: pad tokens in the prompt are masked as keys
-  full = np.asarray(model(tokens, positions, mask))
+  full = np.asarray(nnx.jit(lambda m, *a: m(*a))(model, tokens, positions, mask))
 
   graphdef, state = nnx.split(model)
 
@@ -86,6 +87,12 @@ def test_kv_cache_prefill_then_decode_equals_full_forward(side):
     outs.append(logits)
   dec = np.asarray(jnp.concatenate(outs, 1))
   assert np.abs(dec - full)[mask > 0].max() < 1e-5
+  # last_only prefill: the same last-position logits and cache
+  last, cache2 = nnx.merge(graphdef, state).decode(
+      tokens[:, :p], positions[:, :p], model.init_cache(b, s), 0,
+      jnp.zeros((b, s), bool).at[:, :p].set(mask[:, :p] > 0), last_only=True)
+  assert last.shape == (b, 1, 96)
+  np.testing.assert_allclose(last[:, 0], outs[0][:, -1], atol=1e-6)
 
 
 def test_chunked_token_logprobs_equal_full_log_softmax():
@@ -93,10 +100,15 @@ def test_chunked_token_logprobs_equal_full_log_softmax():
   rng = np.random.default_rng(2)
   tokens, positions, mask = padded_batch(rng, 96, 2, 11, "left")
   targets = rng.integers(0, 96, tokens.shape).astype(np.int32)
-  full = model(tokens, positions, mask)
+  full = nnx.jit(lambda m, *a: m(*a))(model, tokens, positions, mask)
+
+  @functools.partial(nnx.jit, static_argnums=(1, 2))
+  def logprobs(m, temp, chunk):
+    return m.token_logprobs(tokens, positions, mask, targets, temperature=temp, chunk_size=chunk,
+                            with_entropy=True)
+
   for temp, chunk in ((1.0, 4), (0.7, 3), (1.3, 64)):
-    logp, ent = model.token_logprobs(tokens, positions, mask, targets, temperature=temp,
-                                     chunk_size=chunk, with_entropy=True)
+    logp, ent = logprobs(model, temp, chunk)
     ref = jax.nn.log_softmax(full / temp, axis=-1)
     ref_logp = jnp.take_along_axis(ref, targets[..., None], -1)[..., 0]
     ref_ent = -jnp.sum(jnp.exp(ref) * ref, -1)
@@ -107,27 +119,29 @@ def test_chunked_token_logprobs_equal_full_log_softmax():
   assert only.shape == tokens.shape
 
 
-@pytest.mark.parametrize("remat", ["none", "full", "dots_saveable"])
-def test_chunked_logprob_gradients_equal_full(remat):
-  """Gradients through the chunked, rematerialised path equal those of the plain computation."""
-  cfg = _tiny(remat=remat)
-  graphdef, state = nnx.split(Decoder(cfg, rngs=nnx.Rngs(3)))
+def test_chunked_logprob_gradients_equal_full():
+  """Gradients through the chunked path, with each remat setting, equal the plain computation's."""
+  graphdef, state = nnx.split(Decoder(_tiny(), rngs=nnx.Rngs(3)))
   rng = np.random.default_rng(3)
   tokens, positions, mask = padded_batch(rng, 96, 2, 9, "right")
   targets = rng.integers(0, 96, tokens.shape).astype(np.int32)
-
-  def chunked(state):
-    m = nnx.merge(graphdef, state)
-    return (m.token_logprobs(tokens, positions, mask, targets, chunk_size=4) * mask).sum()
 
   def plain(state):
     m = nnx.merge(graphdef, state)
     lp = jax.nn.log_softmax(m(tokens, positions, mask), -1)
     return (jnp.take_along_axis(lp, targets[..., None], -1)[..., 0] * mask).sum()
 
-  g1, g2 = jax.jit(jax.grad(chunked))(state), jax.jit(jax.grad(plain))(state)
-  diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), g1, g2))
-  assert max(diffs) < 1e-5
+  ref = jax.jit(jax.grad(plain))(state)
+  for remat in ("none", "full", "dots_saveable"):
+    gd = nnx.graphdef(abstract_model(_tiny(remat=remat)))
+
+    def chunked(state, gd=gd):
+      m = nnx.merge(gd, state)
+      return (m.token_logprobs(tokens, positions, mask, targets, chunk_size=4) * mask).sum()
+
+    grads = jax.jit(jax.grad(chunked))(state)
+    diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), grads, ref))
+    assert max(diffs) < 1e-5, remat
 
 
 def test_bf16_compute_keeps_f32_logits_and_is_close():
@@ -136,7 +150,7 @@ def test_bf16_compute_keeps_f32_logits_and_is_close():
   model = Decoder(_tiny(), rngs=nnx.Rngs(4))
   rng = np.random.default_rng(4)
   tokens, positions, mask = padded_batch(rng, 96, 2, 8, "left")
-  f32 = model(tokens, positions, mask)
-  bf = model(tokens, positions, mask, compute_dtype="bfloat16")
+  fwd = nnx.jit(lambda m, cdt: m(tokens, positions, mask, compute_dtype=cdt), static_argnums=1)
+  f32, bf = fwd(model, "float32"), fwd(model, "bfloat16")
   assert bf.dtype == jnp.float32
   assert float(jnp.abs(bf - f32).max()) < 2e-2 * float(jnp.abs(f32).max())

@@ -186,7 +186,28 @@ def _llama_cpp_permute(w, n_heads):
       w.shape)
 
 
-def _write_tiny_gguf(path, hf_model, arch, *, drop=(), extra=None, arch_name=None):
+def _add_tokenizer(w, tok):
+  """Writes a transformers byte-level BPE tokenizer the way llama.cpp's converter does."""
+  import json
+  import gguf
+  spec = json.loads(tok.backend_tokenizer.to_str())
+  vocab = spec["model"]["vocab"]
+  tokens = sorted(vocab, key=vocab.get)
+  assert [vocab[t] for t in tokens] == list(range(len(tokens)))
+  specials = {t["content"] for t in spec["added_tokens"] if t["special"]}
+  w.add_tokenizer_model("gpt2")
+  w.add_tokenizer_pre("gpt2")
+  w.add_token_list(tokens)
+  w.add_token_types([gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL
+                     for t in tokens])
+  w.add_token_merges([" ".join(m) if isinstance(m, list) else m for m in spec["model"]["merges"]])
+  w.add_eos_token_id(tok.eos_token_id)
+  w.add_pad_token_id(tok.pad_token_id)
+  w.add_add_bos_token(False)
+  w.add_chat_template(tok.chat_template)
+
+
+def _write_tiny_gguf(path, hf_model, arch, *, drop=(), extra=None, arch_name=None, tok=None):
   import gguf
   cfg = hf_model.config
   inv_block = {v: k for k, v in G._BLOCK_NAMES.items()}
@@ -201,8 +222,12 @@ def _write_tiny_gguf(path, hf_model, arch, *, drop=(), extra=None, arch_name=Non
   w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
   w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
   w.add_vocab_size(cfg.vocab_size)
-  w.add_bos_token_id(cfg.bos_token_id)
-  w.add_eos_token_id(cfg.eos_token_id)
+  if cfg.bos_token_id is not None:
+    w.add_bos_token_id(cfg.bos_token_id)
+  if tok is not None:
+    _add_tokenizer(w, tok)
+  else:
+    w.add_eos_token_id(cfg.eos_token_id)
   for name, t in hf_model.state_dict().items():
     if name in drop or (cfg.tie_word_embeddings and name == "lm_head.weight"):
       continue
@@ -242,6 +267,30 @@ def test_tiny_gguf_round_trip_matches_transformers(tmp_path, family, tied):
   want = hf_logits(hf, tokens, positions, mask)
   real = mask.astype(bool)
   np.testing.assert_allclose(got[real], want[real], atol=1e-4, rtol=0)
+  # The materialized folder (with dequantized safetensors) is the same model for transformers.
+  from transformers import AutoModelForCausalLM
+  folder = G.materialize_hf_folder(path, tmp_path / "hf", weights=True)
+  back = AutoModelForCausalLM.from_pretrained(folder).eval()
+  np.testing.assert_allclose(hf_logits(back, tokens, positions, mask)[real], want[real],
+                             atol=1e-5, rtol=0)
+
+
+def test_tiny_gguf_tokenizer_matches_the_original(tmp_path):
+  pytest.importorskip("torch")
+  from cqr_jax.models.tiny_hf import tiny_hf_model
+  from cqr_jax.testing import tiny_tokenizer
+  ref = tiny_tokenizer("chatml", vocab_size=512)
+  hf = tiny_hf_model("qwen2", seed=1, vocab_size=512, bos_token_id=None,
+                     eos_token_id=ref.eos_token_id)
+  path = tmp_path / "tok.gguf"
+  _write_tiny_gguf(path, hf, "qwen2", tok=ref)
+  tok = G.gguf_tokenizer(path)
+  for text in TEXTS + ["Who wrote the novel? The author of the book was born in 1320."]:
+    assert tok(text)["input_ids"] == ref(text)["input_ids"], text
+  for m in PROMPTS:
+    assert (tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True)["input_ids"]
+            == ref.apply_chat_template(m, add_generation_prompt=True, tokenize=True)["input_ids"])
+  assert (tok.eos_token, tok.pad_token) == ("<|im_end|>", "<|endoftext|>")
 
 
 def test_bad_gguf_inputs_name_the_problem(tmp_path):

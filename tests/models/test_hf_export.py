@@ -1,11 +1,14 @@
 """HF export (issue 8), verified by transformers (PyTorch) loading what we wrote.
 
 Tolerances (stated, never loosened):
-- f32 export: transformers' logits equal the Flax model's within 1e-4 (absolute), greedy
-  generations identical, re-import bit-identical.
-- bf16 export, loaded by transformers in bf16: per-token KL(ours f32 || HF bf16) mean <= 2e-2 and
-  max <= 0.25 nats, mean top-10 overlap >= 0.85, argmax agreement >= 0.9 (SmolLM2 chat prompts);
-  its weights are exactly the round-to-nearest-even bf16 of the f32 parameters.
+- f32 export: transformers' logits equal the Flax model's within 1e-4 (absolute) on tiny models;
+  on SmolLM2-135M within 1e-3 max and 5e-5 mean (its f32 noise floor: ours and transformers' f32
+  are each ~1.1e-4 from a float64 forward), with the exported bytes asserted bit-exact instead;
+  greedy generations identical; re-import bit-identical.
+- bf16 export (SmolLM2 chat prompts, transformers computing in f32 on the bf16 weights):
+  per-token KL(ours f32 || HF) mean <= 1e-3 and max <= 1e-2 nats, mean top-10 overlap >= 0.95,
+  argmax agreement >= 0.95 (measured: 1.1e-4, 1.1e-3, 0.993, 0.992); the weights are exactly the
+  round-to-nearest-even bf16 of the f32 parameters (tiny model).
 """
 
 import json
@@ -19,11 +22,14 @@ from flax import nnx
 from cqr_jax.models import hf_export as E
 from cqr_jax.models.config import ModelConfig
 from cqr_jax.models.hf_import import load_from_hf_tensors, load_hf
-from cqr_jax.models.hf_names import hf_names, hf_to_ours, ours_to_hf
+from cqr_jax.models.hf_names import hf_names, hf_to_ours
 from cqr_jax.models.logit_check import check_logits
 from cqr_jax.testing import save_tiny_tokenizer, smollm2_gguf_path
 
-torch = pytest.importorskip("torch")
+
+def _torch():
+  """transformers' PyTorch models are the reference (the `test` extra); skip without them."""
+  return pytest.importorskip("torch")
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 16}
@@ -65,9 +71,10 @@ def flat_params(model):
   return {tuple(p): np.asarray(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
-def hf_model(path, dtype=torch.float32):
+def hf_model(path, dtype="float32"):
+  torch = _torch()
   from transformers import AutoModelForCausalLM
-  return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+  return AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).eval()
 
 
 @nnx.jit
@@ -89,6 +96,7 @@ def ours_greedy(model, prompt_ids, steps):
 
 
 def hf_greedy(model, prompt_ids, steps):
+  torch = _torch()
   with torch.no_grad():
     out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=steps, min_new_tokens=steps,
                          do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -296,33 +304,40 @@ def smollm2(tmp_path_factory):
   return model, config, tok_dir
 
 
-def _chat_batch(tok):
-  ids = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True)["input_ids"]
-         for m in PROMPTS]
-  t = max(map(len, ids))
-  tokens, mask = np.zeros((len(ids), t), np.int32), np.zeros((len(ids), t), np.int32)
-  for b, row in enumerate(ids):
+def _left_pad(rows):
+  """(tokens, positions, mask) int32 [B, T] for left-padded id lists."""
+  t = max(map(len, rows))
+  tokens, mask = np.zeros((len(rows), t), np.int32), np.zeros((len(rows), t), np.int32)
+  for b, row in enumerate(rows):
     tokens[b, t - len(row):], mask[b, t - len(row):] = row, 1
-  return tokens, np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32), mask, ids
+  return tokens, np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32), mask
 
 
 def test_smollm2_round_trip_f32_and_bf16(tmp_path, smollm2):
   from transformers import AutoTokenizer
+  from cqr_jax.models.tiny_hf import hf_logits
   model, config, tok_dir = smollm2
   out = E.export_hf(model, config, tmp_path / "f32", tokenizer_dir=tok_dir)
   tok = AutoTokenizer.from_pretrained(out)
-  tokens, positions, mask, ids = _chat_batch(tok)
-  real = mask.astype(bool)
   hf = hf_model(out)
+  prompts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True)["input_ids"]
+             for m in PROMPTS]
+  gen = hf_greedy(hf, prompts[0], 7)
+  assert tok.decode(gen) == "The capital of France is Paris."
+  rows = [prompts[0] + gen] + prompts[1:]
+  tokens, positions, mask = _left_pad(rows)
+  real = mask.astype(bool)
   ours, theirs = logits_both(model, hf, tokens, positions, mask)
+  del hf
   # f32 noise floor of this 30-layer model: both ours and transformers' f32 logits are ~1.1e-4
   # (max) from a float64 forward, so the bar is issue 2's SmolLM2 one (1e-3); exactness of the
   # export itself is asserted bitwise below.
   np.testing.assert_allclose(theirs[real], ours[real], atol=1e-3, rtol=0)
   assert np.abs(theirs[real] - ours[real]).mean() < 5e-5
-  assert hf_greedy(hf, ids[0], 8) == ours_greedy(model, ids[0], 8)
-  assert tok.decode(hf_greedy(hf, ids[0], 7)) == "The capital of France is Paris."
-  del hf
+  # Greedy generation identical: row 0 is prompt + transformers' greedy tokens, so our argmax at
+  # every generated step reproducing them is (by induction) our greedy decode reproducing them.
+  start = tokens.shape[1] - len(gen) - 1
+  assert ours[0, start:-1].argmax(-1).tolist() == gen
   # The exported bytes are the GGUF's dequantized tensors (bit-identical to transformers' own
   # GGUF dequantization: test_gguf.py), unpermuted and untouched.
   from safetensors import safe_open
@@ -331,13 +346,81 @@ def test_smollm2_round_trip_f32_and_bf16(tmp_path, smollm2):
     for name, arr in iter_gguf_hf_tensors(GGUF):
       np.testing.assert_array_equal(f.get_tensor(name), arr, err_msg=name)
 
+  # bf16 export: half the bytes; its rounding costs little (transformers computes in f32 here,
+  # so the bound measures the exported weights, not bf16 arithmetic).
   out16 = E.export_hf(model, config, tmp_path / "bf16", dtype="bfloat16", tokenizer_dir=tok_dir)
-  assert sum(os.path.getsize(os.path.join(out16, f)) for f in os.listdir(out16)
-             if f.endswith(".safetensors")) < 0.51 * os.path.getsize(
-                 os.path.join(out, "model.safetensors"))
-  hf16 = hf_model(out16, dtype=torch.bfloat16)
-  from cqr_jax.models.tiny_hf import hf_logits
-  theirs16 = hf_logits(hf16, tokens, positions, mask)
-  rep = check_logits(ours, theirs16, mask, k=10, kl_mean=2e-2, kl_max=0.25,
-                     topk_overlap_mean=0.85, argmax_agree=0.9)
+  assert os.path.getsize(os.path.join(out16, "model.safetensors")) < 0.51 * os.path.getsize(
+      os.path.join(out, "model.safetensors"))
+  theirs16 = hf_logits(hf_model(out16), tokens, positions, mask)
+  rep = check_logits(ours, theirs16, mask, k=10, kl_mean=1e-3, kl_max=1e-2,
+                     topk_overlap_mean=0.95, argmax_agree=0.95)
   print("bf16 export vs f32 Flax:", rep)
+
+
+# ----------------------------------------------------------------------------------------------
+# Two processes (multi-host): every process calls export_hf, process 0 alone writes
+
+_MULTIHOST = r"""
+import sys
+import jax
+jax.config.update("jax_num_cpu_devices", 4)
+jax.config.update("jax_default_matmul_precision", "highest")
+port, pid, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+sys.modules["torch"] = None  # exporting needs no torch
+jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
+from tests.models.test_hf_export import tiny_model, E
+from cqr_jax.sharding import MeshConfig, make_mesh
+mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))  # 8 devices over 2 processes
+model, config = tiny_model("qwen2-untied", mesh=mesh)
+kernel = model.layers[0].mlp.up_proj.kernel[...]
+assert not kernel.is_fully_addressable, kernel.sharding
+E.export_hf(model, config, out, max_shard_bytes=128 * 1024)
+print("DONE", pid, flush=True)
+"""
+
+
+def test_two_process_export_matches_single_process(tmp_path):
+  import socket
+  import subprocess
+  import sys
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu", PYTHONPATH=root)
+  out = tmp_path / "multi"
+  procs = [subprocess.Popen([sys.executable, "-c", _MULTIHOST, str(port), str(i), str(out)],
+                            env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  results = [p.communicate(timeout=300) for p in procs]
+  for p, (so, se) in zip(procs, results):
+    assert p.returncode == 0, se[-3000:]
+    assert "DONE" in so
+  one, config = tiny_model("qwen2-untied")
+  E.export_hf(one, config, tmp_path / "single", max_shard_bytes=128 * 1024)
+  names = sorted(os.listdir(tmp_path / "single"))
+  assert sorted(os.listdir(out)) == names
+  for n in names:
+    if n.endswith(".safetensors") or n.endswith(".json"):
+      assert (out / n).read_bytes() == (tmp_path / "single" / n).read_bytes(), n
+
+
+def test_logit_checker_against_scipy():
+  from scipy.special import log_softmax
+  from scipy.stats import entropy
+  from cqr_jax.models.logit_check import compare_logits
+  rng = np.random.default_rng(0)
+  ref = rng.normal(0, 3, (2, 5, 50))
+  test = ref + rng.normal(0, 0.3, ref.shape)
+  mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+  rep = compare_logits(ref, test, mask, k=5)
+  keep = mask.reshape(-1) > 0
+  r, t = ref.reshape(-1, 50)[keep], test.reshape(-1, 50)[keep]
+  kl = [entropy(np.exp(log_softmax(a)), np.exp(log_softmax(b))) for a, b in zip(r, t)]
+  assert rep.n_tokens == 8 and np.isclose(rep.kl_max, max(kl)) and np.isclose(rep.kl_mean,
+                                                                                np.mean(kl))
+  assert rep.max_abs == np.abs(r - t).max()
+  same = compare_logits(ref, ref, k=5)
+  assert same.kl_max == 0 and same.topk_overlap_min == 1 and same.argmax_agree == 1
+  with pytest.raises(AssertionError, match=r"KL max=.* > 1e-06"):
+    check_logits(ref, test, mask, kl_max=1e-6)

@@ -48,9 +48,8 @@ def reference():
   rng = np.random.default_rng(5)
   batch = padded_batch(rng, CFG.vocab_size, 8, 12, "left")
   targets = rng.integers(0, CFG.vocab_size, batch[0].shape).astype(np.int32)
-  logits = np.asarray(model(*batch))
-  logp = np.asarray(model.token_logprobs(*batch, targets, chunk_size=5))
-  return batch, targets, logits, logp
+  logits, logp = _forward(nnx.graphdef(model))(nnx.state(model), *batch, targets)
+  return batch, targets, np.asarray(logits), np.asarray(logp)
 
 
 def _forward(graphdef):

