@@ -39,6 +39,8 @@ def interleaved_medians(fns: dict, iters: int, warmup: int) -> dict[str, float]:
       t0 = time.perf_counter()
       fn()
       times[name].append(time.perf_counter() - t0)
+  for name, ts in times.items():
+    print(f"  {name}: " + " ".join(f"{x * 1e3:.0f}" for x in ts) + " ms", flush=True)
   return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
@@ -49,11 +51,14 @@ def main(argv=None):
   ap.add_argument("--iters", type=int, default=5)
   ap.add_argument("--warmup", type=int, default=2)
   ap.add_argument("--preset", default="smollm2_135m")
+  ap.add_argument("--num-layers", type=int, default=None, help="override (quick checks)")
   ap.add_argument("--out", default=None, help="write a markdown section here")
   args = ap.parse_args(argv)
 
   from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
   cfg = ModelConfig.preset(args.preset)
+  if args.num_layers:
+    cfg = cfg.replace(num_layers=args.num_layers)
   hf_cls = (Qwen2ForCausalLM, Qwen2Config) if cfg.family == "qwen2" else (LlamaForCausalLM,
                                                                            LlamaConfig)
   torch.manual_seed(0)
@@ -86,6 +91,14 @@ def main(argv=None):
     del out
     fns[f"flax logits, compute {cdt}"] = lambda f=fwd: f(state).block_until_ready()
     fns[f"flax token_logprobs (chunked), compute {cdt}"] = lambda f=lp: f(state).block_until_ready()
+
+  # bf16 parameters too (the analogue of PyTorch's bf16 weights): no per-call weight casts
+  cfg_bf16 = cfg.replace(param_dtype="bfloat16", compute_dtype="bfloat16")
+  gd_bf16, state_bf16 = nnx.split(load_from_hf_tensors(cfg_bf16, sd.items()))
+  fwd_bf16 = jax.jit(lambda s: nnx.merge(gd_bf16, s)(tok_j, pos_j, mask_j))
+  fwd_bf16(state_bf16).block_until_ready()
+  fns["flax logits, bf16 params + compute bfloat16"] = (
+      lambda: fwd_bf16(state_bf16).block_until_ready())
 
   # ---------------- PyTorch
   tt = torch.as_tensor(tokens, dtype=torch.long)

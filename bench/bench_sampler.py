@@ -38,7 +38,7 @@ from cqr_jax.testing import smollm2_gguf_path  # noqa: E402
 SETTINGS = {
     "f32": dict(compute_dtype="float32"),
     "bf16-prefill,f32-decode": dict(compute_dtype="float32", prefill_compute_dtype="bfloat16"),
-    "bf16": dict(compute_dtype="bfloat16", decode_param_dtype="bfloat16"),
+    "bf16": dict(compute_dtype="bfloat16"),
 }
 
 _FACTS = [
@@ -233,7 +233,7 @@ def main(argv=None):
   ]
   hf_by_b = {r["batch"]: r for r in hf}
   for r in ours:
-    bf16 = SETTINGS[r["name"]].get("decode_param_dtype") == "bfloat16"
+    bf16 = SETTINGS[r["name"]].get("compute_dtype") == "bfloat16"
     pb = param_bytes / 2 if bf16 else param_bytes
     lim_r = decode_limit(cfg, r["batch"], r["prompt_len"] + args.new, pb, lim, bf16)
     ratio = f"{r['tok_s'] / hf_by_b[r['batch']]['tok_s']:.2f}x" if r["batch"] in hf_by_b else "-"

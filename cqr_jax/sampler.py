@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from cqr_jax import sampling_ops
+from cqr_jax.models.layers import mm
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +45,9 @@ class SamplerConfig:
     model config's. prefill_compute_dtype: the same for the prompt pass (None = compute_dtype):
     prefill is made of large matmuls, where bf16 pays off even on CPU, decode of skinny ones
     (measured in bench/results/sampler.md).
-  decode_param_dtype: if set, floating parameters are cast to it once per call inside the
-    program (e.g. "bfloat16" halves the bytes each decode step reads); None = use them as stored.
+  cast_params: with a bfloat16 compute dtype, cast the floating parameters to bfloat16 once per
+    call inside the program (a temporary half-size copy): each decode step then reads half the
+    bytes and skips a per-matmul cast. No effect with float32 compute.
   """
   max_prompt_len: int = 1536
   max_new_tokens: int = 1024
@@ -63,7 +65,7 @@ class SamplerConfig:
   cache_dtype: str | None = None
   compute_dtype: str | None = None
   prefill_compute_dtype: str | None = None
-  decode_param_dtype: str | None = None
+  cast_params: bool = True
 
   def __post_init__(self):
     if self.max_prompt_len < 1:
@@ -232,29 +234,91 @@ def _cast_floats(state, dtype):
   return jax.tree.map(cast, state)
 
 
-def _prefill_last(model, tokens_bp, positions_bp, cache, kv_valid_bs, compute_dtype):
-  """`model.decode` of the prompt at cache index 0, with the LM head applied to the last position
-  only (left padding puts every row's last real token there): [B, V] f32 logits, cache.
+# The KV cache here is head-major, per layer {"k", "v"}: [B, KVH, S, Dh]. With that layout the
+# decode attention is a plain batched matmul over (B, KVH); Decoder.decode's [B, S, KVH, Dh]
+# makes XLA:CPU transpose the whole cache every layer and step (5-6x slower attention at batch
+# 64, bench/results/sampler.md). The projections, norms, MLP and LM head are the model's own.
+def _fast_path_ok(model) -> bool:
+  layer = model.layers[0] if hasattr(model, "layers") and len(model.layers) else None
+  return (layer is not None and all(hasattr(model, a) for a in ("_rope", "_cdt", "embed",
+                                                                "final_norm", "logits"))
+          and all(hasattr(layer, a) for a in ("attn_norm", "attn", "mlp_norm", "mlp"))
+          and hasattr(layer.attn, "qkv") and hasattr(layer.attn, "o_proj"))
 
-  Mirrors Decoder.decode layer by layer; the full [B, P, V] logits would cost a vocab-sized
-  matmul per prompt token and B * P * V * 4 bytes.
-  """
-  if not all(hasattr(model, a) for a in ("_rope", "embed", "layers", "final_norm", "logits")):
-    logits_bpv, cache = model.decode(tokens_bp, positions_bp, cache, 0, kv_valid_bs,
-                                     compute_dtype=compute_dtype)
-    return logits_bpv[:, -1].astype(jnp.float32), cache
+
+def _init_cache(cfg, batch: int, max_len: int, dtype) -> list[dict[str, jax.Array]]:
+  shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+  return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+          for _ in range(cfg.num_layers)]
+
+
+def _attend(q_btnd, k_bksd, v_bksd, mask_bts, cdt):
+  """Grouped-query softmax(q k^T / sqrt(Dh)) v over a head-major cache: [B, T, H * Dh] f32.
+  Same numerics as models/attention.attend (f32 scores, masked scores replaced by -1e30)."""
+  b, t, h, dh = q_btnd.shape
+  kvh = k_bksd.shape[1]
+  q_bkgtd = (q_btnd.reshape(b, t, kvh, h // kvh, dh) * (dh ** -0.5)).transpose(0, 2, 3, 1, 4)
+  s_bkgts = mm(q_bkgtd, k_bksd, cdt, "bkgtd,bksd->bkgts")
+  s_bkgts = jnp.where(mask_bts[:, None, None], s_bkgts, -1e30)
+  p_bkgts = jax.nn.softmax(s_bkgts, axis=-1)
+  o_bkgtd = mm(p_bkgts, v_bksd, cdt, "bkgts,bksd->bkgtd")
+  return o_bkgtd.transpose(0, 3, 1, 2, 4).reshape(b, t, h * dh)
+
+
+def _forward_cached(model, tokens_bt, positions_bt, cache, index, kv_valid_bs, compute_dtype,
+                    last_only: bool):
+  """T new tokens against the cache (Decoder.decode's contract: K/V written at [index,
+  index + T), query t sees slot s iff kv_valid[b, s] and s <= index + t). Returns f32 logits
+  [B, V] of the last position if last_only, else [B, T, V], and the cache."""
   cdt = model._cdt(compute_dtype)
-  p, s = tokens_bp.shape[1], cache[0]["k"].shape[1]
-  causal_ps = jnp.arange(s)[None, :] <= jnp.arange(p)[:, None]
-  mask_bps = causal_ps[None] & kv_valid_bs[:, None, :].astype(bool)
-  cos, sin = model._rope(positions_bp)
-  x_bpd = model.embed(tokens_bp)
+  t, s = tokens_bt.shape[1], cache[0]["k"].shape[2]
+  q_pos_t = index + jnp.arange(t, dtype=jnp.int32)
+  mask_bts = ((jnp.arange(s, dtype=jnp.int32)[None, :] <= q_pos_t[:, None])[None]
+              & kv_valid_bs[:, None, :])
+  cos, sin = model._rope(positions_bt)
+  x_btd = model.embed(tokens_bt)
   new_cache = []
-  for layer, layer_cache in zip(model.layers, cache):
-    x_bpd, layer_cache = layer.decode(x_bpd, cos, sin, layer_cache, jnp.int32(0), mask_bps, cdt)
-    new_cache.append(layer_cache)
-  logits_b1v = model.logits(model.final_norm(x_bpd[:, -1:]), compute_dtype=compute_dtype)
-  return logits_b1v[:, 0].astype(jnp.float32), new_cache
+  for layer, c in zip(model.layers, cache):
+    q, k, v = layer.attn.qkv(layer.attn_norm(x_btd), cos, sin, cdt)
+    at = (0, 0, index, 0)
+    kc = jax.lax.dynamic_update_slice(c["k"], k.transpose(0, 2, 1, 3).astype(c["k"].dtype), at)
+    vc = jax.lax.dynamic_update_slice(c["v"], v.transpose(0, 2, 1, 3).astype(c["v"].dtype), at)
+    x_btd = x_btd + layer.attn.o_proj(_attend(q, kc, vc, mask_bts, cdt), cdt)
+    x_btd = x_btd + layer.mlp(layer.mlp_norm(x_btd), cdt)
+    new_cache.append({"k": kc, "v": vc})
+  if last_only:
+    x_btd = x_btd[:, -1:]
+  logits_btv = model.logits(model.final_norm(x_btd), compute_dtype=compute_dtype)
+  return (logits_btv[:, -1] if last_only else logits_btv), new_cache
+
+
+def _model_steps(model, cache_dtype):
+  """(init_cache, prefill, decode) closures: the head-major fast path, or the model's own
+  init_cache / decode for a model without the Decoder's structure."""
+  if _fast_path_ok(model):
+    def init(b, s):
+      return _init_cache(model.config, b, s, cache_dtype or model._cdt(None))
+
+    def prefill(tokens, positions, cache, kv_valid, cdt):
+      return _forward_cached(model, tokens, positions, cache, 0, kv_valid, cdt, True)
+
+    def decode(tokens, positions, cache, index, kv_valid, cdt):
+      logits_b1v, cache = _forward_cached(model, tokens, positions, cache, index, kv_valid, cdt,
+                                          False)
+      return logits_b1v[:, 0], cache
+    return init, prefill, decode
+
+  def init(b, s):
+    return model.init_cache(b, s, dtype=cache_dtype)
+
+  def prefill(tokens, positions, cache, kv_valid, cdt):
+    logits, cache = model.decode(tokens, positions, cache, 0, kv_valid, compute_dtype=cdt)
+    return logits[:, -1], cache
+
+  def decode(tokens, positions, cache, index, kv_valid, cdt):
+    logits, cache = model.decode(tokens, positions, cache, index, kv_valid, compute_dtype=cdt)
+    return logits[:, 0], cache
+  return init, prefill, decode
 
 
 def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_steps,
@@ -267,6 +331,7 @@ def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_s
   if param_dtype is not None:
     state = _cast_floats(state, param_dtype)
   model = nnx.merge(graphdef, state)
+  init_cache, prefill, decode = _model_steps(model, cache_dtype)
   b, p = prompt_ids_bp.shape
   rows, cache_len = b * n, p + gen_len
 
@@ -280,10 +345,9 @@ def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_s
   mask_bp = prompt_mask_bp.astype(bool)
   positions_bp = jnp.maximum(jnp.cumsum(mask_bp, axis=-1) - 1, 0).astype(jnp.int32)
   kv_valid_bs = jnp.concatenate([mask_bp, jnp.ones((b, gen_len), bool)], axis=-1)
-  cache = jax.tree.map(constrain, model.init_cache(b, cache_len, dtype=cache_dtype))
-  logits_bv, cache = _prefill_last(model, prompt_ids_bp, positions_bp, cache, kv_valid_bs,
-                                   prefill_dtype)
-  logits_rv = jnp.repeat(logits_bv, n, axis=0)
+  cache = jax.tree.map(constrain, init_cache(b, cache_len))
+  logits_bv, cache = prefill(prompt_ids_bp, positions_bp, cache, kv_valid_bs, prefill_dtype)
+  logits_rv = jnp.repeat(logits_bv.astype(jnp.float32), n, axis=0)
   cache = jax.tree.map(lambda x: constrain(jnp.repeat(x, n, axis=0)), cache)
   kv_valid_rs = constrain(jnp.repeat(kv_valid_bs, n, axis=0))
   next_pos_r = jnp.repeat(positions_bp[:, -1] + 1, n, axis=0)
@@ -303,10 +367,10 @@ def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_s
     length_r = length_r + (~done_r).astype(jnp.int32)
     hit_r = ~done_r & jnp.any(tok_r[:, None] == eos_e[None, :], axis=-1)
     eos_r, done_r = eos_r | hit_r, done_r | hit_r
-    logits_r1v, cache = model.decode(tok_r[:, None], (next_pos_r + i)[:, None], cache, p + i,
-                                     kv_valid_rs, compute_dtype=compute_dtype)
-    return (i + 1, cache, logits_r1v[:, 0].astype(jnp.float32), tokens_rg, logp_rg, length_r,
-            done_r, eos_r)
+    logits_rv, cache = decode(tok_r[:, None], (next_pos_r + i)[:, None], cache, p + i,
+                              kv_valid_rs, compute_dtype)
+    return (i + 1, cache, logits_rv.astype(jnp.float32), tokens_rg, logp_rg, length_r, done_r,
+            eos_r)
 
   init = (jnp.int32(0), cache, logits_rv,
           constrain(jnp.full((rows, gen_len), pad_id, jnp.int32)),
@@ -448,13 +512,13 @@ class Sampler:
     ids_bp, mask_bp, truncated = self.prepare(prompts, vocab)
     num_prompts = len(truncated)
     gen_len = bucket(max_new, self.gen_buckets, "max_new_tokens")
-    cache_dtype = cfg.cache_dtype or cfg.compute_dtype or getattr(mcfg, "compute_dtype", None)
+    compute = cfg.compute_dtype or getattr(mcfg, "compute_dtype", None) or "float32"
+    cache_dtype = cfg.cache_dtype or compute
     kw = dict(n=int(n), gen_len=gen_len, top_k=int(top_k), pad_id=self.pad_id,
               cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype),
-              compute_dtype=cfg.compute_dtype,
-              prefill_dtype=cfg.prefill_compute_dtype or cfg.compute_dtype,
-              param_dtype=(None if cfg.decode_param_dtype is None
-                           else jnp.dtype(cfg.decode_param_dtype)),
+              compute_dtype=compute, prefill_dtype=cfg.prefill_compute_dtype or compute,
+              param_dtype=(jnp.dtype(compute) if cfg.cast_params and compute != "float32"
+                           else None),
               batch_spec=None if self.mesh is None else ("data", "fsdp"))
     traces = TRACE_COUNT[0]
     t0 = time.perf_counter()

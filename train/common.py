@@ -32,6 +32,8 @@ def is_main() -> bool:
 def setup_logging():
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                       datefmt="%H:%M:%S")
+  for noisy in ("absl", "orbax", "jax._src", "etils"):  # keep the console to our own lines
+    logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def stage_dir(cfg: cfglib.RunConfig, stage: str, create: bool = True) -> str:
@@ -146,9 +148,18 @@ def stage_args(p):
   add_config_args(p)
 
 
+def enable_compilation_cache() -> None:
+  """XLA's persistent cache, so a rerun of a stage skips compiles (CQR_JAX_XLA_CACHE=off: no)."""
+  path = os.environ.get("CQR_JAX_XLA_CACHE",
+                        os.path.join(os.path.expanduser("~"), ".cache", "cqr_jax", "xla"))
+  if path != "off":
+    jax.config.update("jax_compilation_cache_dir", path)
+
+
 def config_from_args(args) -> cfglib.RunConfig:
   from train.cli import resolve_config
   setup_logging()
+  enable_compilation_cache()
   return resolve_config(args)
 
 
@@ -189,7 +200,9 @@ def build_searcher(cfg: cfglib.RunConfig, ds):
     if not r.dense_model:
       raise ValueError("retrieval.kind=dense needs retrieval.dense_model (a local HF folder)")
     enc = DenseEncoder.from_hf(r.dense_model, pooling=r.dense_pooling)
-    searcher = DenseSearcher.build(enc, ds.collection)
+    ids = list(ds.collection.ids())
+    emb = enc.encode([p.contents for p in ds.collection], progress=True)
+    searcher = DenseSearcher(enc, emb, ids)
   else:
     raise ValueError(f"retrieval.kind={r.kind!r}: expected 'bm25' or 'dense'")
   _SEARCHERS[key] = searcher

@@ -84,6 +84,7 @@ def _retrieve_and_write(ranker, queries: dict[str, str], run_path: str, k: int) 
   qids = list(queries)
   ranked = ranker.search_ranked([queries[q] for q in qids], k) if qids else []
   if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(run_path) or ".", exist_ok=True)
     write_run(run_path, dict(zip(qids, ranked)))
 
 

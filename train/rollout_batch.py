@@ -6,13 +6,30 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from cqr_jax import distributed
+
 
 def place(x: np.ndarray, mesh) -> jax.Array:
-  """Puts a host array on the mesh with its leading (batch) axis over data x fsdp."""
+  """Puts a host array on the mesh with its leading (batch) axis over data x fsdp.
+
+  `x` is the whole global batch, identical on every process (every process runs the same seeded
+  pipeline). One process: a plain `device_put`. Several processes (design.md "Mesh"): each
+  process hands over only the rows its own devices hold (`distributed.process_slice` read off
+  the sharding) and `jax.make_array_from_process_local_data` stitches the global array, so no
+  process ships, or needs to address, another process's rows.
+  """
   if mesh is None:
     return jax.device_put(x)
   spec = P(("data", "fsdp"), *([None] * (x.ndim - 1)))
-  return jax.device_put(x, NamedSharding(mesh, spec))
+  sharding = NamedSharding(mesh, spec)
+  if jax.process_count() == 1:
+    return jax.device_put(x, sharding)
+  x = np.asarray(x)
+  if x.ndim == 0:
+    raise ValueError("rollout_batch.place: expected an array with a leading batch axis, got a "
+                     "scalar")
+  rows = distributed.process_slice(x.shape[0], mesh, spec)
+  return jax.make_array_from_process_local_data(sharding, x[rows], x.shape)
 
 
 def assemble(roll, mesh) -> dict:

@@ -103,13 +103,14 @@ def train_sft(cfg: cfglib.RunConfig, model=None, mcfg=None):
   from tqdm.auto import tqdm
   done = int(state.step)
   bar = tqdm(total=total, initial=done, desc="sft", disable=not common.is_main())
+  # One padded length for the whole run: one compiled update.
+  length = rollout_batch.bucket_length(max(len(ids) for ids, _ in examples))
   step = 0
   for epoch in range(s.epochs):
     for batch in sft_batches(examples, batch_size, s.seed, epoch):
       step += 1
       if step <= done:
         continue
-      length = rollout_batch.bucket_length(max(len(ids) for ids, _ in batch))
       tokens = rollout_batch.pad_right([ids for ids, _ in batch], length, pad)
       mask = rollout_batch.pad_right([[1] * len(ids) for ids, _ in batch], length, 0)
       lmask = rollout_batch.pad_right([lm for _, lm in batch], length, 0)

@@ -1,5 +1,7 @@
 """ModelConfig: presets, HF config.json conversion both ways, and config errors."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -76,3 +78,32 @@ def test_numerics_fields_and_errors(tmp_path):
     ModelConfig.from_hf_config(d)
   with pytest.raises(ConfigError, match="no config.json"):
     ModelConfig.from_hf_config(tmp_path)
+
+
+# The released Instruct checkpoints' config.json files (legacy rope spelling, torch_dtype, ...).
+QWEN2P5_3B_JSON = {
+    "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "hidden_act": "silu", "hidden_size": 2048,
+    "initializer_range": 0.02, "intermediate_size": 11008, "max_position_embeddings": 32768,
+    "max_window_layers": 70, "model_type": "qwen2", "num_attention_heads": 16,
+    "num_hidden_layers": 36, "num_key_value_heads": 2, "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0, "sliding_window": 32768, "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16", "transformers_version": "4.43.1", "use_cache": True,
+    "use_sliding_window": False, "vocab_size": 151936}
+LLAMA3P2_3B_JSON = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009], "head_dim": 128,
+    "hidden_act": "silu", "hidden_size": 3072, "initializer_range": 0.02,
+    "intermediate_size": 8192, "max_position_embeddings": 131072, "mlp_bias": False,
+    "model_type": "llama", "num_attention_heads": 24, "num_hidden_layers": 28,
+    "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "transformers_version": "4.45.0.dev0", "use_cache": True, "vocab_size": 128256}
+
+
+def test_real_checkpoint_configs_parse_to_the_presets(tmp_path):
+  assert ModelConfig.from_hf_config(QWEN2P5_3B_JSON) == ModelConfig.qwen2p5_3b()
+  (tmp_path / "config.json").write_text(json.dumps(LLAMA3P2_3B_JSON))
+  assert ModelConfig.from_hf_config(tmp_path) == ModelConfig.llama3p2_3b()

