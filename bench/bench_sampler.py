@@ -37,8 +37,8 @@ from cqr_jax.testing import smollm2_gguf_path  # noqa: E402
 # name -> SamplerConfig overrides (compute / prefill / cache / decode-parameter dtypes).
 SETTINGS = {
     "f32": dict(compute_dtype="float32"),
-    "bf16-prefill,f32-decode": dict(compute_dtype="float32", prefill_compute_dtype="bfloat16"),
-    "bf16": dict(compute_dtype="bfloat16"),
+    "bf16 (f32 cache)": dict(compute_dtype="bfloat16"),
+    "bf16 (bf16 cache)": dict(compute_dtype="bfloat16", cache_dtype="bfloat16"),
 }
 
 _FACTS = [
@@ -105,13 +105,13 @@ def machine_limits() -> dict[str, float]:
 
 
 def decode_limit(cfg, rows: int, cache_len: int, param_bytes: float, lim: dict,
-                 bf16: bool) -> dict[str, float]:
+                 bf16: bool, cache_bytes_per: int) -> dict[str, float]:
   """Tokens/s bound of one decode step: max(bytes / bandwidth, FLOPs / matmul throughput)."""
   matmul_params = cfg.num_params() - cfg.hidden_size * (2 * cfg.num_layers + 1)  # minus norms
   attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * cache_len
   flops = rows * (2 * matmul_params + attn)
-  cache_bytes = rows * cache_len * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * (
-      2 if bf16 else 4)
+  cache_bytes = (rows * cache_len * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+                 * cache_bytes_per)
   t_mem = (param_bytes + cache_bytes) / (lim["bandwidth_gbs"] * 1e9)
   t_flop = flops / (lim["matmul_bf16_gflops" if bf16 else "matmul_f32_gflops"] * 1e9)
   return {"t_mem": t_mem, "t_flop": t_flop, "tok_s": rows / max(t_mem, t_flop)}
@@ -235,7 +235,8 @@ def main(argv=None):
   for r in ours:
     bf16 = SETTINGS[r["name"]].get("compute_dtype") == "bfloat16"
     pb = param_bytes / 2 if bf16 else param_bytes
-    lim_r = decode_limit(cfg, r["batch"], r["prompt_len"] + args.new, pb, lim, bf16)
+    cache_b = 2 if SETTINGS[r["name"]].get("cache_dtype") == "bfloat16" else 4
+    lim_r = decode_limit(cfg, r["batch"], r["prompt_len"] + args.new, pb, lim, bf16, cache_b)
     ratio = f"{r['tok_s'] / hf_by_b[r['batch']]['tok_s']:.2f}x" if r["batch"] in hf_by_b else "-"
     lines.append(f"| ours {r['name']} | {r['batch']} | {r['compile']:.1f} | {r['full']:.2f} | "
                  f"{r['prefill']:.2f} | {r['tok_s']:.0f} | {r['decode_tok_s']:.0f} | {ratio} | "

@@ -1,10 +1,12 @@
 """The rollout engine: batched KV-cache generation with n samples per prompt (method.md 4.4-4.5).
 
 One jitted program per (prompt bucket, generation bucket, batch) shape: prefill of the B
-left-padded prompts, the cache repeated n times (prompt-major: sample row i * n + j is sample j of
-prompt i), then a `lax.while_loop` of single-token decode steps over the preallocated cache that
-stops early once every row has emitted an EOS. The model's parameters are passed as its current
-`nnx.State` (no copy; the trainer updates them every step) and the graph definition is static.
+left-padded prompts (once per prompt, not per sample), the KV cache repeated n times
+(prompt-major: sample row i * n + j is sample j of prompt i), then a `lax.while_loop` of
+single-token decode steps that updates the cache in place and stops early once every row has
+emitted an EOS. The model's parameters are passed as its current `nnx.State` (no copy; the
+trainer updates them every step) and the graph definition is static. Sampling settings
+(temperature, top-p value, EOS ids) are traced, so changing them does not recompile.
 
 Stop strings are found on the host after generation (they do not end the device loop; EOS does).
 Log-probs are log softmax(logits / T) at the sampled token (T = 1 for greedy), method.md 4.5.
@@ -35,12 +37,15 @@ class SamplerConfig:
   """Sampling settings; defaults are the paper's rollout (method.md 4.4: T 0.7, top-p 1, no top-k,
   1,536 prompt / 1,024 response tokens, n = 8).
 
-  prompt_len_buckets / gen_len_buckets: padded lengths to compile for (sorted; empty = powers of
-    two from 16 up to the maximum, plus the maximum). batch_buckets: prompt batch sizes to pad to
-    (empty = the batch rounded up to a multiple of the mesh's data x fsdp size).
+  prompt_len_buckets / gen_len_buckets: padded lengths to compile for (increasing; empty = 16,
+    32, 64, 128, 192, 256, 384, 512, 768, ... capped by the maximum, which is always a bucket).
+    batch_buckets: prompt counts to pad to (empty = the count itself); the padded count is then
+    rounded up to a multiple of the mesh's data x fsdp size.
   eos_ids: empty = the tokenizer's eos plus the model config's eos ids. ignore_eos: generate
     max_new_tokens for every row (benchmarks).
-  cache_dtype: KV cache dtype ("float32" / "bfloat16"); None = the compute dtype.
+  cache_dtype: KV cache and attention dtype ("float32" / "bfloat16"); None = float32 on CPU
+    (XLA:CPU rewrites a bf16 cache update into an f32 pass over the whole cache every step),
+    the compute dtype elsewhere.
   compute_dtype: matmul operand dtype for generation (Decoder `compute_dtype=`); None = the
     model config's. prefill_compute_dtype: the same for the prompt pass (None = compute_dtype):
     prefill is made of large matmuls, where bf16 pays off even on CPU, decode of skinny ones
@@ -81,6 +86,10 @@ class SamplerConfig:
         raise ValueError(f"SamplerConfig.{name} must be strictly increasing positive ints, got {b}")
     if any(not s for s in self.stop_strings):
       raise ValueError("SamplerConfig.stop_strings must not contain an empty string")
+    for name in ("cache_dtype", "compute_dtype", "prefill_compute_dtype"):
+      v = getattr(self, name)
+      if v not in (None, "float32", "bfloat16"):
+        raise ValueError(f"SamplerConfig.{name}={v!r}: expected None, 'float32' or 'bfloat16'")
 
 
 @dataclasses.dataclass
@@ -266,30 +275,44 @@ def _attend(q_btnd, k_bksd, v_bksd, mask_bts, cdt):
 
 
 def _forward_cached(model, tokens_bt, positions_bt, cache, index, kv_valid_bs, compute_dtype,
-                    last_only: bool):
+                    prefill: bool):
   """T new tokens against the cache (Decoder.decode's contract: K/V written at [index,
-  index + T), query t sees slot s iff kv_valid[b, s] and s <= index + t). Returns f32 logits
-  [B, V] of the last position if last_only, else [B, T, V], and the cache."""
+  index + T), query t sees slot s iff kv_valid[b, s] and s <= index + t).
+
+  prefill (index 0, empty cache): attention runs over the T new keys only (not the whole
+  cache) in the compute dtype, and only the last position gets logits: returns [B, V].
+  Otherwise returns [B, T, V]. Logits are f32.
+  """
   cdt = model._cdt(compute_dtype)
   t, s = tokens_bt.shape[1], cache[0]["k"].shape[2]
-  q_pos_t = index + jnp.arange(t, dtype=jnp.int32)
-  mask_bts = ((jnp.arange(s, dtype=jnp.int32)[None, :] <= q_pos_t[:, None])[None]
-              & kv_valid_bs[:, None, :])
+  if prefill:
+    mask_bts = jnp.tril(jnp.ones((t, t), bool))[None] & kv_valid_bs[:, None, :t]
+  else:
+    q_pos_t = index + jnp.arange(t, dtype=jnp.int32)
+    mask_bts = ((jnp.arange(s, dtype=jnp.int32)[None, :] <= q_pos_t[:, None])[None]
+                & kv_valid_bs[:, None, :])
   cos, sin = model._rope(positions_bt)
   x_btd = model.embed(tokens_bt)
   new_cache = []
   for layer, c in zip(model.layers, cache):
     q, k, v = layer.attn.qkv(layer.attn_norm(x_btd), cos, sin, cdt)
+    k_bktd, v_bktd = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     at = (0, 0, index, 0)
-    kc = jax.lax.dynamic_update_slice(c["k"], k.transpose(0, 2, 1, 3).astype(c["k"].dtype), at)
-    vc = jax.lax.dynamic_update_slice(c["v"], v.transpose(0, 2, 1, 3).astype(c["v"].dtype), at)
-    x_btd = x_btd + layer.attn.o_proj(_attend(q, kc, vc, mask_bts, cdt), cdt)
+    kc = jax.lax.dynamic_update_slice(c["k"], k_bktd.astype(c["k"].dtype), at)
+    vc = jax.lax.dynamic_update_slice(c["v"], v_bktd.astype(c["v"].dtype), at)
+    if prefill:
+      o_btd = _attend(q, k_bktd, v_bktd, mask_bts, cdt)
+    else:
+      # In the cache's dtype: casting the whole cache every step would cost more than these
+      # matmuls (their FLOPs are small next to the projections').
+      o_btd = _attend(q, kc, vc, mask_bts, kc.dtype)
+    x_btd = x_btd + layer.attn.o_proj(o_btd, cdt)
     x_btd = x_btd + layer.mlp(layer.mlp_norm(x_btd), cdt)
     new_cache.append({"k": kc, "v": vc})
-  if last_only:
+  if prefill:
     x_btd = x_btd[:, -1:]
   logits_btv = model.logits(model.final_norm(x_btd), compute_dtype=compute_dtype)
-  return (logits_btv[:, -1] if last_only else logits_btv), new_cache
+  return (logits_btv[:, -1] if prefill else logits_btv), new_cache
 
 
 def _model_steps(model, cache_dtype):
@@ -396,6 +419,14 @@ _JITTED = jax.jit(_traced_program, static_argnums=(0,),
                   static_argnames=("n", "gen_len", "top_k", "pad_id", "cache_dtype",
                                    "compute_dtype", "prefill_dtype", "param_dtype",
                                    "batch_spec"))
+
+
+def _to_host(tree):
+  """Device outputs to numpy; on several processes every process gets the full arrays."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.device_get(tree)
 
 
 class Sampler:
@@ -513,7 +544,7 @@ class Sampler:
     num_prompts = len(truncated)
     gen_len = bucket(max_new, self.gen_buckets, "max_new_tokens")
     compute = cfg.compute_dtype or getattr(mcfg, "compute_dtype", None) or "float32"
-    cache_dtype = cfg.cache_dtype or compute
+    cache_dtype = cfg.cache_dtype or ("float32" if jax.default_backend() == "cpu" else compute)
     kw = dict(n=int(n), gen_len=gen_len, top_k=int(top_k), pad_id=self.pad_id,
               cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype),
               compute_dtype=compute, prefill_dtype=cfg.prefill_compute_dtype or compute,
@@ -530,7 +561,7 @@ class Sampler:
       out = _JITTED(graphdef, state, ids_in, mask_in, key, jnp.int32(max_new),
                     jnp.float32(temperature), None if top_p >= 1.0 else jnp.float32(top_p),
                     jnp.asarray(eos_e), **kw)
-      tokens, logps, lengths, eos_hit, steps = jax.device_get(out)
+      tokens, logps, lengths, eos_hit, steps = _to_host(out)
     compiled = TRACE_COUNT[0] > traces
     if compiled:
       self.num_compiles += 1
@@ -548,10 +579,13 @@ class Sampler:
     return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
   def _place(self, x: np.ndarray) -> jax.Array:
+    """Rows over ("data", "fsdp"). Every process passes the same (global) prompts; each
+    device takes its rows, so this also works on a multi-host mesh."""
     if self.mesh is None:
       return jnp.asarray(x)
     spec = jax.sharding.PartitionSpec(("data", "fsdp"))
-    return jax.device_put(x, jax.sharding.NamedSharding(self.mesh, spec))
+    sharding = jax.sharding.NamedSharding(self.mesh, spec)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
   def _finish(self, ids_bp, mask_bp, truncated, num_prompts, n, max_new, tokens, logps, lengths,
               eos_hit) -> Rollouts:

@@ -86,6 +86,17 @@ def test_greedy_same_on_8_devices_as_on_1(qwen):
   np.testing.assert_allclose(r1.logprobs, r8.logprobs, atol=1e-5)
 
 
+def test_generic_decode_path_matches_fast_path(qwen, monkeypatch):
+  """A model without the Decoder's internals goes through its own init_cache / decode."""
+  from cqr_jax import sampler as sampler_mod
+  _, _, model, _ = qwen
+  fast = _sampler().generate(model, PROMPTS, key=jax.random.key(0))
+  monkeypatch.setattr(sampler_mod, "_fast_path_ok", lambda m: False)
+  generic = _sampler(batch_buckets=(5,)).generate(model, PROMPTS, key=jax.random.key(0))
+  np.testing.assert_array_equal(fast.completion_ids, generic.completion_ids)
+  np.testing.assert_allclose(fast.logprobs, generic.logprobs, atol=1e-5)
+
+
 def _first_token_probs(model, prompt, temperature):
   t = jnp.asarray([prompt])
   logits = np.asarray(model(t, jnp.arange(len(prompt))[None], jnp.ones_like(t))[0, -1], np.float64)
@@ -156,6 +167,24 @@ def test_logprobs_equal_forward_logprobs(qwen, temperature):
   want = np.asarray(want)[:, p - 1:-1]
   # f32 forward vs f32 KV-cache decode: same math, different summation order.
   np.testing.assert_allclose(r.logprobs[r.completion_mask], want[r.completion_mask], atol=1e-4)
+
+
+def test_bf16_decode_logprobs_close_to_bf16_forward(qwen):
+  """bf16 compute with bf16-cast parameters and cache (the fast setting) against the model's
+  own bf16 forward: same operand roundings, different summation order and cache rounding."""
+  _, _, model, _ = qwen
+  r = _sampler(temperature=0.7, max_new_tokens=12, ignore_eos=True,
+               compute_dtype="bfloat16").generate(model, PROMPTS, key=jax.random.key(4))
+  tokens = np.concatenate([r.prompt_ids, r.completion_ids], 1)
+  mask = np.concatenate([r.prompt_mask, r.completion_mask], 1)
+  positions = np.maximum(np.cumsum(mask, 1) - 1, 0)
+  targets = np.concatenate([tokens[:, 1:], np.zeros_like(tokens[:, :1])], 1)
+  want = model.token_logprobs(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(mask),
+                              jnp.asarray(targets), temperature=0.7, compute_dtype="bfloat16")
+  want = np.asarray(want)[:, r.prompt_ids.shape[1] - 1:-1]
+  err = np.abs(r.logprobs - want)[r.completion_mask]
+  print("bf16 max abs log-prob error", err.max())
+  assert err.max() < 0.1 and err.mean() < 0.02
 
 
 def test_same_key_same_output_different_keys_differ(qwen):

@@ -1,0 +1,309 @@
+"""Compiler memory plan (issue 9): per-device bytes of the real GRPO update and the real sampler
+program for Qwen2.5-3B / Llama-3.2-3B on meshes of 8-32 fake CPU devices.
+
+No weights are made: parameters, AdamW state and batches are `jax.ShapeDtypeStruct`s carrying the
+shardings the trainer gives them (`cqr_jax.sharding.state_shardings`, batch rows over data x fsdp);
+`jax.jit(...).lower(...).compile().memory_analysis()` then reports XLA's per-device buffer sizes
+after SPMD partitioning. Programs, exactly as `train/grpo.py` runs them:
+- "train": `train.steps.make_grpo_update` (f32 master params + AdamW, bf16 matmul operands, remat
+  per layer, the 1,024-rollout batch cut into micro-batches of `micro` rows per device), jitted
+  as `steps.jit_state_step` does (state donated, output shardings pinned to the input's).
+- "sampler": `cqr_jax.sampler._generate_program` as `Sampler.generate` calls it on an
+  accelerator (bf16 compute, bf16 KV cache, parameters cast to bf16 inside): 128 prompts of
+  1,536 tokens, 8 samples each, 1,024 new tokens.
+Besides the program's own bytes, the chip also holds what lives across the step: the frozen
+reference policy (f32, as train/grpo.py copies it) always, and the AdamW moments while sampling.
+Each job runs in its own subprocess (one compile at a time, memory returned after each).
+
+  XLA_FLAGS=--xla_force_host_platform_device_count=32 python bench/memory_plan.py \
+      --jobs default --out bench/results/memory_plan.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+MODELS = {"qwen2.5-3b": "qwen2p5_3b", "llama3.2-3b": "llama3p2_3b",
+          "smollm2-135m": "smollm2_135m"}  # the last: a quick smoke run
+GIB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  model: str                    # a key of MODELS
+  program: str                  # "train" | "sampler"
+  mesh: tuple[int, int, int]    # (data, fsdp, tensor)
+  micro: int = 4                # train: sequences per device per micro-batch
+  prompts: int = 128            # prompts per GRPO step (method.md 4.8)
+  n: int = 8                    # samples per prompt
+  prompt_len: int = 1536
+  gen_len: int = 1024
+  remat: str = "full"
+
+  @property
+  def devices(self) -> int:
+    return math.prod(self.mesh)
+
+
+# ------------------------------------------------------------------------------ abstract state
+
+def _model_config(job: Job):
+  from cqr_jax.models.config import ModelConfig
+  return ModelConfig.preset(MODELS[job.model], param_dtype="float32", compute_dtype="bfloat16",
+                            remat=job.remat)
+
+
+def _with_shardings(tree, shardings):
+  import jax
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                      shardings)
+
+
+def _per_device_bytes(tree) -> int:
+  """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
+  import jax
+  import numpy as np
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree))
+
+
+def _opt_shardings(opt_sds, params_sds, mesh):
+  """AdamW moments take their parameter's sharding (matched by path suffix and shape), as
+  `tx.init` on sharded parameters gives them; counters are replicated."""
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec
+  by_path = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(
+      params_sds)[0]}
+
+  def one(path, x):
+    key = jax.tree_util.keystr(path)
+    for suffix, p in by_path.items():
+      if key.endswith(suffix) and p.shape == x.shape:
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=p.sharding)
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
+  return jax.tree_util.tree_map_with_path(one, opt_sds)
+
+
+@contextlib.contextmanager
+def _raw_steps():
+  """make_grpo_update hands its update function to steps.jit_state_step, which jits on the first
+  call; capture the function instead so it can be lowered on abstract inputs."""
+  from train import steps
+  real = steps.jit_state_step
+  steps.jit_state_step = lambda fn: fn
+  try:
+    yield
+  finally:
+    steps.jit_state_step = real
+
+
+def _stats(compiled) -> dict:
+  m = compiled.memory_analysis()
+  out = {k: int(getattr(m, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                         "alias_size_in_bytes", "temp_size_in_bytes")}
+  out["program_bytes"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"]
+                          - out["alias_size_in_bytes"] + out["temp_size_in_bytes"])
+  return out
+
+
+def run_job(job: Job) -> dict:
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from cqr_jax import schedules, sharding
+  from cqr_jax.objectives.grpo import GRPOLossConfig
+  from train import steps
+
+  if jax.device_count() < job.devices:
+    raise SystemExit(f"need {job.devices} devices, have {jax.device_count()}: set XLA_FLAGS="
+                     f"--xla_force_host_platform_device_count={job.devices}")
+  data, fsdp, tensor = job.mesh
+  mesh = sharding.make_mesh(sharding.MeshConfig(data, fsdp, tensor),
+                            devices=jax.devices()[:job.devices])
+  rep = NamedSharding(mesh, P())
+  cfg = _model_config(job)
+  abstract = sharding.abstract_model(cfg)
+  graphdef, params, rest = steps.split_model(abstract)
+  params_sds = _with_shardings(params, sharding.state_shardings(params, mesh))
+  tx = schedules.grpo_optimizer()
+  opt_sds = _opt_shardings(jax.eval_shape(tx.init, params_sds), params_sds, mesh)
+  resident = {"params_f32": _per_device_bytes(params_sds),
+              "ref_params_f32": _per_device_bytes(params_sds),
+              "adamw_moments": _per_device_bytes(opt_sds)}
+  rows = job.prompts * job.n
+  length = job.prompt_len + job.gen_len
+  dp = data * fsdp
+  t0 = time.perf_counter()
+  if job.program == "train":
+    def batch_arr(shape, dtype):
+      spec = P(("data", "fsdp"), *([None] * (len(shape) - 1)))
+      return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
+    batch = {"tokens": batch_arr((rows, length), jnp.int32),
+             "mask": batch_arr((rows, length), jnp.bool_),
+             "loss_mask": batch_arr((rows, length), jnp.bool_),
+             "ref_logp": batch_arr((rows, length - 1), jnp.float32),
+             "adv": batch_arr((rows,), jnp.float32)}
+    state = steps.TrainState(params=params_sds, opt_state=opt_sds,
+                             step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
+    with _raw_steps():
+      update = steps.make_grpo_update(graphdef, rest, tx, GRPOLossConfig(), temperature=0.7,
+                                      micro_batch=job.micro * dp)
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    fn = jax.jit(update, donate_argnums=(0,), out_shardings=(shardings, None))
+    lowered = fn.lower(state, batch)
+    # Resident next to the update: the frozen reference policy.
+    extra = resident["ref_params_f32"]
+  elif job.program == "sampler":
+    from cqr_jax import sampler as sampler_lib
+    gdef, full = nnx.split(abstract)
+    state_sds = _with_shardings(full, sharding.state_shardings(full, mesh))
+    prompt_sh = NamedSharding(mesh, P(("data", "fsdp"), None))
+    ids = jax.ShapeDtypeStruct((job.prompts, job.prompt_len), jnp.int32, sharding=prompt_sh)
+    mask = jax.ShapeDtypeStruct((job.prompts, job.prompt_len), jnp.bool_, sharding=prompt_sh)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
+    scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=rep)  # noqa: E731
+    eos = jax.ShapeDtypeStruct((8,), jnp.int32, sharding=rep)
+    bf16 = jnp.dtype(jnp.bfloat16)
+    with jax.set_mesh(mesh):
+      lowered = sampler_lib._JITTED.lower(
+          gdef, state_sds, ids, mask, key, scalar(jnp.int32), scalar(jnp.float32), None, eos,
+          n=job.n, gen_len=job.gen_len, top_k=0, pad_id=0, cache_dtype=bf16,
+          compute_dtype="bfloat16", prefill_dtype="bfloat16", param_dtype=bf16,
+          batch_spec=("data", "fsdp"))
+    # Resident while sampling: the AdamW moments and the reference policy.
+    extra = resident["adamw_moments"] + resident["ref_params_f32"]
+  else:
+    raise ValueError(f"unknown program {job.program!r}")
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  stats = _stats(compiled)
+  kv_cache = (2 * cfg.num_layers * rows * length * cfg.num_kv_heads * cfg.head_dim * 2) // dp
+  return {**dataclasses.asdict(job), "devices": job.devices, **stats, **resident,
+          "resident_extra_bytes": extra, "peak_bytes": stats["program_bytes"] + extra,
+          "kv_cache_bytes_formula": kv_cache, "num_params": cfg.num_params(),
+          "lower_s": round(t1 - t0, 1), "compile_s": round(t2 - t1, 1)}
+
+
+# ----------------------------------------------------------------------------------- the table
+
+HBM_GIB = {"v5e": 16, "v4": 32, "v6e": 32, "v5p": 95}
+
+
+def fits(peak_bytes: int, margin: float = 0.9) -> str:
+  """TPU generations whose HBM per chip holds `peak_bytes` with 10% left for the runtime."""
+  ok = [name for name, gib in HBM_GIB.items() if peak_bytes <= margin * gib * GIB]
+  return ", ".join(ok) if ok else "none"
+
+
+def markdown(results: list[dict]) -> str:
+  head = ("| model | devices | mesh (data, fsdp, tensor) | program | micro-batch / device | "
+          "arguments | outputs | aliased | temps | program total | + resident | peak / chip | "
+          "fits (90% of HBM) | compile (s) |\n|" + "---|" * 14)
+  lines = [head]
+  g = lambda b: f"{b / GIB:.2f}"  # noqa: E731
+  for r in sorted(results, key=lambda r: (r["model"], r["devices"], tuple(r["mesh"]),
+                                          r["program"])):
+    if "error" in r:
+      lines.append(f"| {r['model']} | {r['devices']} | {tuple(r['mesh'])} | {r['program']} | "
+                   f"{r.get('micro', '')} | {r['error']} |" + " |" * 9)
+      continue
+    micro = r["micro"] if r["program"] == "train" else f"{r['prompts'] * r['n'] // (r['mesh'][0] * r['mesh'][1])} rollouts"
+    lines.append(
+        f"| {r['model']} | {r['devices']} | {tuple(r['mesh'])} | {r['program']} | {micro} | "
+        f"{g(r['argument_size_in_bytes'])} | {g(r['output_size_in_bytes'])} | "
+        f"{g(r['alias_size_in_bytes'])} | {g(r['temp_size_in_bytes'])} | "
+        f"{g(r['program_bytes'])} | {g(r['resident_extra_bytes'])} | **{g(r['peak_bytes'])}** | "
+        f"{fits(r['peak_bytes'])} | {r['compile_s']} |")
+  return "\n".join(lines) + "\n\nAll sizes GiB per device.\n"
+
+
+def default_jobs() -> list[Job]:
+  jobs = []
+  for model in ("qwen2.5-3b", "llama3.2-3b"):
+    for mesh in ((1, 8, 1), (1, 16, 1), (1, 32, 1), (2, 16, 1)):
+      for program in ("train", "sampler"):
+        jobs.append(Job(model, program, mesh))
+  return jobs
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--job", help="run one job (JSON of Job fields) in this process, print JSON")
+  ap.add_argument("--jobs", default="default",
+                  help="'default', or ';'-separated model:program:data,fsdp,tensor[:micro]")
+  ap.add_argument("--out", default="bench/results/memory_plan.json",
+                  help="JSON lines, appended (finished jobs are skipped on a rerun)")
+  ap.add_argument("--timeout", type=float, default=900, help="seconds per job")
+  ap.add_argument("--table", action="store_true", help="print the table of --out and exit")
+  args = ap.parse_args(argv)
+  if args.job:
+    d = json.loads(args.job)
+    d["mesh"] = tuple(d["mesh"])
+    print("RESULT " + json.dumps(run_job(Job(**d))), flush=True)
+    return 0
+  results = []
+  if os.path.exists(args.out):
+    with open(args.out) as f:
+      results = [json.loads(line) for line in f if line.strip()]
+  if args.table:
+    print(markdown(results))
+    return 0
+  if args.jobs == "default":
+    jobs = default_jobs()
+  else:
+    jobs = []
+    for spec in args.jobs.split(";"):
+      parts = spec.split(":")
+      mesh = tuple(int(x) for x in parts[2].split(","))
+      jobs.append(Job(parts[0], parts[1], mesh, *([int(parts[3])] if len(parts) > 3 else [])))
+  done = {(r["model"], r["program"], tuple(r["mesh"]), r.get("micro")) for r in results
+          if "error" not in r}
+  env = dict(os.environ)
+  need = max(j.devices for j in jobs)
+  if "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        f" --xla_force_host_platform_device_count={need}").strip()
+  env.setdefault("JAX_PLATFORMS", "cpu")
+  for job in jobs:
+    if (job.model, job.program, job.mesh, job.micro) in done:
+      continue
+    print(f"{job.model} {job.program} mesh={job.mesh} micro={job.micro} ...", flush=True)
+    t0 = time.perf_counter()
+    try:
+      p = subprocess.run([sys.executable, __file__, "--job", json.dumps(dataclasses.asdict(job))],
+                         env=env, capture_output=True, text=True, timeout=args.timeout)
+      line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+      if line is None:
+        tail = (p.stderr or p.stdout).strip().splitlines()[-1:] or ["no output"]
+        r = {**dataclasses.asdict(job), "devices": job.devices, "error": tail[0][:200]}
+      else:
+        r = json.loads(line[len("RESULT "):])
+    except subprocess.TimeoutExpired:
+      r = {**dataclasses.asdict(job), "devices": job.devices,
+           "error": f"compile did not finish in {args.timeout:.0f} s"}
+    r["wall_s"] = round(time.perf_counter() - t0, 1)
+    print("  " + (r.get("error") or f"peak {r['peak_bytes'] / GIB:.2f} GiB/device "
+                  f"(program {r['program_bytes'] / GIB:.2f}), compile {r['compile_s']} s"),
+          flush=True)
+    results.append(r)
+    with open(args.out, "a") as f:
+      f.write(json.dumps(r) + "\n")
+  print(markdown(results))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  sys.exit(main())
