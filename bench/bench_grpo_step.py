@@ -17,8 +17,9 @@ the end and reports its time split, to show the mirror is faithful.
 TRL's split comes from wrapping its methods: generation (`_generate`), reward
 (`_calculate_rewards`), no-grad log-prob passes (reference model), and the rest of the step
 (training forward + backward + optimizer). TRL runs with its own defaults except for the settings
-above (bf16 autocast on; `--trl-grad-ckpt` keeps its default gradient checkpointing, which is off
-here by default because ours runs without remat on CPU).
+above (bf16 autocast and gradient checkpointing on). Both sides recompute activations in the backward
+pass: without it the update of 64 sequences does not fit this 24 GB machine (ours: preset
+cpu-default's micro-batch 32 without remat asks XLA for ~115 GB).
 
     python bench/bench_grpo_step.py --out bench/results/grpo_step.md
 """
@@ -61,7 +62,7 @@ def bench_config(args, run_dir: str) -> cfglib.RunConfig:
       f"rollout.max_new_tokens={args.max_new}", "rollout.temperature=0.7", "rollout.top_p=1.0",
       "rollout.top_k=0", "grpo.loss.kl_coef=0.001", "grpo.loss.entropy_coef=0.001",
       f"grpo.micro_batch={args.micro_batch}", "grpo.save_every=100000", "grpo.log_samples=0",
-      "grpo.warmup_steps=0"] + list(args.set))
+      "grpo.warmup_steps=0", f"model.remat={args.remat}"] + list(args.set))
 
 
 class RankReward:
@@ -201,7 +202,8 @@ def build_trl(args, hf_dir: str, rows: list[dict], reward: RankReward, out_dir: 
       gradient_accumulation_steps=args.prompts * args.n // args.trl_micro_batch,
       num_generations=args.n, max_completion_length=args.max_new, temperature=0.7, top_p=1.0,
       top_k=0, beta=0.001, entropy_coef=0.001, loss_type="bnpo", learning_rate=2e-6,
-      shuffle_dataset=False, gradient_checkpointing=args.trl_grad_ckpt, bf16=args.trl_bf16,
+      shuffle_dataset=False, gradient_checkpointing=bool(args.trl_grad_ckpt),
+      bf16=bool(args.trl_bf16),
       model_init_kwargs={"dtype": torch.float32}, dataloader_num_workers=0,
       disable_tqdm=True)
   trainer = GRPOTrainer(model=hf_dir, reward_funcs=rank_reward, args=trl_cfg,
@@ -258,9 +260,13 @@ def main(argv=None):
   ap.add_argument("--prompts", type=int, default=8)
   ap.add_argument("--n", type=int, default=8)
   ap.add_argument("--max-new", type=int, default=128)
-  ap.add_argument("--micro-batch", type=int, default=32, help="ours (the cpu-default preset's)")
+  ap.add_argument("--micro-batch", type=int, default=8,
+                  help="ours (the cpu-default preset's 32 needs ~115 GB without remat here)")
+  ap.add_argument("--remat", default="dots_with_no_batch_dims_saveable",
+                  help="ours: model.remat ('none', 'full' or a jax.checkpoint_policies name)")
   ap.add_argument("--trl-micro-batch", type=int, default=8, help="TRL per_device_train_batch_size")
-  ap.add_argument("--trl-grad-ckpt", action="store_true", help="TRL's default grad checkpointing")
+  ap.add_argument("--trl-grad-ckpt", type=int, default=1,
+                  help="TRL gradient checkpointing (its default: 1)")
   ap.add_argument("--trl-bf16", type=int, default=1, help="TRL bf16 autocast (its default: 1)")
   ap.add_argument("--rounds", type=int, default=2, help="timed steps per side after a warm-up")
   ap.add_argument("--skip-trl", action="store_true", help="ours only (no interleaving)")
@@ -345,7 +351,8 @@ def report(args, argv, ours_ms, trl_ms, check_ms, trl_note, load_s):
       f"{args.max_new} new tokens at T 0.7 / top-p 1, BM25 (Lucene-like, k1 0.9 b 0.4) rank "
       f"reward over the embedded corpus (the same reward code on both sides), KL coef 0.001 "
       f"(reference pass included), entropy 0.001, one AdamW step. Ours: preset cpu-default "
-      f"(bf16 compute / f32 master weights, no remat, micro-batch {args.micro_batch}). "
+      f"(bf16 compute / f32 master weights) with remat {args.remat} and micro-batch "
+      f"{args.micro_batch}. "
       f"Steps interleaved one-for-one in one process; median of {len(timed_o)} timed steps after "
       f"a warm-up step. {platform.machine()}, {os.cpu_count()} cores shared with other jobs "
       f"(compare ratios); jax {jax.__version__}." + (f" TRL: {trl_note}." if trl_note else ""),

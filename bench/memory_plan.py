@@ -47,6 +47,13 @@ class Job:
   prompt_len: int = 1536
   gen_len: int = 1024
   remat: str = "full"
+  # train: pin each micro-batch's rows over data x fsdp (see _micro_constraint). False lowers
+  # train/steps.py exactly as it is.
+  constrain_micro: bool = True
+  # train: also pin the activations between layers and before the LM head to batch rows over
+  # data x fsdp (see _activation_constraints).
+  constrain_acts: bool = True
+  num_layers: int | None = None  # override (quick diagnostics); None = the preset's
 
   @property
   def devices(self) -> int:
@@ -57,8 +64,9 @@ class Job:
 
 def _model_config(job: Job):
   from cqr_jax.models.config import ModelConfig
+  extra = {} if job.num_layers is None else {"num_layers": job.num_layers}
   return ModelConfig.preset(MODELS[job.model], param_dtype="float32", compute_dtype="bfloat16",
-                            remat=job.remat)
+                            remat=job.remat, **extra)
 
 
 def _with_shardings(tree, shardings):
@@ -103,6 +111,59 @@ def _raw_steps():
     yield
   finally:
     steps.jit_state_step = real
+
+
+@contextlib.contextmanager
+def _micro_constraint(mesh):
+  """steps._split_micro reshapes the [B, ...] batch (rows over data x fsdp) to [M, B / M, ...].
+  Device d holds a contiguous block of rows, so after the reshape XLA shards the micro-batch
+  index M instead of the rows; the scan then slices a sharded axis, every micro-batch arrives
+  unsharded over the batch, and the activations take the parameters' fsdp sharding of the model
+  dimension instead (XLA warns "Involuntary full rematerialization"): each device then holds
+  whole-micro-batch attention scores. Constraining the rows of each micro-batch back onto
+  data x fsdp (one all-to-all of the input batch per step) restores data parallelism inside
+  the scan."""
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from train import steps
+  real = steps._split_micro
+
+  def split(x, n_micro):
+    y = real(x, n_micro)
+    spec = P(None, ("data", "fsdp"), *([None] * (y.ndim - 2)))
+    return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, spec))
+
+  steps._split_micro = split
+  try:
+    yield
+  finally:
+    steps._split_micro = real
+
+
+@contextlib.contextmanager
+def _activation_constraints(mesh):
+  """Pins the residual stream [B, T, D] at every layer boundary, and the final hidden states
+  before the chunked LM head, to rows over data x fsdp. Without it GSPMD (Auto axes) may follow
+  the parameters' fsdp sharding of D into the activations and all-gather the micro-batch rows
+  instead of the weights (FSDP's intent: gather weights, keep rows local)."""
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from cqr_jax.models import decoder
+  real_layer, real_head = decoder._remat_layer, decoder.chunked_logprobs
+  rows = lambda x: jax.lax.with_sharding_constraint(  # noqa: E731
+      x, NamedSharding(mesh, P(("data", "fsdp"), *([None] * (x.ndim - 1)))))
+
+  def layer(block, x_btd, *args):
+    return rows(real_layer(block, rows(x_btd), *args))
+
+  def head(h_btd, *args, **kw):
+    return real_head(rows(h_btd), *args, **kw)
+
+  decoder._remat_layer, decoder.chunked_logprobs = layer, head
+  try:
+    yield
+  finally:
+    decoder._remat_layer, decoder.chunked_logprobs = real_layer, real_head
 
 
 def _stats(compiled) -> dict:
@@ -160,7 +221,12 @@ def run_job(job: Job) -> dict:
                                       micro_batch=job.micro * dp)
     shardings = jax.tree.map(lambda x: x.sharding, state)
     fn = jax.jit(update, donate_argnums=(0,), out_shardings=(shardings, None))
-    lowered = fn.lower(state, batch)
+    with contextlib.ExitStack() as stack:
+      if job.constrain_micro:
+        stack.enter_context(_micro_constraint(mesh))
+      if job.constrain_acts:
+        stack.enter_context(_activation_constraints(mesh))
+      lowered = fn.lower(state, batch)
     # Resident next to the update: the frozen reference policy.
     extra = resident["ref_params_f32"]
   elif job.program == "sampler":

@@ -197,7 +197,7 @@ def _cpu(size: str) -> dict:
       "sft": {"lr": 5e-5, "epochs": 1 if tiny else 2, "batch_size": 8 if tiny else 16,
               "micro_batch": 8, "max_len": 512},
       "grpo": {"steps": 2 if tiny else 40, "batch_prompts": 4 if tiny else 16,
-               "n": 4 if tiny else 8, "micro_batch": 16 if tiny else 32, "lr": 2e-6,
+               "n": 4 if tiny else 8, "micro_batch": 4 if tiny else 8, "lr": 2e-6,
                "warmup_steps": 0 if tiny else 5, "save_every": 1 if tiny else 10,
                "reference": "sft"},
       "eval": {"max_new_tokens": 48 if tiny else 96, "batch_prompts": 16 if tiny else 64},

@@ -24,8 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cqr_jax import sampling_ops
-from cqr_jax.models.layers import mm
+from cqr_jax import sampler_kv, sampling_ops
 
 log = logging.getLogger(__name__)
 
@@ -243,107 +242,6 @@ def _cast_floats(state, dtype):
   return jax.tree.map(cast, state)
 
 
-# The KV cache here is head-major, per layer {"k", "v"}: [B, KVH, S, Dh]. With that layout the
-# decode attention is a plain batched matmul over (B, KVH); Decoder.decode's [B, S, KVH, Dh]
-# makes XLA:CPU transpose the whole cache every layer and step (5-6x slower attention at batch
-# 64, bench/results/sampler.md). The projections, norms, MLP and LM head are the model's own.
-def _fast_path_ok(model) -> bool:
-  layer = model.layers[0] if hasattr(model, "layers") and len(model.layers) else None
-  return (layer is not None and all(hasattr(model, a) for a in ("_rope", "_cdt", "embed",
-                                                                "final_norm", "logits"))
-          and all(hasattr(layer, a) for a in ("attn_norm", "attn", "mlp_norm", "mlp"))
-          and hasattr(layer.attn, "qkv") and hasattr(layer.attn, "o_proj"))
-
-
-def _init_cache(cfg, batch: int, max_len: int, dtype) -> list[dict[str, jax.Array]]:
-  shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-  return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-          for _ in range(cfg.num_layers)]
-
-
-def _attend(q_btnd, k_bksd, v_bksd, mask_bts, cdt):
-  """Grouped-query softmax(q k^T / sqrt(Dh)) v over a head-major cache: [B, T, H * Dh] f32.
-  Same numerics as models/attention.attend (f32 scores, masked scores replaced by -1e30)."""
-  b, t, h, dh = q_btnd.shape
-  kvh = k_bksd.shape[1]
-  q_bkgtd = (q_btnd.reshape(b, t, kvh, h // kvh, dh) * (dh ** -0.5)).transpose(0, 2, 3, 1, 4)
-  s_bkgts = mm(q_bkgtd, k_bksd, cdt, "bkgtd,bksd->bkgts")
-  s_bkgts = jnp.where(mask_bts[:, None, None], s_bkgts, -1e30)
-  p_bkgts = jax.nn.softmax(s_bkgts, axis=-1)
-  o_bkgtd = mm(p_bkgts, v_bksd, cdt, "bkgts,bksd->bkgtd")
-  return o_bkgtd.transpose(0, 3, 1, 2, 4).reshape(b, t, h * dh)
-
-
-def _forward_cached(model, tokens_bt, positions_bt, cache, index, kv_valid_bs, compute_dtype,
-                    prefill: bool):
-  """T new tokens against the cache (Decoder.decode's contract: K/V written at [index,
-  index + T), query t sees slot s iff kv_valid[b, s] and s <= index + t).
-
-  prefill (index 0, empty cache): attention runs over the T new keys only (not the whole
-  cache) in the compute dtype, and only the last position gets logits: returns [B, V].
-  Otherwise returns [B, T, V]. Logits are f32.
-  """
-  cdt = model._cdt(compute_dtype)
-  t, s = tokens_bt.shape[1], cache[0]["k"].shape[2]
-  if prefill:
-    mask_bts = jnp.tril(jnp.ones((t, t), bool))[None] & kv_valid_bs[:, None, :t]
-  else:
-    q_pos_t = index + jnp.arange(t, dtype=jnp.int32)
-    mask_bts = ((jnp.arange(s, dtype=jnp.int32)[None, :] <= q_pos_t[:, None])[None]
-                & kv_valid_bs[:, None, :])
-  cos, sin = model._rope(positions_bt)
-  x_btd = model.embed(tokens_bt)
-  new_cache = []
-  for layer, c in zip(model.layers, cache):
-    q, k, v = layer.attn.qkv(layer.attn_norm(x_btd), cos, sin, cdt)
-    k_bktd, v_bktd = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    at = (0, 0, index, 0)
-    kc = jax.lax.dynamic_update_slice(c["k"], k_bktd.astype(c["k"].dtype), at)
-    vc = jax.lax.dynamic_update_slice(c["v"], v_bktd.astype(c["v"].dtype), at)
-    if prefill:
-      o_btd = _attend(q, k_bktd, v_bktd, mask_bts, cdt)
-    else:
-      # In the cache's dtype: casting the whole cache every step would cost more than these
-      # matmuls (their FLOPs are small next to the projections').
-      o_btd = _attend(q, kc, vc, mask_bts, kc.dtype)
-    x_btd = x_btd + layer.attn.o_proj(o_btd, cdt)
-    x_btd = x_btd + layer.mlp(layer.mlp_norm(x_btd), cdt)
-    new_cache.append({"k": kc, "v": vc})
-  if prefill:
-    x_btd = x_btd[:, -1:]
-  logits_btv = model.logits(model.final_norm(x_btd), compute_dtype=compute_dtype)
-  return (logits_btv[:, -1] if prefill else logits_btv), new_cache
-
-
-def _model_steps(model, cache_dtype):
-  """(init_cache, prefill, decode) closures: the head-major fast path, or the model's own
-  init_cache / decode for a model without the Decoder's structure."""
-  if _fast_path_ok(model):
-    def init(b, s):
-      return _init_cache(model.config, b, s, cache_dtype or model._cdt(None))
-
-    def prefill(tokens, positions, cache, kv_valid, cdt):
-      return _forward_cached(model, tokens, positions, cache, 0, kv_valid, cdt, True)
-
-    def decode(tokens, positions, cache, index, kv_valid, cdt):
-      logits_b1v, cache = _forward_cached(model, tokens, positions, cache, index, kv_valid, cdt,
-                                          False)
-      return logits_b1v[:, 0], cache
-    return init, prefill, decode
-
-  def init(b, s):
-    return model.init_cache(b, s, dtype=cache_dtype)
-
-  def prefill(tokens, positions, cache, kv_valid, cdt):
-    logits, cache = model.decode(tokens, positions, cache, 0, kv_valid, compute_dtype=cdt)
-    return logits[:, -1], cache
-
-  def decode(tokens, positions, cache, index, kv_valid, cdt):
-    logits, cache = model.decode(tokens, positions, cache, index, kv_valid, compute_dtype=cdt)
-    return logits[:, 0], cache
-  return init, prefill, decode
-
-
 def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_steps,
                       temperature, top_p, eos_e, *, n: int, gen_len: int, top_k: int,
                       pad_id: int, cache_dtype, compute_dtype, prefill_dtype, param_dtype,
@@ -354,9 +252,8 @@ def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_s
   if param_dtype is not None:
     state = _cast_floats(state, param_dtype)
   model = nnx.merge(graphdef, state)
-  init_cache, prefill, decode = _model_steps(model, cache_dtype)
   b, p = prompt_ids_bp.shape
-  rows, cache_len = b * n, p + gen_len
+  rows = b * n
 
   def constrain(x):
     if batch_spec is None:
@@ -365,14 +262,12 @@ def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_s
                                                     * (x.ndim - 1)))
     return jax.lax.with_sharding_constraint(x, spec)
 
+  prefill, decode = sampler_kv.make_steps(
+      model, n=n, gen_len=gen_len, cache_dtype=cache_dtype, prefill_dtype=prefill_dtype,
+      compute_dtype=compute_dtype, constrain=constrain)
   mask_bp = prompt_mask_bp.astype(bool)
   positions_bp = jnp.maximum(jnp.cumsum(mask_bp, axis=-1) - 1, 0).astype(jnp.int32)
-  kv_valid_bs = jnp.concatenate([mask_bp, jnp.ones((b, gen_len), bool)], axis=-1)
-  cache = jax.tree.map(constrain, init_cache(b, cache_len))
-  logits_bv, cache = prefill(prompt_ids_bp, positions_bp, cache, kv_valid_bs, prefill_dtype)
-  logits_rv = jnp.repeat(logits_bv.astype(jnp.float32), n, axis=0)
-  cache = jax.tree.map(lambda x: constrain(jnp.repeat(x, n, axis=0)), cache)
-  kv_valid_rs = constrain(jnp.repeat(kv_valid_bs, n, axis=0))
+  logits_rv, cache = prefill(prompt_ids_bp, positions_bp, mask_bp)
   next_pos_r = jnp.repeat(positions_bp[:, -1] + 1, n, axis=0)
 
   def cond(c):
@@ -390,12 +285,10 @@ def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_s
     length_r = length_r + (~done_r).astype(jnp.int32)
     hit_r = ~done_r & jnp.any(tok_r[:, None] == eos_e[None, :], axis=-1)
     eos_r, done_r = eos_r | hit_r, done_r | hit_r
-    logits_rv, cache = decode(tok_r[:, None], (next_pos_r + i)[:, None], cache, p + i,
-                              kv_valid_rs, compute_dtype)
-    return (i + 1, cache, logits_rv.astype(jnp.float32), tokens_rg, logp_rg, length_r, done_r,
-            eos_r)
+    logits_rv, cache = decode(tok_r, next_pos_r + i, cache, i)
+    return i + 1, cache, logits_rv, tokens_rg, logp_rg, length_r, done_r, eos_r
 
-  init = (jnp.int32(0), cache, logits_rv,
+  init = (jnp.int32(0), cache, constrain(logits_rv),
           constrain(jnp.full((rows, gen_len), pad_id, jnp.int32)),
           constrain(jnp.zeros((rows, gen_len), jnp.float32)),
           constrain(jnp.zeros((rows,), jnp.int32)),

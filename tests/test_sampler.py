@@ -88,10 +88,10 @@ def test_greedy_same_on_8_devices_as_on_1(qwen):
 
 def test_generic_decode_path_matches_fast_path(qwen, monkeypatch):
   """A model without the Decoder's internals goes through its own init_cache / decode."""
-  from cqr_jax import sampler as sampler_mod
+  from cqr_jax import sampler_kv
   _, _, model, _ = qwen
   fast = _sampler().generate(model, PROMPTS, key=jax.random.key(0))
-  monkeypatch.setattr(sampler_mod, "_fast_path_ok", lambda m: False)
+  monkeypatch.setattr(sampler_kv, "fast_path_ok", lambda m: False)
   generic = _sampler(batch_buckets=(5,)).generate(model, PROMPTS, key=jax.random.key(0))
   np.testing.assert_array_equal(fast.completion_ids, generic.completion_ids)
   np.testing.assert_allclose(fast.logprobs, generic.logprobs, atol=1e-5)

@@ -141,8 +141,9 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
       parsed = [parse_response(t) for t in roll.texts]
       qids = [turns[i].qid for i in roll.prompt_index]
       ok = np.array([p.format_ok for p in parsed])
-      # Only responses that pass the format check are sent to the retriever (method.md 4.1).
-      ranks = ranker.ranks([p.rewrite if p.format_ok else None for p in parsed], qids)
+      # Only responses that pass the format check are sent to the retriever (method.md 4.1);
+      # on several hosts each ranks its own slice of the rollouts, then the ranks are gathered.
+      ranks = host_ranks(ranker, [p.rewrite if p.format_ok else None for p in parsed], qids)
       reward = rewards_lib.compute_rewards(ok, ranks, g.reward, step=step, total_steps=n_steps,
                                            num_golds=[len(turns[i].gold_ids)
                                                       for i in roll.prompt_index])
@@ -181,6 +182,16 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
   ckpt.wait()
   logger.close()
   return state, history
+
+
+def host_ranks(ranker, texts, qids) -> np.ndarray:
+  """Gold ranks of every rollout; with several processes each ranks its own rows."""
+  if jax.process_count() == 1:
+    return ranker.ranks(texts, qids)
+  from cqr_jax import distributed
+  rows = distributed.process_slice(len(texts))
+  mine = ranker.ranks(texts[rows], qids[rows]).astype(np.int32)
+  return np.asarray(distributed.allgather(mine, tiled=True)).reshape(-1)
 
 
 def _as_dict(state: steps.TrainState) -> dict:

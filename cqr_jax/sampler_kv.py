@@ -1,0 +1,159 @@
+"""The sampler's KV-cache forward passes: prefill of B prompts, then decode steps for B * n rows.
+
+The cache is split in two, per layer:
+- prompt part {"k", "v"}: [B, KVH, P, Dh], written once by the prefill and shared by the n
+  samples of each prompt (never repeated n times: n-fold less memory and fewer bytes read per
+  step for the prompt slots, which dominate in GRPO: 1,536-token prompts, n = 8-16);
+- generation part {"k", "v"}: [B * n, KVH, G, Dh], one slot written per step, in place.
+Rows are prompt-major (row i * n + j = sample j of prompt i). Head-major layouts make both
+attention matmuls plain batched matmuls over (B, KVH); the [B, S, KVH, Dh] layout of
+`Decoder.decode` makes XLA:CPU transpose the whole cache every layer and step (5-6x slower
+attention at batch 64; bench/results/sampler.md). A decode step's softmax runs jointly over the
+prompt and generation slots: the same attention as one concatenated cache.
+
+Projections, norms, RoPE, MLP and LM head are the Decoder's own modules. A model without that
+structure falls back to its `init_cache` / `decode` (full cache repeated n times).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from cqr_jax.models.layers import mm
+
+NEG = -1e30  # masked scores are replaced by this (as models/attention.py does)
+
+
+def fast_path_ok(model) -> bool:
+  """Whether `model` has the Decoder structure the split-cache passes use."""
+  layers = getattr(model, "layers", None)
+  if not layers:
+    return False
+  layer = layers[0]
+  return (all(hasattr(model, a) for a in ("_rope", "_cdt", "embed", "final_norm", "logits",
+                                          "config"))
+          and all(hasattr(layer, a) for a in ("attn_norm", "attn", "mlp_norm", "mlp"))
+          and hasattr(layer.attn, "qkv") and hasattr(layer.attn, "o_proj"))
+
+
+def _attend_prompt(q_btnd, k_bktd, v_bktd, mask_btt, cdt):
+  """Causal grouped-query attention of the prompt over itself: [B, T, H * Dh] f32."""
+  b, t, h, dh = q_btnd.shape
+  kvh = k_bktd.shape[1]
+  q_bkgtd = (q_btnd.reshape(b, t, kvh, h // kvh, dh) * (dh ** -0.5)).transpose(0, 2, 3, 1, 4)
+  s_bkgts = mm(q_bkgtd, k_bktd, cdt, "bkgtd,bksd->bkgts")
+  p_bkgts = jax.nn.softmax(jnp.where(mask_btt[:, None, None], s_bkgts, NEG), axis=-1)
+  o_bkgtd = mm(p_bkgts, v_bktd, cdt, "bkgts,bksd->bkgtd")
+  return o_bkgtd.transpose(0, 3, 1, 2, 4).reshape(b, t, h * dh)
+
+
+def _attend_step(q_r1nd, prompt, gen, prompt_mask_bp, step, n, dt):
+  """One query per row over its prompt's slots and its own generated slots [0, step]:
+  [R, 1, H * Dh] f32. Matmuls in `dt` (the cache dtype: no per-step cast of the cache)."""
+  r, _, h, dh = q_r1nd.shape
+  b, kvh, _, _ = prompt["k"].shape
+  g = h // kvh
+  q_rkgd = q_r1nd.reshape(r, kvh, g, dh) * (dh ** -0.5)
+  s_bnkgp = mm(q_rkgd.reshape(b, n, kvh, g, dh), prompt["k"], dt, "bnkgd,bkpd->bnkgp")
+  s_bnkgp = jnp.where(prompt_mask_bp[:, None, None, None, :], s_bnkgp, NEG)
+  s_rkgs = mm(q_rkgd, gen["k"], dt, "rkgd,rksd->rkgs")
+  s_rkgs = jnp.where(jnp.arange(s_rkgs.shape[-1]) <= step, s_rkgs, NEG)
+  s_bnkgs = s_rkgs.reshape(b, n, kvh, g, -1)
+  m = jnp.maximum(jnp.max(s_bnkgp, -1, keepdims=True), jnp.max(s_bnkgs, -1, keepdims=True))
+  e_bnkgp, e_bnkgs = jnp.exp(s_bnkgp - m), jnp.exp(s_bnkgs - m)
+  z = jnp.sum(e_bnkgp, -1, keepdims=True) + jnp.sum(e_bnkgs, -1, keepdims=True)
+  o_bnkgd = mm(e_bnkgp / z, prompt["v"], dt, "bnkgp,bkpd->bnkgd")
+  o_rkgd = mm((e_bnkgs / z).reshape(r, kvh, g, -1), gen["v"], dt, "rkgs,rksd->rkgd")
+  return (o_bnkgd.reshape(r, kvh, g, dh) + o_rkgd).reshape(r, 1, h * dh)
+
+
+def prefill(model, tokens_bp, positions_bp, mask_bp, compute_dtype, cache_dtype):
+  """Left-padded prompts -> (f32 logits [B, V] of the last position, prompt cache)."""
+  cdt = model._cdt(compute_dtype)
+  p = tokens_bp.shape[1]
+  mask_bpp = jnp.tril(jnp.ones((p, p), bool))[None] & mask_bp[:, None, :]
+  cos, sin = model._rope(positions_bp)
+  x_bpd = model.embed(tokens_bp)
+  cache = []
+  for layer in model.layers:
+    q, k, v = layer.attn.qkv(layer.attn_norm(x_bpd), cos, sin, cdt)
+    k_bkpd, v_bkpd = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    x_bpd = x_bpd + layer.attn.o_proj(_attend_prompt(q, k_bkpd, v_bkpd, mask_bpp, cdt), cdt)
+    x_bpd = x_bpd + layer.mlp(layer.mlp_norm(x_bpd), cdt)
+    cache.append({"k": k_bkpd.astype(cache_dtype), "v": v_bkpd.astype(cache_dtype)})
+  logits_b1v = model.logits(model.final_norm(x_bpd[:, -1:]), compute_dtype=compute_dtype)
+  return logits_b1v[:, 0].astype(jnp.float32), cache
+
+
+def init_gen_cache(cfg, rows: int, gen_len: int, dtype) -> list[dict[str, jax.Array]]:
+  shape = (rows, cfg.num_kv_heads, gen_len, cfg.head_dim)
+  return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+          for _ in range(cfg.num_layers)]
+
+
+def decode_step(model, tokens_r, positions_r, prompt_cache, gen_cache, step, prompt_mask_bp, n,
+                compute_dtype):
+  """Row r's token at position positions_r[r] into generation slot `step`:
+  (f32 logits [R, V], updated generation cache)."""
+  cdt = model._cdt(compute_dtype)
+  cos, sin = model._rope(positions_r[:, None])
+  x_r1d = model.embed(tokens_r[:, None])
+  new = []
+  for layer, pc, gc in zip(model.layers, prompt_cache, gen_cache):
+    q, k, v = layer.attn.qkv(layer.attn_norm(x_r1d), cos, sin, cdt)
+    at = (0, 0, step, 0)
+    gc = {"k": jax.lax.dynamic_update_slice(gc["k"], k.transpose(0, 2, 1, 3).astype(
+              gc["k"].dtype), at),
+          "v": jax.lax.dynamic_update_slice(gc["v"], v.transpose(0, 2, 1, 3).astype(
+              gc["v"].dtype), at)}
+    o = _attend_step(q, pc, gc, prompt_mask_bp, step, n, gc["k"].dtype)
+    x_r1d = x_r1d + layer.attn.o_proj(o, cdt)
+    x_r1d = x_r1d + layer.mlp(layer.mlp_norm(x_r1d), cdt)
+    new.append(gc)
+  logits_r1v = model.logits(model.final_norm(x_r1d), compute_dtype=compute_dtype)
+  return logits_r1v[:, 0].astype(jnp.float32), new
+
+
+def make_steps(model, *, n: int, gen_len: int, cache_dtype, prefill_dtype, compute_dtype,
+               constrain=lambda x: x):
+  """(prefill_fn, decode_fn) for the generation loop.
+
+  prefill_fn(tokens_bp, positions_bp, mask_bp) -> (logits [B * n, V], state);
+  decode_fn(tokens_r, positions_r, state, step) -> (logits [R, V], state). `state` is the
+  cache pytree (rows sharded like the batch through `constrain`).
+  """
+  if fast_path_ok(model):
+    cache_dt = jnp.dtype(cache_dtype) if cache_dtype is not None else model._cdt(None)
+
+    def prefill_fn(tokens_bp, positions_bp, mask_bp):
+      logits_bv, pc = prefill(model, tokens_bp, positions_bp, mask_bp, prefill_dtype, cache_dt)
+      rows = tokens_bp.shape[0] * n
+      gc = init_gen_cache(model.config, rows, gen_len, cache_dt)
+      state = (jax.tree.map(constrain, pc), jax.tree.map(constrain, gc), mask_bp)
+      return jnp.repeat(logits_bv, n, axis=0), state
+
+    def decode_fn(tokens_r, positions_r, state, step):
+      pc, gc, mask_bp = state
+      logits_rv, gc = decode_step(model, tokens_r, positions_r, pc, gc, step, mask_bp, n,
+                                  compute_dtype)
+      return logits_rv, (pc, gc, mask_bp)
+    return prefill_fn, decode_fn
+
+  def prefill_generic(tokens_bp, positions_bp, mask_bp):
+    b, p = tokens_bp.shape
+    kv_valid_bs = jnp.concatenate([mask_bp, jnp.ones((b, gen_len), bool)], axis=-1)
+    cache = model.init_cache(b, p + gen_len, dtype=cache_dtype)
+    logits, cache = model.decode(tokens_bp, positions_bp, cache, 0, kv_valid_bs,
+                                 compute_dtype=prefill_dtype)
+    cache = jax.tree.map(lambda x: constrain(jnp.repeat(x, n, axis=0)), cache)
+    kv_valid_rs = constrain(jnp.repeat(kv_valid_bs, n, axis=0))
+    state = (cache, kv_valid_rs, jnp.int32(p))
+    return jnp.repeat(logits[:, -1].astype(jnp.float32), n, axis=0), state
+
+  def decode_generic(tokens_r, positions_r, state, step):
+    cache, kv_valid_rs, p = state
+    logits, cache = model.decode(tokens_r[:, None], positions_r[:, None], cache, p + step,
+                                 kv_valid_rs, compute_dtype=compute_dtype)
+    return logits[:, 0].astype(jnp.float32), (cache, kv_valid_rs, p)
+  return prefill_generic, decode_generic
