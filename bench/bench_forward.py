@@ -151,6 +151,8 @@ def write_md(args, cfg, rows, ratios, err):
       *[f"- {stat}: Flax / PyTorch both float32 **{r[0]:.2f}x**; each at its fastest logits "
         f"setting **{r[1]:.2f}x** (goal: >= 1.5x)" for stat, r in ratios.items()],
       f"- float32 logits agree to {err:.1e} (max abs).",
+      f"- 1-minute load average at the end of the run: {os.getloadavg()[0]:.1f} on "
+      f"{os.cpu_count()} cores.",
       "- Flax bf16 = bf16 matmul operands with float32 accumulation "
       "(`preferred_element_type`); norms, softmax, residual stream and logits stay float32.", ""]
   with open(args.out, "w") as f:

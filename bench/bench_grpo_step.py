@@ -17,8 +17,8 @@ the end and reports its time split, to show the mirror is faithful.
 TRL's split comes from wrapping its methods: generation (`_generate`), reward
 (`_calculate_rewards`), no-grad log-prob passes (reference model), and the rest of the step
 (training forward + backward + optimizer). TRL runs with its own defaults except for the settings
-above (bf16 autocast and gradient checkpointing on). Both sides recompute activations in the backward
-pass: without it the update of 64 sequences does not fit this 24 GB machine (ours: preset
+above (bf16 autocast and gradient checkpointing on). Both sides recompute activations in the
+backward pass: without it the update of 64 sequences does not fit this 24 GB machine (ours: preset
 cpu-default's micro-batch 32 without remat asks XLA for ~115 GB).
 
     python bench/bench_grpo_step.py --out bench/results/grpo_step.md

