@@ -42,12 +42,15 @@ SETTINGS = {
 }
 
 _FACTS = [
-    ("Who designed the Eiffel Tower?", "Gustave Eiffel's company built it for the 1889 World's Fair in Paris."),
+    ("Who designed the Eiffel Tower?",
+     "Gustave Eiffel's company built it for the 1889 World's Fair in Paris."),
     ("How tall is it?", "It is about 330 metres tall including its antennas."),
     ("Was it popular at first?", "Many artists protested against it when it was being built."),
     ("What material is it made of?", "It is made of wrought iron, around 7,300 tonnes of it."),
-    ("How often is it painted?", "It is repainted roughly every seven years to protect it from rust."),
-    ("Can visitors climb it?", "Yes, the stairs go up to the second floor and lifts go to the top."),
+    ("How often is it painted?",
+     "It is repainted roughly every seven years to protect it from rust."),
+    ("Can visitors climb it?",
+     "Yes, the stairs go up to the second floor and lifts go to the top."),
     ("Who wrote Dune?", "Frank Herbert wrote Dune, first published in 1965."),
     ("Did it win awards?", "It won the Hugo Award and the first Nebula Award for Best Novel."),
     ("Were there sequels?", "Herbert wrote five sequels, starting with Dune Messiah in 1969."),

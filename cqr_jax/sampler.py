@@ -330,7 +330,10 @@ class Sampler:
     tokenizer: HF tokenizer (chat prompts, decoded texts, stop strings, default eos / pad ids).
     mesh: a jax Mesh with axes ("data", "fsdp", "tensor"), or None for the default device. Prompt
       rows are sharded over data x fsdp; parameters stay as the model placed them.
-    vocab_size / eos_ids / pad_id: override what the tokenizer says.
+    model_eos_ids: extra EOS ids (generate() also adds the model config's unless
+      config.eos_ids is set).
+    pad_id: padding id of prompts and of completions after their end; default the tokenizer's
+      pad, else the first EOS id, else 0.
   """
 
   def __init__(self, config: SamplerConfig = SamplerConfig(), tokenizer=None, *, mesh=None,
@@ -346,7 +349,8 @@ class Sampler:
     if pad_id is None:
       pad_id = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
     self.pad_id = int(pad_id if pad_id is not None else (self.eos_ids[0] if self.eos_ids else 0))
-    self.prompt_buckets = tuple(config.prompt_len_buckets) or _default_buckets(config.max_prompt_len)
+    self.prompt_buckets = (tuple(config.prompt_len_buckets)
+                           or _default_buckets(config.max_prompt_len))
     if self.prompt_buckets[-1] < config.max_prompt_len:
       self.prompt_buckets += (config.max_prompt_len,)
     self.gen_buckets = tuple(config.gen_len_buckets) or _default_buckets(config.max_new_tokens)

@@ -2,8 +2,8 @@
 
 The same training runs as a simulated 2-host pod (`tests/multiprocess.py`: jax.distributed over
 CPU collectives, 4 fake devices per process) and, at the same time, in the pytest process itself
-(8 fake devices from tests/conftest.py), on the same (data, fsdp, tensor) = (2, 2, 2) mesh. It drives the real jitted steps on a
-tiny Qwen2-shaped model: SFT updates, then GRPO updates with the reference log-prob pass, an Orbax
+(8 fake devices from tests/conftest.py), on the same (data, fsdp, tensor) = (2, 2, 2) mesh. It
+drives the real jitted steps on a tiny Qwen2-shaped model: SFT updates, then GRPO updates with the reference log-prob pass, an Orbax
 save and a restore into a fresh target mid-run, and more GRPO updates from the restored state.
 Every batch goes through `rollout_batch.place`, which in the pod feeds each process's own rows.
 

@@ -1,0 +1,27 @@
+"""Collects bench/results/*.md into BENCHMARKS.md (the summary table stays at the top)."""
+
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ORDER = ["forward", "sampler", "update", "grpo_step", "bm25", "dense", "export", "data",
+         "memory_plan"]
+
+
+def main() -> None:
+  res = os.path.join(HERE, "results")
+  out_path = os.path.join(HERE, "..", "BENCHMARKS.md")
+  head = open(os.path.join(res, "_summary.md")).read() if os.path.exists(
+      os.path.join(res, "_summary.md")) else "# Benchmarks\n"
+  names = [n for n in ORDER if os.path.exists(os.path.join(res, f"{n}.md"))]
+  names += sorted(f[:-3] for f in os.listdir(res) if f.endswith(".md") and f[:-3] not in names
+                  and not f.startswith("_"))
+  parts = [head.rstrip() + "\n"]
+  for n in names:
+    text = open(os.path.join(res, f"{n}.md")).read().strip()
+    parts.append("\n---\n\n" + text.replace("\n# ", "\n## ").replace("\n## ", "\n### ", 0) + "\n")
+  with open(out_path, "w") as f:
+    f.write("".join(parts))
+
+
+if __name__ == "__main__":
+  main()
