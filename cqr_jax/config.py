@@ -234,4 +234,7 @@ def resolve(preset: str | None = None, yaml_path: str | None = None,
     cfg = configlib.merge(cfg, PRESETS[preset]())
   if yaml_path:
     cfg = configlib.merge(cfg, configlib.load_yaml(yaml_path))
-  return configlib.merge(cfg, configlib.parse_overrides(overrides))
+  cfg = configlib.merge(cfg, configlib.parse_overrides(overrides))
+  if cfg.run_dir == RunConfig.run_dir:  # not chosen: one folder per config name
+    cfg = configlib.merge(cfg, {"run_dir": f"runs/{cfg.name}"})
+  return cfg

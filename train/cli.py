@@ -41,8 +41,6 @@ def resolve_config(args):
   cfg = cfglib.resolve(args.preset, args.config, args.set)
   if args.run_dir:
     cfg = cfglib.configlib.merge(cfg, {"run_dir": args.run_dir})
-  elif cfg.run_dir == cfglib.RunConfig().run_dir:
-    cfg = cfglib.configlib.merge(cfg, {"run_dir": os.path.join("runs", cfg.name)})
   return cfg
 
 

@@ -175,7 +175,7 @@ def markdown_table(rows: list[dict]) -> str:
   for r in rows:
     fp = f"{r['format_pass']:.3f}" if "format_pass" in r else "-"
     vals = [r["system"]] + [f"{r[m]:.3f}" for m in METRICS] + [
-        f"{r['mrr|misses']:.3f}", fp, f"{r['scored']:.0f}/{r['queries']}"]
+        f"{r['recip_rank|misses']:.3f}", fp, f"{r['scored']:.0f}/{r['queries']}"]
     lines.append("| " + " | ".join(vals) + " |")
   return "\n".join(lines)
 
