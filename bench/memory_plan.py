@@ -1,22 +1,30 @@
 """Compiler memory plan (issue 9): per-device bytes of the real GRPO update and the real sampler
-program for Qwen2.5-3B / Llama-3.2-3B on meshes of 8-32 fake CPU devices.
+program for Qwen2.5-3B / Llama-3.2-3B on meshes of 8-32 devices, from the compiler.
 
 No weights are made: parameters, AdamW state and batches are `jax.ShapeDtypeStruct`s carrying the
 shardings the trainer gives them (`cqr_jax.sharding.state_shardings`, batch rows over data x fsdp);
-`jax.jit(...).lower(...).compile().memory_analysis()` then reports XLA's per-device buffer sizes
-after SPMD partitioning. Programs, exactly as `train/grpo.py` runs them:
+`jax.jit(...).lower(...).compile().memory_analysis()` reports the per-device buffer sizes after
+SPMD partitioning. Programs, as `train/grpo.py` runs them:
 - "train": `train.steps.make_grpo_update` (f32 master params + AdamW, bf16 matmul operands, remat
   per layer, the 1,024-rollout batch cut into micro-batches of `micro` rows per device), jitted
   as `steps.jit_state_step` does (state donated, output shardings pinned to the input's).
 - "sampler": `cqr_jax.sampler._generate_program` as `Sampler.generate` calls it on an
   accelerator (bf16 compute, bf16 KV cache, parameters cast to bf16 inside): 128 prompts of
   1,536 tokens, 8 samples each, 1,024 new tokens.
-Besides the program's own bytes, the chip also holds what lives across the step: the frozen
-reference policy (f32, as train/grpo.py copies it) always, and the AdamW moments while sampling.
-Each job runs in its own subprocess (one compile at a time, memory returned after each).
+By default both get sharding constraints that keep batch rows on data x fsdp (see
+`_micro_constraint`, `_activation_constraints`, `_linear_constraints`: without them GSPMD
+replicates the activations, 1.9 TB/device for the 3B train step); `--as-written` drops them.
+Besides the program's own bytes the chip holds what lives across the step: the frozen reference
+policy (f32, as train/grpo.py copies it) always, and the AdamW moments while sampling.
+Compilers: fake CPU devices (XLA:CPU with its memory-minimising scheduler), or `--target
+tpu:<topology>`: deviceless ahead-of-time compilation by the TPU compiler in libtpu. Each job
+runs in its own subprocess; results are appended to a JSON-lines file.
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=32 python bench/memory_plan.py \
-      --jobs default --out bench/results/memory_plan.json
+  python bench/memory_plan.py --out bench/results/memory_plan.jsonl          # the default set
+  python bench/memory_plan.py --jobs "qwen2.5-3b:train:1,16,1:2"            # one job, micro 2
+  PYTHONPATH=/path/to/libtpu python bench/memory_plan.py --target tpu:v5p:2x2x4 \
+      --jobs "qwen2.5-3b:sampler:1,16,1"
+  python bench/memory_plan.py --out bench/results/memory_plan.jsonl --table  # markdown
 """
 
 from __future__ import annotations
@@ -372,11 +380,19 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--job", help="run one job (JSON of Job fields) in this process, print JSON")
   ap.add_argument("--jobs", default="default",
-                  help="'default', or ';'-separated model:program:data,fsdp,tensor[:micro]")
+                  help="'default', or ';'-separated model:program:data,fsdp,tensor[:micro] "
+                  "(model: qwen2.5-3b, llama3.2-3b, smollm2-135m; program: train, sampler)")
   ap.add_argument("--out", default="bench/results/memory_plan.json",
                   help="JSON lines, appended (finished jobs are skipped on a rerun)")
   ap.add_argument("--timeout", type=float, default=900, help="seconds per job")
   ap.add_argument("--table", action="store_true", help="print the table of --out and exit")
+  ap.add_argument("--target", default="cpu",
+                  help="'cpu' (fake devices) or 'tpu:<topology>', e.g. tpu:v5p:2x2x4 (16 chips); "
+                  "the TPU compiler needs libtpu importable (pip install libtpu; a --target "
+                  "folder on PYTHONPATH is enough)")
+  ap.add_argument("--num-layers", type=int, default=None, help="override the layer count")
+  ap.add_argument("--as-written", action="store_true",
+                  help="no sharding constraints: lower train/steps.py and the sampler as they are")
   args = ap.parse_args(argv)
   if args.job:
     d = json.loads(args.job)
@@ -397,7 +413,9 @@ def main(argv=None) -> int:
     for spec in args.jobs.split(";"):
       parts = spec.split(":")
       mesh = tuple(int(x) for x in parts[2].split(","))
-      jobs.append(Job(parts[0], parts[1], mesh, *([int(parts[3])] if len(parts) > 3 else [])))
+      jobs.append(Job(parts[0], parts[1], mesh, *([int(parts[3])] if len(parts) > 3 else []),
+                      constrain_micro=not args.as_written, constrain_acts=not args.as_written,
+                      num_layers=args.num_layers, target=args.target))
   key = lambda d: (d["model"], d["program"], tuple(d["mesh"]), d["micro"],  # noqa: E731
                    d.get("constrain_micro", True), d.get("constrain_acts", True),
                    d.get("target", "cpu"), d.get("num_layers"))

@@ -57,9 +57,14 @@ def require(path: str, stage: str, what: str) -> str:
 
 
 def make_mesh(cfg: cfglib.RunConfig):
+  """The run's mesh; with every axis given (no -1) it takes the first data*fsdp*tensor devices."""
   from cqr_jax import sharding
   m = cfg.mesh
-  return sharding.make_mesh(sharding.MeshConfig(data=m.data, fsdp=m.fsdp, tensor=m.tensor))
+  devices = jax.devices()
+  if -1 not in (m.data, m.fsdp, m.tensor):
+    devices = devices[:m.data * m.fsdp * m.tensor]
+  return sharding.make_mesh(sharding.MeshConfig(data=m.data, fsdp=m.fsdp, tensor=m.tensor),
+                            devices=devices)
 
 
 def _numerics(cfg: cfglib.RunConfig) -> dict[str, Any]:

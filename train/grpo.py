@@ -117,9 +117,9 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
       prompt_len_buckets=tuple(ro.prompt_buckets)), tokenizer, mesh=mesh,
       model_eos_ids=mcfg.eos_token_ids)
   update = steps.make_grpo_update(graphdef, rest, tx, g.loss, temperature=ro.temperature,
-                                  micro_batch=g.micro_batch)
+                                  micro_batch=g.micro_batch, mesh=mesh)
   ref_logprobs = steps.make_logprob_fn(graphdef, rest, temperature=ro.temperature,
-                                       micro_batch=g.micro_batch)
+                                       micro_batch=g.micro_batch, mesh=mesh)
   logger = MetricsLogger(out, resume_step=int(state.step) if int(state.step) else None)
   monitor = CollapseMonitor()
   history, bad_in_row = [], 0

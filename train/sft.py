@@ -97,7 +97,7 @@ def train_sft(cfg: cfglib.RunConfig, model=None, mcfg=None):
     _, restored, _ = ckpt.restore(None, {"state": common.abstract_like(_as_dict(state))})
     state = _from_dict(restored["state"])
     log.info("resumed SFT at step %d", int(state.step))
-  update = steps.make_sft_update(graphdef, rest, tx, micro_batch=micro)
+  update = steps.make_sft_update(graphdef, rest, tx, micro_batch=micro, mesh=mesh)
   logger = MetricsLogger(out, resume_step=int(state.step) if int(state.step) else None)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
   from tqdm.auto import tqdm

@@ -49,11 +49,28 @@ def _target_logprobs(graphdef, rest, params, tokens_bl, mask_bl, temperature, wi
                               temperature=temperature, with_entropy=with_entropy)
 
 
-def _split_micro(x, n_micro: int):
-  return x.reshape((n_micro, x.shape[0] // n_micro) + x.shape[1:])
+def _split_micro(x, n_micro: int, mesh=None):
+  """[B, ...] -> [M, B/M, ...] with micro-batch m = rows m, m + M, m + 2M, ... (strided).
+
+  A batch sharded over (data, fsdp) in contiguous blocks then keeps every micro-batch spread over
+  all devices (a contiguous split would put whole micro-batches on single devices and serialise
+  the scan); with a mesh, the [B/M] axis is pinned to (data, fsdp) as well.
+  """
+  out = x.reshape((x.shape[0] // n_micro, n_micro) + x.shape[1:]).swapaxes(0, 1)
+  if mesh is not None:
+    from jax.sharding import NamedSharding, PartitionSpec
+    spec = PartitionSpec(None, ("data", "fsdp"), *([None] * (x.ndim - 1)))
+    out = jax.lax.with_sharding_constraint(out, NamedSharding(mesh, spec))
+  return out
 
 
-def make_logprob_fn(graphdef, rest, *, temperature: float, micro_batch: int) -> Callable:
+def _merge_micro(x):
+  """Inverse of `_split_micro`: [M, B/M, ...] -> [B, ...] in the original row order."""
+  return x.swapaxes(0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def make_logprob_fn(graphdef, rest, *, temperature: float, micro_batch: int,
+                    mesh=None) -> Callable:
   """Jitted `(params, tokens_bl, mask_bl) -> logp [B, L-1]`, in micro-batches (reference pass)."""
 
   @jax.jit
@@ -64,9 +81,9 @@ def make_logprob_fn(graphdef, rest, *, temperature: float, micro_batch: int) -> 
       t, m = xs
       return None, _target_logprobs(graphdef, rest, params, t, m, temperature, False)
 
-    _, out = jax.lax.scan(one, None, (_split_micro(tokens_bl, n_micro),
-                                      _split_micro(mask_bl, n_micro)))
-    return out.reshape((tokens_bl.shape[0],) + out.shape[2:])
+    _, out = jax.lax.scan(one, None, (_split_micro(tokens_bl, n_micro, mesh),
+                                      _split_micro(mask_bl, n_micro, mesh)))
+    return _merge_micro(out)
 
   return logprobs
 
@@ -123,7 +140,7 @@ def jit_state_step(fn: Callable) -> Callable:
 
 
 def make_grpo_update(graphdef, rest, tx, loss_cfg, *, temperature: float,
-                     micro_batch: int) -> Callable:
+                     micro_batch: int, mesh=None) -> Callable:
   """Jitted GRPO update (method.md 4.6-4.8): one optimizer step on a whole rollout batch.
 
   batch: tokens_bl, mask_bl, loss_mask_bl [B, L] (loss mask over targets, i.e. [:, :L-1] used),
@@ -142,7 +159,7 @@ def make_grpo_update(graphdef, rest, tx, loss_cfg, *, temperature: float,
 
   def update(state: TrainState, batch: dict):
     n_micro = max(batch["tokens"].shape[0] // micro_batch, 1)
-    micro = jax.tree.map(lambda x: _split_micro(x, n_micro), batch)
+    micro = jax.tree.map(lambda x: _split_micro(x, n_micro, mesh), batch)
     total = jnp.sum(jax.vmap(lambda m: grpo_obj.aggregation_count(m[:, 1:], loss_cfg))(
         micro["loss_mask"]))
     scale = lambda c: grpo_obj.accumulation_scale(loss_cfg, c, n_micro, total)  # noqa: E731
@@ -155,7 +172,7 @@ def make_grpo_update(graphdef, rest, tx, loss_cfg, *, temperature: float,
   return jit_state_step(update)
 
 
-def make_sft_update(graphdef, rest, tx, *, micro_batch: int) -> Callable:
+def make_sft_update(graphdef, rest, tx, *, micro_batch: int, mesh=None) -> Callable:
   """Jitted SFT update (method.md 3.3-3.4): CE on response tokens + EOS, token mean per
   micro-batch averaged over micro-batches (verl's per-rank mean), one optimizer step."""
 
@@ -168,7 +185,7 @@ def make_sft_update(graphdef, rest, tx, *, micro_batch: int) -> Callable:
 
   def update(state: TrainState, batch: dict):
     n_micro = max(batch["tokens"].shape[0] // micro_batch, 1)
-    micro = jax.tree.map(lambda x: _split_micro(x, n_micro), batch)
+    micro = jax.tree.map(lambda x: _split_micro(x, n_micro, mesh), batch)
     scale = lambda c: 1.0 / (jnp.maximum(c, 1.0) * n_micro)  # noqa: E731
     loss, grads, count, _ = _accumulate(loss_and_grad, state.params, micro, scale,
                                         lambda a, b: a)

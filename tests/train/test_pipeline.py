@@ -22,7 +22,9 @@ pytestmark = pytest.mark.skipif(smollm2_gguf_path() is None,
 def tiny_run(tmp_path_factory):
   from train import pipeline
   run_dir = str(tmp_path_factory.mktemp("pipeline") / "run")
-  cfg = cfglib.resolve("tiny", None, [f"run_dir={run_dir}"])
+  # One device: the CPU pipeline as a user runs it (the session's 8 fake devices would make XLA
+  # compile 8-way SPMD programs of a 30-layer model, for no coverage the sharding tests lack).
+  cfg = cfglib.resolve("tiny", None, [f"run_dir={run_dir}", "mesh.fsdp=1"])
   result = pipeline.run_pipeline(cfg)
   return cfg, result
 

@@ -38,7 +38,7 @@ def run_update(mesh, batch, micro_batch, loss_cfg=grpo_obj.GRPOLossConfig()):
   tx = optax.sgd(1.0)  # params - grads: compares the gradients (Adam's first step is ~sign(g))
   state = steps.init_state(params, tx)
   update = steps.make_grpo_update(graphdef, rest, tx, loss_cfg, temperature=0.7,
-                                  micro_batch=micro_batch)
+                                  micro_batch=micro_batch, mesh=mesh)
   placed = {k: rollout_batch.place(v, mesh) for k, v in batch.items()}
   state, m = update(state, placed)
   return jax.device_get(state.params), jax.device_get(m)
@@ -56,7 +56,7 @@ def test_micro_batches_equal_the_formula(aggregation):
   def step_loss(p):
     sums, counts = [], []
     for i in range(4):
-      sl = slice(2 * i, 2 * i + 2)
+      sl = slice(i, None, 4)  # micro-batch i = rows i, i + 4 (strided, see steps._split_micro)
       mb = {k: jnp.asarray(v[sl]) for k, v in batch.items()}
       lp, ent = steps._target_logprobs(graphdef, rest, p, mb["tokens"], mb["mask"], 0.7, True)
       s, c, _ = grpo_obj.grpo_loss(lp, jax.lax.stop_gradient(lp), mb["ref_logp"], ent, mb["adv"],
