@@ -175,6 +175,8 @@ def main(argv=None):
   ap.add_argument("--prompt", type=int, default=256)
   ap.add_argument("--response", type=int, default=128)
   ap.add_argument("--rounds", type=int, default=3, help="round-robin rounds after the first call")
+  ap.add_argument("--micro-batch", type=int, default=0,
+                  help="ours: sequences per micro-batch (0: the whole batch, one pass)")
   ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
   ap.add_argument("--skip", default="", help="comma-separated setting names to leave out")
   ap.add_argument("--out", default=None, help="write a markdown section here")
@@ -196,7 +198,8 @@ def main(argv=None):
     name = f"ours, compute {cdt}"
     if name in skip:
       continue
-    fns[name], first[name], losses[name], mcfg = ours_update_fn(gguf, cdt, batch, args.batch, box)
+    fns[name], first[name], losses[name], mcfg = ours_update_fn(gguf, cdt, batch,
+                                                                args.micro_batch or args.batch, box)
     print(f"{name}: first call (compile + run) {first[name]:.1f}s", flush=True)
   torch_settings = {
       "torch f32 (stock)": dict(autocast=False, response_only=False),
@@ -241,9 +244,10 @@ def main(argv=None):
       f"batch of {args.batch} x {args.prompt + args.response} tokens ({args.prompt} prompt with "
       f"some left padding + up to {args.response} response), GRPO loss (PPO clip 0.2, k3 KL 0.001,"
       f" entropy 0.001, token mean), clip 1.0, AdamW. Median of {args.rounds} round-robin rounds "
-      f"after a first call (compile for ours); {platform.machine()}, {os.cpu_count()} cores "
-      f"shared with other jobs (compare ratios); jax {jax.__version__}, torch {torch.__version__},"
-      f" torch threads {args.threads}.",
+      f"after a first call (compile for ours); ours in micro-batches of "
+      f"{args.micro_batch or args.batch} (accumulated in one jit); {platform.machine()}, "
+      f"{os.cpu_count()} cores shared with other jobs (compare ratios); jax {jax.__version__}, "
+      f"torch {torch.__version__}, torch threads {args.threads}.",
       "",
       f"Machine reference: jitted 1024^3 bf16 dot with f32 accumulation = {peak:.0f} GFLOP/s "
       f"before, {peak_after:.0f} after the timed rounds (the larger is used). Model FLOPs per "

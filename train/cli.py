@@ -8,7 +8,6 @@ when they are missing.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 STAGES = {

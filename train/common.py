@@ -168,9 +168,6 @@ def config_from_args(args) -> cfglib.RunConfig:
   return resolve_config(args)
 
 
-def replace(cfg, **kw):
-  return dataclasses.replace(cfg, **kw)
-
 
 # ---------------------------------------------------------------------------------- data
 

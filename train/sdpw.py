@@ -15,7 +15,6 @@ import os
 import re
 
 import jax
-import numpy as np
 
 from cqr_jax import config as cfglib
 from train import common, rewriting

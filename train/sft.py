@@ -11,7 +11,6 @@ import logging
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from cqr_jax import config as cfglib

@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 from cqr_jax import sharding
 from cqr_jax.models.config import ModelConfig
