@@ -18,9 +18,9 @@ TRL's split comes from wrapping its methods: generation (`_generate`), reward
 (`_calculate_rewards`), no-grad log-prob passes (reference model), and the rest of the step
 (training forward + backward + optimizer). TRL runs with its own defaults except for the settings
 above (bf16 autocast and gradient checkpointing on). Ours runs micro-batches of 2 sequences: at
-the 640-token padded length (prompt bucket 512 + 128) the update's XLA temp memory is ~20 GB per
-8-sequence micro-batch with or without remat (see bench/results/grpo_step.md), which does not fit
-this 24 GB machine; the cpu-default preset's micro-batch 32 asks for ~115 GB.
+the 512-token padded length (prompt bucket 384 + 128) the update's XLA temp memory is ~13 GB with
+micro-batches of 8, with or without remat (see bench/results/grpo_step.md), which does not fit
+this 24 GB machine beside other jobs.
 
     python bench/bench_grpo_step.py --out bench/results/grpo_step.md
 """
@@ -281,7 +281,7 @@ def main(argv=None):
   ap.add_argument("--max-new", type=int, default=128)
   ap.add_argument("--micro-batch", type=int, default=2,
                   help="ours; the update's XLA temp memory grows ~2.4 GB per sequence at 640 "
-                  "tokens (the cpu-default preset's 32 asks for ~115 GB)")
+                  "tokens, whatever the remat policy")
   ap.add_argument("--remat", default="none",
                   help="ours: model.remat ('none', 'full' or a jax.checkpoint_policies name)")
   ap.add_argument("--trl-micro-batch", type=int, default=8, help="TRL per_device_train_batch_size")

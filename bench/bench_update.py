@@ -169,6 +169,52 @@ def torch_update_fn(shared: dict, hf_dir: str, batch_np: dict, *, autocast: bool
   return run, time.perf_counter() - t0, loss
 
 
+def breakdown(gguf: str, batch_np: dict, prompt: int, reps: int = 3) -> list[tuple[str, float]]:
+  """Min seconds of each piece of our bf16 update, jitted separately (where the time goes)."""
+  from flax import nnx
+  from cqr_jax.models.decoder import chunked_logprobs
+  model, _ = load_gguf(gguf, param_dtype="float32", compute_dtype="bfloat16", remat="none")
+  g, params, rest = steps.split_model(model)
+  tok, mask = jnp.asarray(batch_np["tokens"]), jnp.asarray(batch_np["mask"])
+  pos = steps.positions_from_mask(mask)
+
+  def hidden(p):
+    return nnx.merge(g, p, rest).hidden(tok[:, :-1], pos[:, :-1], mask[:, :-1])
+
+  def logprobs(p, ent):
+    return steps._target_logprobs(g, rest, p, tok, mask, TEMPERATURE, ent)
+
+  def response_logprobs(p):  # what-if: the LM head on the response positions only
+    m = nnx.merge(g, p, rest)
+    return chunked_logprobs(hidden(p)[:, prompt - 1:], m.lm_head_vd(), tok[:, prompt:],
+                            temperature=TEMPERATURE, with_entropy=True,
+                            compute_dtype=jnp.bfloat16)
+
+  total = lambda out: sum(jnp.sum(x) for x in jax.tree.leaves(out))  # noqa: E731
+  pieces = {
+      "forward, decoder trunk (`Decoder.hidden`)": hidden,
+      "forward, + chunked LM head log-probs (the reference pass)": lambda p: logprobs(p, False),
+      "forward, + entropy": lambda p: logprobs(p, True),
+      "grad of the trunk alone (sum of hidden states)": jax.grad(lambda p: total(hidden(p))),
+      "grad of log-probs + entropy, all positions":
+          jax.grad(lambda p: total(logprobs(p, True))),
+      "same, LM head on the response positions only":
+          jax.grad(lambda p: total(response_logprobs(p))),
+  }
+  rows = []
+  for name, fn in pieces.items():
+    f = jax.jit(fn)
+    jax.block_until_ready(f(params))
+    ts = []
+    for _ in range(reps):
+      t0 = time.perf_counter()
+      jax.block_until_ready(f(params))
+      ts.append(time.perf_counter() - t0)
+    rows.append((name, min(ts)))
+    print(f"{name}: {min(ts):.2f}s", flush=True)
+  return rows
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--batch", type=int, default=8)
@@ -179,6 +225,9 @@ def main(argv=None):
                   help="ours: sequences per micro-batch (0: the whole batch, one pass)")
   ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
   ap.add_argument("--skip", default="", help="comma-separated setting names to leave out")
+  ap.add_argument("--breakdown", action="store_true",
+                  help="only time the pieces of our bf16 update (forward / grad of the trunk, LM "
+                  "head over all vs response positions) and print a table")
   ap.add_argument("--out", default=None, help="write a markdown section here")
   args = ap.parse_args(argv)
 
@@ -189,6 +238,10 @@ def main(argv=None):
   batch = make_batch(args.batch, args.prompt, args.response, 49152)
   n_tok = args.batch * (args.prompt + args.response)
   skip = set(filter(None, args.skip.split(",")))
+  if args.breakdown:
+    rows = breakdown(gguf, batch, args.prompt)
+    print("| piece | s |\n|---|---:|\n" + "\n".join(f"| {n} | {t:.2f} |" for n, t in rows))
+    return
 
   peak = measure_matmul_peak()
   print(f"bf16 x bf16 -> f32 1024^3 dot: {peak:.0f} GFLOP/s", flush=True)
