@@ -16,9 +16,6 @@ from cqr_jax import configlib
 
 log = logging.getLogger("cqr_jax")
 
-# Sub-folders of a run (design.md "Runs on disk"); a stage writes its own.
-STAGE_DIRS = {"zero_shot": "eval_zero_shot", "sdpw": "sdpw", "sft": "sft", "grpo": "grpo",
-              "eval": "eval", "export": "export", "report": "report"}
 
 
 class MissingStageError(RuntimeError):
@@ -37,7 +34,8 @@ def setup_logging():
 
 
 def stage_dir(cfg: cfglib.RunConfig, stage: str, create: bool = True) -> str:
-  d = os.path.join(cfg.run_dir, STAGE_DIRS.get(stage, stage))
+  """`<run>/<stage>` (design.md "Runs on disk"): sdpw, sft, grpo, eval, export, report."""
+  d = os.path.join(cfg.run_dir, stage)
   if create and is_main():
     os.makedirs(d, exist_ok=True)
   return d

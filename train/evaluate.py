@@ -130,12 +130,12 @@ def evaluate_policy(cfg: cfglib.RunConfig, model, mcfg, mesh, name: str, out: st
 
 def _row(name: str, per_seed: list[dict]) -> dict:
   row = {"system": name, "seeds": len(per_seed), "runs": [s["run_file"] for s in per_seed]}
-  for mode in ("dropped", "misses"):
+  for mode, suffix in (("dropped", ""), ("misses", "|misses")):
     for m in METRICS:
       vals = [s[mode][m] for s in per_seed]
-      row[f"{m}"if mode == "dropped" else f"{m}|misses"] = float(np.mean(vals))
+      row[m + suffix] = float(np.mean(vals))
       if len(vals) > 1:
-        row[f"{m}_std" if mode == "dropped" else f"{m}_std|misses"] = float(np.std(vals, ddof=1))
+        row[f"{m}_std{suffix}"] = float(np.std(vals, ddof=1))
   row["scored"] = float(np.mean([s["scored"] for s in per_seed]))
   row["queries"] = per_seed[0]["queries"]
   for k in ("format_pass", "response_len"):
