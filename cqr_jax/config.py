@@ -25,6 +25,7 @@ class ModelSection:
   param_dtype: str = "float32"   # f32 master weights (method.md 4.5)
   compute_dtype: str = "bfloat16"  # bf16 operands, f32 accumulation
   remat: str = "full"
+  scan_layers: bool = True  # one lax.scan over the blocks: compile time independent of depth
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +127,12 @@ class GRPOSection:
   weight_decay: float = 0.01
   clip_norm: float = 1.0
   reference: str = "sft"      # "sft" | "init": the frozen KL reference
+  # Which training turns GRPO samples from: "all" (the paper), or "sdpw_kept": those whose
+  # self-distilled rewrite SDPW kept, i.e. turns the policy can already solve sometimes. Then
+  # the first `max_turns` of them (0 = all): with max_turns = batch_prompts every step sees the
+  # same prompts, a quick check that the policy learns (the tiny preset's CI run).
+  turns: str = "all"
+  max_turns: int = 0
   save_every: int = 100
   keep_checkpoints: int = 3
   max_nonfinite: int = 3      # K non-finite losses in a row stop the run
@@ -198,17 +205,19 @@ def _cpu(size: str) -> dict:
       "model": {"source": "smollm2-135m-gguf", "compute_dtype": "bfloat16", "remat": "full"},
       "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
       "data": {"dataset": "synthetic", "size": size,
-               "max_train_turns": 48 if tiny else 400, "max_test_turns": 16 if tiny else 150},
+               "max_train_turns": 32 if tiny else 400, "max_test_turns": 12 if tiny else 150},
       "retrieval": {"kind": "bm25", "bm25": "lucene", "k1": 0.9, "b": 0.4},
       "rollout": {"max_prompt_len": 512, "max_new_tokens": new,
                   "prompt_buckets": (256, 384, 512)},
       "sdpw": {"max_new_tokens": new, "samples_per_turn": 1, "batch_prompts": 16 if tiny else 50,
                "lenient_candidates": True, "response_prefix": "<think>"},
-      "sft": {"lr": 5e-5, "epochs": 1, "batch_size": 8 if tiny else 16, "micro_batch": 8,
-              "max_len": 512},
-      "grpo": {"steps": 2 if tiny else 10, "batch_prompts": 4 if tiny else 8, "n": 4,
-               "micro_batch": 4 if tiny else 8, "lr": 1e-5, "warmup_steps": 0 if tiny else 2,
-               "save_every": 1 if tiny else 5, "reference": "sft"},
+      "sft": {"lr": 1e-4 if tiny else 5e-5, "epochs": 4 if tiny else 1,
+              "batch_size": 8 if tiny else 16, "micro_batch": 8, "max_len": 512},
+      # tiny: the same 4 prompts (turns SDPW kept) every step, so its 4 steps show learning.
+      "grpo": {"steps": 4 if tiny else 10, "batch_prompts": 4 if tiny else 8, "n": 4,
+               "turns": "sdpw_kept" if tiny else "all", "max_turns": 4 if tiny else 0, "micro_batch": 4 if tiny else 8,
+               "lr": 2e-5 if tiny else 1e-5, "warmup_steps": 0 if tiny else 2,
+               "save_every": 2 if tiny else 5, "reference": "sft"},
       "eval": {"max_new_tokens": new, "batch_prompts": 16 if tiny else 50},
   }
 

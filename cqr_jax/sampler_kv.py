@@ -20,6 +20,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cqr_jax.models.decoder import scan_blocks
 from cqr_jax.models.layers import mm
 
 NEG = -1e30  # masked scores are replaced by this (as models/attention.py does)
@@ -68,26 +69,44 @@ def _attend_step(q_r1nd, prompt, gen, prompt_mask_bp, step, n, dt):
   return (o_bnkgd.reshape(r, kvh, g, dh) + o_rkgd).reshape(r, 1, h * dh)
 
 
+def _scan(model) -> bool:
+  return bool(getattr(model.config, "scan_layers", False))
+
+
 def prefill(model, tokens_bp, positions_bp, mask_bp, compute_dtype, cache_dtype):
-  """Left-padded prompts -> (f32 logits [B, V] of the last position, prompt cache)."""
+  """Left-padded prompts -> (f32 logits [B, V] of the last position, prompt cache: per layer
+  {"k", "v"} [B, KVH, P, Dh], or one dict of [L, B, KVH, P, Dh] with config.scan_layers)."""
   cdt = model._cdt(compute_dtype)
   p = tokens_bp.shape[1]
   mask_bpp = jnp.tril(jnp.ones((p, p), bool))[None] & mask_bp[:, None, :]
   cos, sin = model._rope(positions_bp)
-  x_bpd = model.embed(tokens_bp)
-  cache = []
-  for layer in model.layers:
+
+  def block(layer, x_bpd, _):
     q, k, v = layer.attn.qkv(layer.attn_norm(x_bpd), cos, sin, cdt)
     k_bkpd, v_bkpd = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     x_bpd = x_bpd + layer.attn.o_proj(_attend_prompt(q, k_bkpd, v_bkpd, mask_bpp, cdt), cdt)
     x_bpd = x_bpd + layer.mlp(layer.mlp_norm(x_bpd), cdt)
-    cache.append({"k": k_bkpd.astype(cache_dtype), "v": v_bkpd.astype(cache_dtype)})
+    return x_bpd, {"k": k_bkpd.astype(cache_dtype), "v": v_bkpd.astype(cache_dtype)}
+
+  x_bpd = model.embed(tokens_bp)
+  if _scan(model):
+    x_bpd, cache = scan_blocks(model.layers, block, x_bpd)
+  else:
+    cache = []
+    for layer in model.layers:
+      x_bpd, layer_cache = block(layer, x_bpd, None)
+      cache.append(layer_cache)
   logits_b1v = model.logits(model.final_norm(x_bpd[:, -1:]), compute_dtype=compute_dtype)
   return logits_b1v[:, 0].astype(jnp.float32), cache
 
 
-def init_gen_cache(cfg, rows: int, gen_len: int, dtype) -> list[dict[str, jax.Array]]:
+def init_gen_cache(cfg, rows: int, gen_len: int, dtype):
+  """Zeroed generation cache: per layer {"k", "v"} [R, KVH, G, Dh], or stacked [L, R, KVH, G, Dh]
+  with cfg.scan_layers."""
   shape = (rows, cfg.num_kv_heads, gen_len, cfg.head_dim)
+  if getattr(cfg, "scan_layers", False):
+    shape = (cfg.num_layers, *shape)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
   return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
           for _ in range(cfg.num_layers)]
 
@@ -98,19 +117,46 @@ def decode_step(model, tokens_r, positions_r, prompt_cache, gen_cache, step, pro
   (f32 logits [R, V], updated generation cache)."""
   cdt = model._cdt(compute_dtype)
   cos, sin = model._rope(positions_r[:, None])
-  x_r1d = model.embed(tokens_r[:, None])
-  new = []
-  for layer, pc, gc in zip(model.layers, prompt_cache, gen_cache):
+
+  def block(layer, x_r1d, pc, write):
+    """One layer; `write(k, v)` stores the new [R, KVH, 1, Dh] K/V and returns the layer's
+    generation cache to attend over plus the updated storage."""
     q, k, v = layer.attn.qkv(layer.attn_norm(x_r1d), cos, sin, cdt)
-    at = (0, 0, step, 0)
-    gc = {"k": jax.lax.dynamic_update_slice(gc["k"], k.transpose(0, 2, 1, 3).astype(
-              gc["k"].dtype), at),
-          "v": jax.lax.dynamic_update_slice(gc["v"], v.transpose(0, 2, 1, 3).astype(
-              gc["v"].dtype), at)}
+    gc, stored = write(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
     o = _attend_step(q, pc, gc, prompt_mask_bp, step, n, gc["k"].dtype)
     x_r1d = x_r1d + layer.attn.o_proj(o, cdt)
-    x_r1d = x_r1d + layer.mlp(layer.mlp_norm(x_r1d), cdt)
-    new.append(gc)
+    return x_r1d + layer.mlp(layer.mlp_norm(x_r1d), cdt), stored
+
+  x_r1d = model.embed(tokens_r[:, None])
+  if _scan(model):
+    # The stacked cache rides in the carry (updated in place); only the new slot is written.
+    def body(layer, carry, xs):
+      x_r1d, gk, gv = carry
+      pc, li = xs
+
+      def write(k, v):
+        gk2 = jax.lax.dynamic_update_slice(gk, k[None].astype(gk.dtype), (li, 0, 0, step, 0))
+        gv2 = jax.lax.dynamic_update_slice(gv, v[None].astype(gv.dtype), (li, 0, 0, step, 0))
+        return {"k": gk2[li], "v": gv2[li]}, (gk2, gv2)
+
+      x_r1d, (gk, gv) = block(layer, x_r1d, pc, write)
+      return (x_r1d, gk, gv), None
+
+    layer_ids = jnp.arange(model.config.num_layers, dtype=jnp.int32)
+    (x_r1d, gk, gv), _ = scan_blocks(model.layers, body, (x_r1d, gen_cache["k"], gen_cache["v"]),
+                                     (prompt_cache, layer_ids))
+    new = {"k": gk, "v": gv}
+  else:
+    new = []
+    for layer, pc, gc in zip(model.layers, prompt_cache, gen_cache):
+      def write(k, v, gc=gc):
+        at = (0, 0, step, 0)
+        gc = {"k": jax.lax.dynamic_update_slice(gc["k"], k.astype(gc["k"].dtype), at),
+              "v": jax.lax.dynamic_update_slice(gc["v"], v.astype(gc["v"].dtype), at)}
+        return gc, gc
+
+      x_r1d, gc = block(layer, x_r1d, pc, write)
+      new.append(gc)
   logits_r1v = model.logits(model.final_norm(x_r1d), compute_dtype=compute_dtype)
   return logits_r1v[:, 0].astype(jnp.float32), new
 

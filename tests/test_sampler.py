@@ -63,9 +63,11 @@ def _hf_greedy(hf, prompts, max_new, eos):
   return rows
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama"])
-def test_greedy_matches_transformers_generate(family, request):
-  _, hf, model, _ = request.getfixturevalue("qwen" if family == "qwen2" else "llama")
+@pytest.mark.parametrize("family,scan", [("qwen2", False), ("llama", False), ("llama", True)])
+def test_greedy_matches_transformers_generate(family, scan, request):
+  path, hf, model, _ = request.getfixturevalue("qwen" if family == "qwen2" else "llama")
+  if scan:  # the blocks as one lax.scan: stacked prompt cache, generation cache in the carry
+    model, _ = load_hf(path, mesh=make_mesh(MeshConfig(), jax.devices()[:1]), scan_layers=True)
   r = _sampler().generate(model, PROMPTS, key=jax.random.key(0))
   want = _hf_greedy(hf, PROMPTS, 16, EOS)
   assert [r.completion_tokens(3 * i) for i in range(len(PROMPTS))] == want
@@ -74,10 +76,11 @@ def test_greedy_matches_transformers_generate(family, request):
     assert r.finish_reasons[3 * i] == ("eos" if w[-1] == EOS else "length")
 
 
-def test_greedy_same_on_8_devices_as_on_1(qwen):
+@pytest.mark.parametrize("scan", [False, True])
+def test_greedy_same_on_8_devices_as_on_1(qwen, scan):
   path, _, model1, _ = qwen
   mesh8 = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-  model8, _ = load_hf(path, mesh=mesh8)
+  model8, _ = load_hf(path, mesh=mesh8, scan_layers=scan)
   r1 = _sampler().generate(model1, PROMPTS, key=jax.random.key(0))
   r8 = Sampler(_sampler().config, mesh=mesh8, pad_id=0).generate(model8, PROMPTS,
                                                                   key=jax.random.key(0))

@@ -67,7 +67,7 @@ def make_mesh(cfg: cfglib.RunConfig):
 
 def _numerics(cfg: cfglib.RunConfig) -> dict[str, Any]:
   return {"param_dtype": cfg.model.param_dtype, "compute_dtype": cfg.model.compute_dtype,
-          "remat": cfg.model.remat}
+          "remat": cfg.model.remat, "scan_layers": cfg.model.scan_layers}
 
 
 def resolve_source(source: str) -> tuple[str, str]:

@@ -83,6 +83,7 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
   out = common.stage_dir(cfg, "grpo")
   mesh = common.make_mesh(cfg)
   ds = common.load_split(cfg, cfg.data.train_split)
+  turns = training_turns(cfg, ds.turns)
   tokenizer = common.load_tokenizer_for(cfg.model.source)
   model, mcfg = common.load_policy(cfg, mesh)
   graphdef, params, rest = steps.split_model(model)
@@ -93,13 +94,13 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
     log.warning("no SFT checkpoint: GRPO starts from the initial model, which is also the "
                 "KL reference (the paper's RL-only ablation)")
   ref_params = jax.tree.map(jnp.copy, params)  # frozen reference (method.md 4.5)
-  n_steps = max_steps or total_steps(cfg, len(ds.turns))
+  n_steps = max_steps or total_steps(cfg, len(turns))
   tx = schedules.grpo_optimizer(lr=g.lr, warmup_steps=g.warmup_steps, b1=g.b1, b2=g.b2,
                                 weight_decay=g.weight_decay, clip_norm=g.clip_norm)
   state = steps.init_state(params, tx)
   ranker = common.build_ranker(cfg, ds, cfg.retrieval.reward_max_words)
   prompts = PromptBuilder()
-  batches = TurnBatches(ds.turns, g.batch_prompts, seed=g.seed, drop_last=True)
+  batches = TurnBatches(turns, g.batch_prompts, seed=g.seed, drop_last=True)
   key = jax.random.key(g.seed)
   ckpt = Checkpointer(os.path.join(out, "ckpt"), max_to_keep=g.keep_checkpoints,
                       save_every=g.save_every)
@@ -115,10 +116,13 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
       truncate_prompt_left=ro.truncate_prompt_left,
       prompt_len_buckets=tuple(ro.prompt_buckets)), tokenizer, mesh=mesh,
       model_eos_ids=mcfg.eos_token_ids)
+  # Batches are prompt ++ max_new_tokens completion columns: the loss lives in the last columns.
   update = steps.make_grpo_update(graphdef, rest, tx, g.loss, temperature=ro.temperature,
-                                  micro_batch=g.micro_batch, mesh=mesh)
+                                  micro_batch=g.micro_batch, mesh=mesh,
+                                  response_len=ro.max_new_tokens)
   ref_logprobs = steps.make_logprob_fn(graphdef, rest, temperature=ro.temperature,
-                                       micro_batch=g.micro_batch, mesh=mesh)
+                                       micro_batch=g.micro_batch, mesh=mesh,
+                                       response_len=ro.max_new_tokens)
   logger = MetricsLogger(out, resume_step=int(state.step) if int(state.step) else None)
   monitor = CollapseMonitor()
   history, bad_in_row = [], 0
@@ -182,6 +186,23 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
   ckpt.wait()
   logger.close()
   return state, history
+
+
+def training_turns(cfg: cfglib.RunConfig, turns: list) -> list:
+  """The turns GRPO samples from: `grpo.turns` ("all" | "sdpw_kept"), then `grpo.max_turns`."""
+  g = cfg.grpo
+  if g.turns == "sdpw_kept":
+    from train import sdpw
+    kept = {r["qid"] for r in sdpw.read_sft_data(cfg)}
+    turns = [t for t in turns if t.qid in kept]
+  elif g.turns != "all":
+    raise ValueError(f"grpo.turns={g.turns!r}: expected 'all' or 'sdpw_kept'")
+  turns = turns[:g.max_turns] if g.max_turns else turns
+  if len(turns) < g.batch_prompts:
+    raise ValueError(f"GRPO needs at least grpo.batch_prompts={g.batch_prompts} training turns, "
+                     f"got {len(turns)} (grpo.turns={g.turns!r}, grpo.max_turns={g.max_turns}, "
+                     f"data.max_train_turns={cfg.data.max_train_turns})")
+  return turns
 
 
 def host_ranks(ranker, texts, qids) -> np.ndarray:

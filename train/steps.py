@@ -40,13 +40,27 @@ def positions_from_mask(mask_bl: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(mask_bl.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def _target_logprobs(graphdef, rest, params, tokens_bl, mask_bl, temperature, with_entropy):
-  """log softmax(logits / T) at each next token: [B, L-1] (and entropy [B, L-1])."""
+def _target_logprobs(graphdef, rest, params, tokens_bl, mask_bl, temperature, with_entropy,
+                     tail: int | None = None):
+  """log softmax(logits / T) at each next token: [B, L-1] (and entropy [B, L-1]).
+
+  With `tail`, only the last `tail` targets (a rollout's response columns) go through the LM
+  head; the other entries are 0 (they are masked out of every loss). The trunk still runs over
+  the whole sequence.
+  """
   model = nnx.merge(graphdef, params, rest)
   inputs, targets = tokens_bl[:, :-1], tokens_bl[:, 1:]
   m = mask_bl[:, :-1]
-  return model.token_logprobs(inputs, positions_from_mask(mask_bl)[:, :-1], m, targets,
-                              temperature=temperature, with_entropy=with_entropy)
+  positions = positions_from_mask(mask_bl)[:, :-1]
+  if tail is None or tail >= inputs.shape[1]:
+    return model.token_logprobs(inputs, positions, m, targets, temperature=temperature,
+                                with_entropy=with_entropy)
+  from cqr_jax.models.decoder import chunked_logprobs
+  h_btd = model.hidden(inputs, positions, m)[:, -tail:]
+  out = chunked_logprobs(h_btd, model.lm_head_vd(), targets[:, -tail:], temperature=temperature,
+                         with_entropy=with_entropy, compute_dtype=model._cdt(None))
+  pad = lambda x: jnp.pad(x, ((0, 0), (inputs.shape[1] - tail, 0)))  # noqa: E731
+  return tuple(map(pad, out)) if with_entropy else pad(out)
 
 
 def _split_micro(x, n_micro: int, mesh=None):
@@ -70,8 +84,9 @@ def _merge_micro(x):
 
 
 def make_logprob_fn(graphdef, rest, *, temperature: float, micro_batch: int,
-                    mesh=None) -> Callable:
-  """Jitted `(params, tokens_bl, mask_bl) -> logp [B, L-1]`, in micro-batches (reference pass)."""
+                    mesh=None, response_len: int | None = None) -> Callable:
+  """Jitted `(params, tokens_bl, mask_bl) -> logp [B, L-1]`, in micro-batches (reference pass).
+  With `response_len`, only the last that many targets are computed (the rest are 0)."""
 
   @jax.jit
   def logprobs(params, tokens_bl, mask_bl):
@@ -79,7 +94,8 @@ def make_logprob_fn(graphdef, rest, *, temperature: float, micro_batch: int,
 
     def one(_, xs):
       t, m = xs
-      return None, _target_logprobs(graphdef, rest, params, t, m, temperature, False)
+      return None, _target_logprobs(graphdef, rest, params, t, m, temperature, False,
+                                    response_len)
 
     _, out = jax.lax.scan(one, None, (_split_micro(tokens_bl, n_micro, mesh),
                                       _split_micro(mask_bl, n_micro, mesh)))
@@ -140,16 +156,18 @@ def jit_state_step(fn: Callable) -> Callable:
 
 
 def make_grpo_update(graphdef, rest, tx, loss_cfg, *, temperature: float,
-                     micro_batch: int, mesh=None) -> Callable:
+                     micro_batch: int, mesh=None, response_len: int | None = None) -> Callable:
   """Jitted GRPO update (method.md 4.6-4.8): one optimizer step on a whole rollout batch.
 
   batch: tokens_bl, mask_bl, loss_mask_bl [B, L] (loss mask over targets, i.e. [:, :L-1] used),
   ref_logp_bl [B, L-1], adv_b [B]; optionally old_logp_bl (else the detached current log-probs:
-  with one update per batch the policy is exactly on-policy, method.md 4.7).
+  with one update per batch the policy is exactly on-policy, method.md 4.7). `response_len`:
+  the loss mask is zero outside the last that many columns (a prompt ++ completion batch), so
+  the LM head and entropy run there only.
   """
   def loss_fn(params, mb):
     logp, ent = _target_logprobs(graphdef, rest, params, mb["tokens"], mb["mask"], temperature,
-                                 True)
+                                 True, response_len)
     old = mb["old_logp"] if "old_logp" in mb else jax.lax.stop_gradient(logp)
     s, c, metrics = grpo_obj.grpo_loss(logp, old, mb["ref_logp"], ent, mb["adv"],
                                        mb["loss_mask"][:, 1:], loss_cfg)

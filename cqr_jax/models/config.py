@@ -54,6 +54,10 @@ class ModelConfig:
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
   remat: str = "none"
+  # Run the blocks as one lax.scan over their parameters stacked at trace time (the parameter
+  # tree stays per layer): a program compiles one block instead of L, so compile time no longer
+  # grows with depth; the cost is one stacked copy of the block weights per call.
+  scan_layers: bool = False
 
   def __post_init__(self):
     if self.family not in FAMILIES:

@@ -130,6 +130,10 @@ class Decoder(nnx.Module):
     cos, sin = self._rope(positions_bt)
     x_btd = self.embed(tokens_bt)
     remat = self.config.remat
+    if self.config.scan_layers:
+      body = lambda layer, x, _: (layer(x, cos, sin, mask_btt, cdt), None)  # noqa: E731
+      x_btd, _ = scan_blocks(self.layers, body, x_btd, remat=remat)
+      return self.final_norm(x_btd)
     for layer in self.layers:
       if remat == "none":
         x_btd = layer(x_btd, cos, sin, mask_btt, cdt)
@@ -187,6 +191,32 @@ class Decoder(nnx.Module):
     if last_only:
       x_btd = x_btd[:, -1:]
     return self.logits(self.final_norm(x_btd), compute_dtype=compute_dtype), new_cache
+
+
+def stack_blocks(layers) -> tuple[nnx.GraphDef, nnx.State]:
+  """(graphdef of one block, the blocks' states stacked on a new leading [L] axis)."""
+  graphdef, _ = nnx.split(layers[0])
+  states = [nnx.split(layer)[1] for layer in layers]
+  return graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+
+
+def scan_blocks(layers, body, carry, xs=None, *, remat: str = "none"):
+  """Runs `body(block, carry, xs_l) -> (carry, ys_l)` over the blocks as one lax.scan.
+
+  The blocks' parameters are stacked at trace time (`stack_blocks`), so the program holds one
+  block whatever the depth; `xs` (leading axis L) are per-layer inputs such as a KV cache; with
+  `remat` other than "none" the body is a jax.checkpoint (policy by name), as in the unrolled path.
+  Returns (carry, ys stacked over L).
+  """
+  graphdef, stacked = stack_blocks(layers)
+
+  def step(c, inputs):
+    state, x = inputs
+    return body(nnx.merge(graphdef, state), c, x)
+
+  if remat != "none":
+    step = jax.checkpoint(step, policy=_remat_policy(remat))
+  return jax.lax.scan(step, carry, (stacked, xs))
 
 
 def _remat_layer(layer: Block, x_btd, cos, sin, mask_btt, cdt, remat: str):

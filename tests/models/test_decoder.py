@@ -28,11 +28,12 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_logits_match_transformers(tmp_path, case):
+@pytest.mark.parametrize("case,scan", [(c, False) for c in sorted(CASES)]
+                         + [("qwen2_gqa_bias_untied", True)])
+def test_logits_match_transformers(tmp_path, case, scan):
   family, kw = CASES[case]
   hf = save_tiny_hf(tmp_path, family, seed=1, **kw)
-  model, cfg = load_hf(tmp_path)
+  model, cfg = load_hf(tmp_path, scan_layers=scan)
   assert cfg.family == family and cfg.tie_word_embeddings == kw.get("tie_word_embeddings", False)
   assert cfg.qkv_bias == (family == "qwen2")
   assert (cfg.rope_scaling is not None) == ("rope_scaling" in kw)

@@ -82,3 +82,16 @@ def test_report_metrics_equal_pytrec_eval_on_the_run_files(tiny_run):
         assert row[f"{ours}|misses"] == pytest.approx(want_misses, abs=1e-9)
       checked += 1
   assert checked >= 4
+
+
+def test_grpo_raises_reward_and_batch_mrr(tiny_run):
+  """Issue 6's learning check: the tiny preset's GRPO sees the same 4 prompts (x 4 samples) every
+  step, so its first step measures the SFT policy and its last steps the updated one."""
+  cfg, _ = tiny_run
+  lines = [json.loads(x) for x in open(os.path.join(cfg.run_dir, "grpo", "metrics.jsonl"))]
+  assert cfg.grpo.max_turns == cfg.grpo.batch_prompts and len(lines) >= 4
+  first, last = lines[0], lines[-2:]
+  reward_after = np.mean([m["reward_mean"] for m in last])
+  mrr_after = np.mean([m["batch_mrr"] for m in last])
+  assert reward_after > first["reward_mean"] + 0.15, (first["reward_mean"], reward_after)
+  assert mrr_after > first["batch_mrr"] + 0.05, (first["batch_mrr"], mrr_after)

@@ -103,3 +103,11 @@ def test_sdpw_resume_skips_finished_turns(tmp_path):
     f.write('{"qid": "torn')  # a crash mid-line: ignored
   summary = sdpw.run_sdpw(cfg)
   assert summary["turns_done"] == len(ds.turns) and summary["dropped"] == {"format": len(ds.turns)}
+
+
+def test_grpo_on_kept_turns_without_sdpw_names_the_stage(tmp_path):
+  from train import grpo
+  cfg = tiny_cfg(tmp_path)
+  assert cfg.grpo.turns == "sdpw_kept"
+  with pytest.raises(common.MissingStageError, match="cqr-jax sdpw"):
+    grpo.training_turns(cfg, [])

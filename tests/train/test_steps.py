@@ -31,26 +31,35 @@ def make_batch(seed=0, b=8, p=6, g=10):
   return {"tokens": tokens, "mask": mask, "loss_mask": loss, "ref_logp": ref, "adv": adv}
 
 
-def run_update(mesh, batch, micro_batch, loss_cfg=grpo_obj.GRPOLossConfig()):
-  model = sharding.create_model(CFG, mesh, seed=0)
+def run_update(mesh, batch, micro_batch, loss_cfg=grpo_obj.GRPOLossConfig(), cfg=CFG,
+               response_len=None):
+  model = sharding.create_model(cfg, mesh, seed=0)
   graphdef, params, rest = steps.split_model(model)
   tx = optax.sgd(1.0)  # params - grads: compares the gradients (Adam's first step is ~sign(g))
   state = steps.init_state(params, tx)
   update = steps.make_grpo_update(graphdef, rest, tx, loss_cfg, temperature=0.7,
-                                  micro_batch=micro_batch, mesh=mesh)
+                                  micro_batch=micro_batch, mesh=mesh, response_len=response_len)
   placed = {k: rollout_batch.place(v, mesh) for k, v in batch.items()}
   state, m = update(state, placed)
   return jax.device_get(state.params), jax.device_get(m)
 
 
-@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
-def test_micro_batches_equal_the_formula(aggregation):
-  """Accumulating 4 micro-batches gives the gradient of combine_microbatches' step loss."""
+@pytest.mark.parametrize("aggregation,scan,response_len", [
+    ("token_mean", False, None), ("seq_mean_token_mean", False, None),
+    ("token_mean", True, 10), ("seq_mean_token_mean", True, None)])
+def test_micro_batches_equal_the_formula(aggregation, scan, response_len):
+  """Accumulating 4 micro-batches gives the gradient of combine_microbatches' step loss, computed
+  here from full-sequence, layer-by-layer log-probs: the scanned blocks (remat on) and the
+  response-only LM head (`response_len` = the batch's completion columns) change nothing."""
   cfg = grpo_obj.GRPOLossConfig(aggregation=aggregation)
   batch = make_batch()
   mesh = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
   model = sharding.create_model(CFG, mesh, seed=0)
   graphdef, params, rest = steps.split_model(model)
+  update_graphdef = graphdef
+  if scan:
+    update_graphdef = steps.split_model(sharding.create_model(
+        CFG.replace(scan_layers=True, remat="full"), mesh, seed=0))[0]
 
   def step_loss(p):
     sums, counts = [], []
@@ -67,7 +76,8 @@ def test_micro_batches_equal_the_formula(aggregation):
   want_loss, want_grads = jax.value_and_grad(step_loss)(params)
   tx = optax.sgd(1.0)  # new params = params - grads: compares the gradient itself
   state = steps.init_state(params, tx)
-  update = steps.make_grpo_update(graphdef, rest, tx, cfg, temperature=0.7, micro_batch=2)
+  update = steps.make_grpo_update(update_graphdef, rest, tx, cfg, temperature=0.7, micro_batch=2,
+                                  response_len=response_len)
   before = jax.device_get(params)
   state, m = update(state, {k: rollout_batch.place(v, mesh) for k, v in batch.items()})
   got_grads = jax.tree.map(lambda a, b: a - b, before, jax.device_get(state.params))
@@ -76,12 +86,14 @@ def test_micro_batches_equal_the_formula(aggregation):
     np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-6)
 
 
-def test_eight_devices_equal_one_device():
+@pytest.mark.parametrize("scan", [False, True])
+def test_eight_devices_equal_one_device(scan):
   batch = make_batch(seed=1)
+  cfg = CFG.replace(scan_layers=scan, remat="full" if scan else "none")
   one = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
   eight = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
-  p1, m1 = run_update(one, batch, micro_batch=4)
-  p8, m8 = run_update(eight, batch, micro_batch=4)
+  p1, m1 = run_update(one, batch, micro_batch=4, cfg=cfg, response_len=10 if scan else None)
+  p8, m8 = run_update(eight, batch, micro_batch=4, cfg=cfg, response_len=10 if scan else None)
   np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-4)
   for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)):
