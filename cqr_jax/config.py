@@ -217,7 +217,8 @@ def _cpu(size: str) -> dict:
               "batch_size": 8 if tiny else 16, "micro_batch": 8, "max_len": 512},
       # tiny: the same 4 prompts (turns SDPW kept) every step, so its 4 steps show learning.
       "grpo": {"steps": 4 if tiny else 10, "batch_prompts": 4 if tiny else 8, "n": 4,
-               "turns": "sdpw_kept" if tiny else "all", "max_turns": 4 if tiny else 0, "micro_batch": 4 if tiny else 8,
+               "turns": "sdpw_kept" if tiny else "all", "max_turns": 4 if tiny else 0,
+               "micro_batch": 4 if tiny else 8,
                "lr": 2e-5 if tiny else 1e-5, "warmup_steps": 0 if tiny else 2,
                "save_every": 2 if tiny else 5, "reference": "sft"},
       "eval": {"max_new_tokens": new, "batch_prompts": 16 if tiny else 50},

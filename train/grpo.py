@@ -138,6 +138,9 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
       policy = nnx.merge(graphdef, state.params, rest)
       prompt_ids = [prompts.token_ids(t, tokenizer) for t in turns]
       roll = sampler.generate(policy, prompt_ids, key=sample_key, n=g.n)
+    if roll.completion_ids.shape[1] != ro.max_new_tokens:  # the update's response_len
+      raise ValueError(f"rollouts have {roll.completion_ids.shape[1]} completion columns, "
+                       f"expected rollout.max_new_tokens={ro.max_new_tokens}")
     batch = rollout_batch.assemble(roll, mesh)
     with timer("reference"):
       ref_lp = ref_logprobs(ref_params, batch["tokens"], batch["mask"])  # async dispatch

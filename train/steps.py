@@ -50,17 +50,9 @@ def _target_logprobs(graphdef, rest, params, tokens_bl, mask_bl, temperature, wi
   """
   model = nnx.merge(graphdef, params, rest)
   inputs, targets = tokens_bl[:, :-1], tokens_bl[:, 1:]
-  m = mask_bl[:, :-1]
-  positions = positions_from_mask(mask_bl)[:, :-1]
-  if tail is None or tail >= inputs.shape[1]:
-    return model.token_logprobs(inputs, positions, m, targets, temperature=temperature,
-                                with_entropy=with_entropy)
-  from cqr_jax.models.decoder import chunked_logprobs
-  h_btd = model.hidden(inputs, positions, m)[:, -tail:]
-  out = chunked_logprobs(h_btd, model.lm_head_vd(), targets[:, -tail:], temperature=temperature,
-                         with_entropy=with_entropy, compute_dtype=model._cdt(None))
-  pad = lambda x: jnp.pad(x, ((0, 0), (inputs.shape[1] - tail, 0)))  # noqa: E731
-  return tuple(map(pad, out)) if with_entropy else pad(out)
+  return model.token_logprobs(inputs, positions_from_mask(mask_bl)[:, :-1], mask_bl[:, :-1],
+                              targets, temperature=temperature, with_entropy=with_entropy,
+                              last=tail)
 
 
 def _split_micro(x, n_micro: int, mesh=None):

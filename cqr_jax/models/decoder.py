@@ -152,15 +152,22 @@ class Decoder(nnx.Module):
 
   def token_logprobs(self, tokens_bt, positions_bt, mask_bt, targets_bt, *,
                      temperature: float = 1.0, chunk_size: int = 128,
-                     with_entropy: bool = False, compute_dtype=None):
+                     with_entropy: bool = False, compute_dtype=None, last: int | None = None):
     """log_softmax(logits / temperature)[targets] per token, [B, T] float32 (and the entropy of
     that distribution if `with_entropy`). The LM head runs over `chunk_size` positions at a time
     inside a rematerialised lax.scan, so [B, T, V] logits never exist (forward or backward).
-    Values at padding positions are meaningless: multiply by the mask."""
+    Values at padding positions are meaningless: multiply by the mask. With `last`, only the last
+    that many positions go through the LM head (e.g. a rollout's completion); the others are 0."""
     h_btd = self.hidden(tokens_bt, positions_bt, mask_bt, compute_dtype=compute_dtype)
-    return chunked_logprobs(h_btd, self.lm_head_vd(), targets_bt, temperature=temperature,
-                            chunk_size=chunk_size, with_entropy=with_entropy,
-                            compute_dtype=self._cdt(compute_dtype))
+    t = tokens_bt.shape[1]
+    last = t if last is None else min(last, t)
+    out = chunked_logprobs(h_btd[:, t - last:], self.lm_head_vd(), targets_bt[:, t - last:],
+                           temperature=temperature, chunk_size=chunk_size,
+                           with_entropy=with_entropy, compute_dtype=self._cdt(compute_dtype))
+    if last == t:
+      return out
+    pad = lambda x: jnp.pad(x, ((0, 0), (t - last, 0)))  # noqa: E731
+    return tuple(map(pad, out)) if with_entropy else pad(out)
 
   # ------------------------------------------------------------------ KV-cache decoding
   def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
@@ -195,9 +202,8 @@ class Decoder(nnx.Module):
 
 def stack_blocks(layers) -> tuple[nnx.GraphDef, nnx.State]:
   """(graphdef of one block, the blocks' states stacked on a new leading [L] axis)."""
-  graphdef, _ = nnx.split(layers[0])
-  states = [nnx.split(layer)[1] for layer in layers]
-  return graphdef, jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+  states = [nnx.state(layer) for layer in layers]
+  return nnx.graphdef(layers[0]), jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
 def scan_blocks(layers, body, carry, xs=None, *, remat: str = "none"):
