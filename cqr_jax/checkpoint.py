@@ -113,6 +113,15 @@ class Checkpointer:
     steps = self.all_steps()
     return steps[-1] if steps else None
 
+  def saved_tree(self, step: int, item: str = "state") -> Any:
+    """The pytree `item` was saved with at `step`, as nested dicts and lists of orbax
+    ArrayMetadata (shape, dtype): a restore target for parts whose structure the caller does
+    not know (e.g. another configuration's optimizer state)."""
+    from etils import epath
+    md = ocp.PyTreeCheckpointHandler().metadata(
+        epath.Path(os.path.join(self.directory, str(step), item)))
+    return getattr(md, "tree", md)
+
   # ------------------------------------------------------------------------------- restoring
   def _restore_one(self, step: int, abstract_state: Any):
     state_args = (ocp.args.StandardRestore() if abstract_state is None
@@ -123,25 +132,27 @@ class Checkpointer:
 
   def restore(self, step: int | None = None, abstract_state: Any = None):
     """Restores (step, state, meta) into the shapes, dtypes and shardings of `abstract_state`
-    (a pytree of jax.ShapeDtypeStruct with concrete shardings; None restores as saved).
+    (a pytree of jax.ShapeDtypeStruct with concrete shardings; None restores as saved; a callable
+    step -> such a pytree builds the target per step).
 
     step=None takes the newest readable step, skipping unreadable ones with a warning, and
     returns None when the directory holds no checkpoint. A given step that does not exist raises
     FileNotFoundError listing the steps that do.
     """
     steps = self.all_steps()
+    target = abstract_state if callable(abstract_state) else lambda _: abstract_state
     if step is not None:
       if int(step) not in steps:
         raise FileNotFoundError(f"no checkpoint at step {step} in {self.directory}; "
                                 f"available steps: {steps or 'none'}")
-      state, meta = self._restore_one(int(step), abstract_state)
+      state, meta = self._restore_one(int(step), target(int(step)))
       return int(step), state, meta
     if not steps:
       return None
     errors = []
     for s in reversed(steps):
       try:
-        state, meta = self._restore_one(s, abstract_state)
+        state, meta = self._restore_one(s, target(s))
         ok, err = True, None
       except Exception as e:  # noqa: BLE001 - any read failure means "skip this step"
         ok, err = False, e

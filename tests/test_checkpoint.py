@@ -137,7 +137,7 @@ def test_crash_mid_save_leaves_previous_intact(tmp_path):
   d = tmp_path / "ckpt"
   env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
   r = subprocess.run([sys.executable, "-c", _CRASH_SCRIPT, str(d)], env=env,
-                     capture_output=True, text=True, timeout=120)
+                     capture_output=True, text=True, timeout=300)
   assert r.returncode == -9, r.stderr[-2000:]
   c = ck.Checkpointer(d)
   assert c.all_steps() in ([1], [1, 2])
@@ -243,7 +243,7 @@ def test_two_processes_save_and_restore(tmp_path):
   outs = []
   try:
     for p in procs:
-      outs.append(p.communicate(timeout=120))
+      outs.append(p.communicate(timeout=300))
   finally:
     for p in procs:
       if p.poll() is None:

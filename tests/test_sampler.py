@@ -66,7 +66,7 @@ def _hf_greedy(hf, prompts, max_new, eos):
 @pytest.mark.parametrize("family,scan", [("qwen2", False), ("llama", False), ("llama", True)])
 def test_greedy_matches_transformers_generate(family, scan, request):
   path, hf, model, _ = request.getfixturevalue("qwen" if family == "qwen2" else "llama")
-  if scan:  # the blocks as one lax.scan: stacked prompt cache, generation cache in the carry
+  if scan:  # the blocks as one lax.scan: stacked prompt and generation caches
     model, _ = load_hf(path, mesh=make_mesh(MeshConfig(), jax.devices()[:1]), scan_layers=True)
   r = _sampler().generate(model, PROMPTS, key=jax.random.key(0))
   want = _hf_greedy(hf, PROMPTS, 16, EOS)

@@ -225,15 +225,17 @@ def abstract_like(tree):
 
 def stage_optimizer(cfg: cfglib.RunConfig, stage: str, total_steps: int = 1):
   """The optimizer a stage trains with (its state's structure is what a checkpoint holds)."""
-  from cqr_jax import schedules
+  from cqr_jax import partial_training, schedules
   if stage == "sft":
     s = cfg.sft
-    return schedules.sft_optimizer(lr=s.lr, total_steps=max(total_steps, 1),
-                                   warmup_ratio=s.warmup_ratio, b1=s.b1, b2=s.b2,
-                                   weight_decay=s.weight_decay, clip_norm=s.clip_norm)
+    tx = schedules.sft_optimizer(lr=s.lr, total_steps=max(total_steps, 1),
+                                 warmup_ratio=s.warmup_ratio, b1=s.b1, b2=s.b2,
+                                 weight_decay=s.weight_decay, clip_norm=s.clip_norm)
+    return partial_training.mask_optimizer(tx, s.train_top_layers)
   g = cfg.grpo
-  return schedules.grpo_optimizer(lr=g.lr, warmup_steps=g.warmup_steps, b1=g.b1, b2=g.b2,
-                                  weight_decay=g.weight_decay, clip_norm=g.clip_norm)
+  tx = schedules.grpo_optimizer(lr=g.lr, warmup_steps=g.warmup_steps, b1=g.b1, b2=g.b2,
+                                weight_decay=g.weight_decay, clip_norm=g.clip_norm)
+  return partial_training.mask_optimizer(tx, g.train_top_layers)
 
 
 def ckpt_dir(cfg: cfglib.RunConfig, stage: str) -> str:
@@ -241,18 +243,26 @@ def ckpt_dir(cfg: cfglib.RunConfig, stage: str) -> str:
 
 
 def abstract_opt_state(tx, params):
-  """The optimizer state's shapes without allocating it; each leaf takes the sharding of a
-  parameter of the same shape (Adam moments mirror the parameters), scalars are replicated."""
+  """The optimizer state's shapes without allocating it (see `sharded_like_params`)."""
+  return sharded_like_params(jax.eval_shape(tx.init, params), params)
+
+
+def sharded_like_params(shapes, params):
+  """ShapeDtypeStructs for a tree of shaped leaves (e.g. optimizer state): each leaf takes the
+  sharding of a parameter of the same shape (Adam moments mirror the parameters), others are
+  replicated."""
   from jax.sharding import NamedSharding, PartitionSpec
   by_shape = {}
   for p in jax.tree.leaves(params):
-    by_shape.setdefault((p.shape, p.dtype), p.sharding)
+    by_shape.setdefault((tuple(p.shape), jax.numpy.dtype(p.dtype)), p.sharding)
   any_param = jax.tree.leaves(params)[0]
   replicated = (NamedSharding(any_param.sharding.mesh, PartitionSpec())
                 if isinstance(any_param.sharding, NamedSharding) else any_param.sharding)
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(
-      s.shape, s.dtype, sharding=by_shape.get((s.shape, s.dtype), replicated)),
-      jax.eval_shape(tx.init, params))
+
+  def one(s):
+    key = (tuple(s.shape), jax.numpy.dtype(s.dtype))
+    return jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=by_shape.get(key, replicated))
+  return jax.tree.map(one, shapes, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
 
 
 def restore_stage_params(cfg: cfglib.RunConfig, stage: str, params, step: int | None = None):
@@ -261,8 +271,12 @@ def restore_stage_params(cfg: cfglib.RunConfig, stage: str, params, step: int | 
   d = ckpt_dir(cfg, stage)
   if not os.path.isdir(d) or Checkpointer(d).latest_step() is None:
     raise MissingStageError(f"no {stage} checkpoint under {d}: run `cqr-jax {stage}` first")
-  abstract = {"state": {"params": abstract_like(params),
-                        "opt_state": abstract_opt_state(stage_optimizer(cfg, stage), params),
-                        "step": jax.ShapeDtypeStruct((), jax.numpy.int32)}}
-  step, restored, _ = Checkpointer(d).restore(step, abstract)
+  ckpt = Checkpointer(d)
+
+  def target(s):  # the optimizer state as saved: evaluation need not repeat training's config
+    return {"state": {"params": abstract_like(params),
+                      "opt_state": sharded_like_params(ckpt.saved_tree(s)["state"]["opt_state"],
+                                                     params),
+                      "step": jax.ShapeDtypeStruct((), jax.numpy.int32)}}
+  step, restored, _ = ckpt.restore(step, target)
   return step, restored["state"]["params"]

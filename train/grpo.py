@@ -67,7 +67,6 @@ def sft_params_or_none(cfg: cfglib.RunConfig, params, init: str):
 def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | None = None):
   """Runs (or resumes) GRPO; returns the final TrainState and the list of step metrics."""
   from cqr_jax import rewards as rewards_lib
-  from cqr_jax import schedules
   from cqr_jax.checkpoint import Checkpointer
   from cqr_jax.data import TurnBatches
   from cqr_jax.metrics_log import CollapseMonitor, MetricsLogger, Timer
@@ -93,10 +92,12 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
   elif cfg.grpo.reference == "sft":
     log.warning("no SFT checkpoint: GRPO starts from the initial model, which is also the "
                 "KL reference (the paper's RL-only ablation)")
-  ref_params = jax.tree.map(jnp.copy, params)  # frozen reference (method.md 4.5)
+  # The frozen reference (method.md 4.5); with loss.kl_coef 0 there is no KL term, so neither a
+  # reference copy nor its log-prob pass (as TRL with beta 0).
+  use_ref = g.loss.kl_coef != 0
+  ref_params = jax.tree.map(jnp.copy, params) if use_ref else None
   n_steps = max_steps or total_steps(cfg, len(turns))
-  tx = schedules.grpo_optimizer(lr=g.lr, warmup_steps=g.warmup_steps, b1=g.b1, b2=g.b2,
-                                weight_decay=g.weight_decay, clip_norm=g.clip_norm)
+  tx = common.stage_optimizer(cfg, "grpo")
   state = steps.init_state(params, tx)
   ranker = common.build_ranker(cfg, ds, cfg.retrieval.reward_max_words)
   prompts = PromptBuilder()
@@ -119,7 +120,7 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
   # Batches are prompt ++ max_new_tokens completion columns: the loss lives in the last columns.
   update = steps.make_grpo_update(graphdef, rest, tx, g.loss, temperature=ro.temperature,
                                   micro_batch=g.micro_batch, mesh=mesh,
-                                  response_len=ro.max_new_tokens)
+                                  response_len=ro.max_new_tokens, top_layers=g.train_top_layers)
   ref_logprobs = steps.make_logprob_fn(graphdef, rest, temperature=ro.temperature,
                                        micro_batch=g.micro_batch, mesh=mesh,
                                        response_len=ro.max_new_tokens)
@@ -142,8 +143,8 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
       raise ValueError(f"rollouts have {roll.completion_ids.shape[1]} completion columns, "
                        f"expected rollout.max_new_tokens={ro.max_new_tokens}")
     batch = rollout_batch.assemble(roll, mesh)
-    with timer("reference"):
-      ref_lp = ref_logprobs(ref_params, batch["tokens"], batch["mask"])  # async dispatch
+    with timer("reference"):  # async dispatch: runs while the host computes the rewards
+      ref_lp = ref_logprobs(ref_params, batch["tokens"], batch["mask"]) if use_ref else None
     with timer("reward"):
       parsed = [parse_response(t) for t in roll.texts]
       qids = [turns[i].qid for i in roll.prompt_index]
@@ -156,9 +157,11 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
                                                       for i in roll.prompt_index])
     with timer("reference"):
       ref_lp = jax.block_until_ready(ref_lp)
+    if use_ref:
+      batch["ref_logp"] = ref_lp
     adv = np.asarray(group_advantages(jnp.asarray(reward), g.n))  # after the device is free
     with timer("update"):
-      batch.update(ref_logp=ref_lp, adv=rollout_batch.place(adv.astype(np.float32), mesh))
+      batch["adv"] = rollout_batch.place(adv.astype(np.float32), mesh)
       state, um = update(state, batch)
       um = jax.device_get(um)
     finite = bool(um["finite"])

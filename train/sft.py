@@ -56,7 +56,6 @@ def sft_batches(examples, batch_size: int, seed: int, epoch: int):
 
 def train_sft(cfg: cfglib.RunConfig, model=None, mcfg=None):
   """Returns the final TrainState, or None when the set is empty and sft.allow_empty is set."""
-  from cqr_jax import schedules
   from cqr_jax.checkpoint import Checkpointer
   from cqr_jax.metrics_log import MetricsLogger
   s = cfg.sft
@@ -86,8 +85,7 @@ def train_sft(cfg: cfglib.RunConfig, model=None, mcfg=None):
   steps_per_epoch = len(examples) // batch_size
   total = steps_per_epoch * s.epochs
   graphdef, params, rest = steps.split_model(model)
-  tx = schedules.sft_optimizer(lr=s.lr, total_steps=total, warmup_ratio=s.warmup_ratio, b1=s.b1,
-                               b2=s.b2, weight_decay=s.weight_decay, clip_norm=s.clip_norm)
+  tx = common.stage_optimizer(cfg, "sft", total)
   state = steps.init_state(params, tx)
   ckpt = Checkpointer(os.path.join(out, "ckpt"), max_to_keep=2,
                       save_every=s.save_every or steps_per_epoch)
@@ -96,7 +94,8 @@ def train_sft(cfg: cfglib.RunConfig, model=None, mcfg=None):
     _, restored, _ = ckpt.restore(None, {"state": common.abstract_like(_as_dict(state))})
     state = _from_dict(restored["state"])
     log.info("resumed SFT at step %d", int(state.step))
-  update = steps.make_sft_update(graphdef, rest, tx, micro_batch=micro, mesh=mesh)
+  update = steps.make_sft_update(graphdef, rest, tx, micro_batch=micro, mesh=mesh,
+                                 top_layers=s.train_top_layers)
   logger = MetricsLogger(out, resume_step=int(state.step) if int(state.step) else None)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
   from tqdm.auto import tqdm

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cqr_jax import partial_training
 from cqr_jax.objectives import grpo as grpo_obj
 from cqr_jax.objectives import sft as sft_obj
 
@@ -41,18 +42,24 @@ def positions_from_mask(mask_bl: jax.Array) -> jax.Array:
 
 
 def _target_logprobs(graphdef, rest, params, tokens_bl, mask_bl, temperature, with_entropy,
-                     tail: int | None = None):
+                     tail: int | None = None, top_layers: int = 0):
   """log softmax(logits / T) at each next token: [B, L-1] (and entropy [B, L-1]).
 
   With `tail`, only the last `tail` targets (a rollout's response columns) go through the LM
   head; the other entries are 0 (they are masked out of every loss). The trunk still runs over
-  the whole sequence.
+  the whole sequence. With `top_layers` > 0 only the top blocks and the final norm are
+  differentiable (cqr_jax.partial_training); the rest is held fixed.
   """
+  frozen = 0
+  if top_layers > 0:
+    params = partial_training.stop_frozen(params, partial_training.labels(params, top_layers))
   model = nnx.merge(graphdef, params, rest)
+  if top_layers > 0:
+    frozen = model.config.num_layers - top_layers
   inputs, targets = tokens_bl[:, :-1], tokens_bl[:, 1:]
   return model.token_logprobs(inputs, positions_from_mask(mask_bl)[:, :-1], mask_bl[:, :-1],
                               targets, temperature=temperature, with_entropy=with_entropy,
-                              last=tail)
+                              last=tail, frozen_layers=frozen)
 
 
 def _split_micro(x, n_micro: int, mesh=None):
@@ -148,20 +155,23 @@ def jit_state_step(fn: Callable) -> Callable:
 
 
 def make_grpo_update(graphdef, rest, tx, loss_cfg, *, temperature: float,
-                     micro_batch: int, mesh=None, response_len: int | None = None) -> Callable:
+                     micro_batch: int, mesh=None, response_len: int | None = None,
+                     top_layers: int = 0) -> Callable:
   """Jitted GRPO update (method.md 4.6-4.8): one optimizer step on a whole rollout batch.
 
   batch: tokens_bl, mask_bl, loss_mask_bl [B, L] (loss mask over targets, i.e. [:, :L-1] used),
-  ref_logp_bl [B, L-1], adv_b [B]; optionally old_logp_bl (else the detached current log-probs:
-  with one update per batch the policy is exactly on-policy, method.md 4.7). `response_len`:
+  ref_logp_bl [B, L-1] (absent: no KL term, for kl_coef 0), adv_b [B]; optionally old_logp_bl
+  (else the detached current log-probs: with one update per batch the policy is exactly
+  on-policy, method.md 4.7). `response_len`:
   the loss mask is zero outside the last that many columns (a prompt ++ completion batch), so
-  the LM head and entropy run there only.
+  the LM head and entropy run there only. `top_layers` > 0: only the top blocks train (pair it
+  with `partial_training.mask_optimizer(tx, top_layers)`).
   """
   def loss_fn(params, mb):
     logp, ent = _target_logprobs(graphdef, rest, params, mb["tokens"], mb["mask"], temperature,
-                                 True, response_len)
+                                 True, response_len, top_layers)
     old = mb["old_logp"] if "old_logp" in mb else jax.lax.stop_gradient(logp)
-    s, c, metrics = grpo_obj.grpo_loss(logp, old, mb["ref_logp"], ent, mb["adv"],
+    s, c, metrics = grpo_obj.grpo_loss(logp, old, mb.get("ref_logp"), ent, mb["adv"],
                                        mb["loss_mask"][:, 1:], loss_cfg)
     return s, (c, metrics)
 
@@ -182,12 +192,15 @@ def make_grpo_update(graphdef, rest, tx, loss_cfg, *, temperature: float,
   return jit_state_step(update)
 
 
-def make_sft_update(graphdef, rest, tx, *, micro_batch: int, mesh=None) -> Callable:
+def make_sft_update(graphdef, rest, tx, *, micro_batch: int, mesh=None,
+                    top_layers: int = 0) -> Callable:
   """Jitted SFT update (method.md 3.3-3.4): CE on response tokens + EOS, token mean per
-  micro-batch averaged over micro-batches (verl's per-rank mean), one optimizer step."""
+  micro-batch averaged over micro-batches (verl's per-rank mean), one optimizer step.
+  `top_layers` as in `make_grpo_update`."""
 
   def loss_fn(params, mb):
-    logp = _target_logprobs(graphdef, rest, params, mb["tokens"], mb["mask"], 1.0, False)
+    logp = _target_logprobs(graphdef, rest, params, mb["tokens"], mb["mask"], 1.0, False,
+                            None, top_layers)
     s, c = sft_obj.sft_loss(logp, mb["loss_mask"][:, 1:])
     return s, (c, {})
 

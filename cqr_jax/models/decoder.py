@@ -121,8 +121,13 @@ class Decoder(nnx.Module):
     return head.embedding[...]
 
   # ------------------------------------------------------------------ full-sequence forward
-  def hidden(self, tokens_bt, positions_bt, mask_bt, *, compute_dtype=None) -> jax.Array:
-    """Final-normed hidden states [B, T, D] (float32); causal + padding attention."""
+  def hidden(self, tokens_bt, positions_bt, mask_bt, *, compute_dtype=None,
+             frozen_layers: int = 0) -> jax.Array:
+    """Final-normed hidden states [B, T, D] (float32); causal + padding attention.
+
+    `frozen_layers`: the bottom blocks whose parameters (and the embeddings) the caller holds
+    fixed with stop_gradient (cqr_jax.partial_training); they run as their own scan without
+    remat, so differentiating the output touches the blocks above them only."""
     cdt = self._cdt(compute_dtype)
     t = tokens_bt.shape[1]
     causal_tt = jnp.tril(jnp.ones((t, t), bool))
@@ -132,10 +137,12 @@ class Decoder(nnx.Module):
     remat = self.config.remat
     if self.config.scan_layers:
       body = lambda layer, x, _: (layer(x, cos, sin, mask_btt, cdt), None)  # noqa: E731
-      x_btd, _ = scan_blocks(self.layers, body, x_btd, remat=remat)
+      if frozen_layers:
+        x_btd, _ = scan_blocks(self.layers[:frozen_layers], body, x_btd)
+      x_btd, _ = scan_blocks(self.layers[frozen_layers:], body, x_btd, remat=remat)
       return self.final_norm(x_btd)
-    for layer in self.layers:
-      if remat == "none":
+    for i, layer in enumerate(self.layers):
+      if remat == "none" or i < frozen_layers:
         x_btd = layer(x_btd, cos, sin, mask_btt, cdt)
       else:
         x_btd = _remat_layer(layer, x_btd, cos, sin, mask_btt, cdt, remat)
@@ -152,13 +159,16 @@ class Decoder(nnx.Module):
 
   def token_logprobs(self, tokens_bt, positions_bt, mask_bt, targets_bt, *,
                      temperature: float = 1.0, chunk_size: int = 128,
-                     with_entropy: bool = False, compute_dtype=None, last: int | None = None):
+                     with_entropy: bool = False, compute_dtype=None, last: int | None = None,
+                     frozen_layers: int = 0):
     """log_softmax(logits / temperature)[targets] per token, [B, T] float32 (and the entropy of
     that distribution if `with_entropy`). The LM head runs over `chunk_size` positions at a time
     inside a rematerialised lax.scan, so [B, T, V] logits never exist (forward or backward).
     Values at padding positions are meaningless: multiply by the mask. With `last`, only the last
-    that many positions go through the LM head (e.g. a rollout's completion); the others are 0."""
-    h_btd = self.hidden(tokens_bt, positions_bt, mask_bt, compute_dtype=compute_dtype)
+    that many positions go through the LM head (e.g. a rollout's completion); the others are 0.
+    `frozen_layers`: as in `hidden`."""
+    h_btd = self.hidden(tokens_bt, positions_bt, mask_bt, compute_dtype=compute_dtype,
+                        frozen_layers=frozen_layers)
     t = tokens_bt.shape[1]
     last = t if last is None else min(last, t)
     out = chunked_logprobs(h_btd[:, t - last:], self.lm_head_vd(), targets_bt[:, t - last:],

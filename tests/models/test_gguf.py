@@ -114,6 +114,42 @@ def test_smollm2_logits_and_greedy_match_transformers(ours, ref_model, tok):
 
 
 @needs_smollm2
+def test_smollm2_greedy_rollouts_match_transformers_generate(ours, ref_model, tok):
+  """The sampler's greedy rollouts (KV cache, chat prompts, EOS handling) equal transformers'
+  `generate(do_sample=False)` token for token (issue 3), with the blocks as one lax.scan."""
+  import dataclasses
+
+  import jax
+  import torch
+  from flax import nnx
+
+  from cqr_jax.sampler import Sampler, SamplerConfig
+  model, cfg = ours
+  scanned = nnx.merge(*nnx.split(model))  # a second view of the same arrays, scan on
+  scanned.config = dataclasses.replace(cfg, scan_layers=True)
+  new = 32
+  s = Sampler(SamplerConfig(max_prompt_len=128, max_new_tokens=new, temperature=0.0, n=1), tok)
+  r = s.generate(scanned, PROMPTS, key=jax.random.key(0))
+  eos = list(s.eos_ids_for(cfg))
+  ids = torch.as_tensor(r.prompt_ids, dtype=torch.long)
+  mask = torch.as_tensor(r.prompt_mask, dtype=torch.long)
+  threads = torch.get_num_threads()
+  torch.set_num_threads(1)  # OpenMP spinning on a shared 2-core machine: 1 thread is ~15x faster
+  try:
+    with torch.no_grad():
+      out = ref_model.generate(input_ids=ids, attention_mask=mask, do_sample=False,
+                               max_new_tokens=new, eos_token_id=eos, pad_token_id=s.pad_id)
+  finally:
+    torch.set_num_threads(threads)
+  for i, row in enumerate(out[:, ids.shape[1]:].tolist()):
+    ends = [k for k, t in enumerate(row) if t in eos]
+    want = row[:ends[0] + 1] if ends else row
+    assert r.completion_tokens(i) == want, (i, r.texts[i], tok.decode(want))
+  assert "Paris" in r.texts[0]
+  assert r.finish_reasons[0] == "eos"
+
+
+@needs_smollm2
 def test_tokenizer_ids_match_transformers(ref_tokenizer, tok):
   for text in TEXTS:
     assert tok(text)["input_ids"] == ref_tokenizer(text)["input_ids"], text

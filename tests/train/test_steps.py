@@ -116,3 +116,17 @@ def test_nonfinite_loss_skips_the_update():
   assert int(state.step) == 0
   for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(before)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_kl_coef_zero_needs_no_reference():
+  """With kl_coef 0 the batch may omit ref_logp (GRPO then skips the reference pass): the update
+  equals one given any reference log-probs, whose KL term then weighs nothing."""
+  one = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
+  no_kl = grpo_obj.GRPOLossConfig(kl_coef=0.0)
+  batch = make_batch(seed=4)
+  with_ref, m_ref = run_update(one, batch, micro_batch=4, loss_cfg=no_kl)
+  batch.pop("ref_logp")
+  without, m = run_update(one, batch, micro_batch=4, loss_cfg=no_kl)
+  assert float(m["kl"]) == 0.0 and float(m_ref["kl"]) != 0.0  # the metric still reports it
+  for a, b in zip(jax.tree.leaves(without), jax.tree.leaves(with_ref)):
+    np.testing.assert_array_equal(a, b)
