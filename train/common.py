@@ -242,11 +242,6 @@ def ckpt_dir(cfg: cfglib.RunConfig, stage: str) -> str:
   return os.path.join(stage_dir(cfg, stage, create=False), "ckpt")
 
 
-def abstract_opt_state(tx, params):
-  """The optimizer state's shapes without allocating it (see `sharded_like_params`)."""
-  return sharded_like_params(jax.eval_shape(tx.init, params), params)
-
-
 def sharded_like_params(shapes, params):
   """ShapeDtypeStructs for a tree of shaped leaves (e.g. optimizer state): each leaf takes the
   sharding of a parameter of the same shape (Adam moments mirror the parameters), others are
