@@ -57,9 +57,7 @@ def labels(params, top_layers: int):
 
 
 def stop_frozen(params, param_labels):
-  """params with `stop_gradient` on the frozen leaves (None labels: unchanged)."""
-  if param_labels is None:
-    return params
+  """params with `stop_gradient` on the leaves labelled frozen."""
   return jax.tree.map(lambda p, lab: p if lab == TRAIN else jax.lax.stop_gradient(p),
                       params, param_labels)
 
