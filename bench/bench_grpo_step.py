@@ -124,9 +124,9 @@ class OursStep:
       policy = nnx.merge(self.graphdef, self.state.params, self.rest)
       prompt_ids = [self.prompts.token_ids(t, self.tokenizer) for t in turns]
       roll = self.sampler.generate(policy, prompt_ids, key=sample_key, n=g.n)
-    batch = rollout_batch.assemble(roll, mesh)
+    batch = rollout_batch.assemble(roll, mesh, g.micro_batch)
     with timer("reference"):
-      ref_lp = self.ref_logprobs(self.ref_params, batch["tokens"], batch["mask"])
+      ref_lp = self.ref_logprobs(self.ref_params, batch)
     with timer("reward"):
       qids = [turns[i].qid for i in roll.prompt_index]
       reward, ok, ranks = self.reward(roll.texts, qids, step)
@@ -134,14 +134,15 @@ class OursStep:
       ref_lp = jax.block_until_ready(ref_lp)
     adv = np.asarray(group_advantages(jnp.asarray(reward), g.n))
     with timer("update"):
-      batch.update(ref_logp=ref_lp, adv=rollout_batch.place(adv.astype(np.float32), mesh))
+      batch.update(ref_logp=ref_lp, adv=rollout_batch.place(
+          adv.astype(np.float32).reshape(batch["completion"].shape[:2]), mesh))
       self.state, um = self.update(self.state, batch)
       um = jax.device_get(um)
     split = timer.split()
     lengths = roll.completion_lengths
     return {**split, "tokens": float(np.sum(lengths)), "response_len": float(np.mean(lengths)),
             "prompt_len": float(np.mean([len(p) for p in prompt_ids])),
-            "seq_len": int(batch["tokens"].shape[1]),
+            "seq_len": int(batch["prompt"].shape[1] + batch["completion"].shape[2]),
             "time/parse": self.reward.parse_s, "time/rank": self.reward.rank_s,
             "reward_mean": float(np.mean(reward)), "format_pass": float(np.mean(ok)),
             "gen_steps": self.sampler.last_timing.get("steps", 0.0)}

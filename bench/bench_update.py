@@ -61,6 +61,15 @@ def make_batch(b: int, prompt: int, response: int, vocab: int, seed: int = 0) ->
   return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask, "ref_logp": ref_logp, "adv": adv}
 
 
+def grouped(batch_np: dict, prompt: int) -> dict:
+  """The flat rows as the update's grouped batch (rollout_batch.assemble), one completion per
+  group: every row keeps its own prompt, the same work as the torch side."""
+  return {"prompt": batch_np["tokens"][:, :prompt], "prompt_mask": batch_np["mask"][:, :prompt],
+          "completion": batch_np["tokens"][:, None, prompt:],
+          "completion_mask": batch_np["loss_mask"][:, None, prompt:],
+          "ref_logp": batch_np["ref_logp"][:, None, prompt - 1:], "adv": batch_np["adv"][:, None]}
+
+
 def model_flops_per_token(cfg, seq: int) -> float:
   """Training FLOPs per token: 6 x matmul params (layers + LM head) + 3 x attention products."""
   d, f, h, kv, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
@@ -88,6 +97,7 @@ def measure_matmul_peak(n: int = 1024, iters: int = 20) -> float:
 # ------------------------------------------------------------------------------------ ours
 
 def ours_update_fn(gguf: str, compute_dtype: str, batch_np: dict, micro_batch: int, box: dict):
+  """batch_np: `grouped(...)`."""
   """A no-arg callable running one jitted update. The TrainState lives in `box`, shared by all
   our settings (donated and carried from call to call), so only one copy is resident."""
   model, mcfg = load_gguf(gguf, param_dtype="float32", compute_dtype=compute_dtype, remat="none")
@@ -251,8 +261,8 @@ def main(argv=None):
     name = f"ours, compute {cdt}"
     if name in skip:
       continue
-    fns[name], first[name], losses[name], mcfg = ours_update_fn(gguf, cdt, batch,
-                                                                args.micro_batch or args.batch, box)
+    fns[name], first[name], losses[name], mcfg = ours_update_fn(
+        gguf, cdt, grouped(batch, args.prompt), args.micro_batch or args.batch, box)
     print(f"{name}: first call (compile + run) {first[name]:.1f}s", flush=True)
   torch_settings = {
       "torch f32 (stock)": dict(autocast=False, response_only=False),

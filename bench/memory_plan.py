@@ -164,8 +164,8 @@ def _activation_constraints(mesh):
   rows = lambda x: jax.lax.with_sharding_constraint(  # noqa: E731
       x, NamedSharding(mesh, P(("data", "fsdp"), *([None] * (x.ndim - 1)))))
 
-  def layer(block, x_btd, *args):
-    return rows(real_layer(block, rows(x_btd), *args))
+  def layer(block, apply, x, remat):  # x: [B, T, D], or (prompts, completions) when grouped
+    return jax.tree.map(rows, real_layer(block, apply, jax.tree.map(rows, x), remat))
 
   def head(h_btd, *args, **kw):
     return real_head(rows(h_btd), *args, **kw)
@@ -261,11 +261,15 @@ def run_job(job: Job) -> dict:
     def batch_arr(shape, dtype):
       spec = P(("data", "fsdp"), *([None] * (len(shape) - 1)))
       return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
-    batch = {"tokens": batch_arr((rows, length), jnp.int32),
-             "mask": batch_arr((rows, length), jnp.bool_),
-             "loss_mask": batch_arr((rows, length), jnp.bool_),
-             "ref_logp": batch_arr((rows, length - 1), jnp.float32),
-             "adv": batch_arr((rows,), jnp.float32)}
+    from train.rollout_batch import group_size
+    m = group_size(job.n, job.micro * dp, dp)  # as rollout_batch.assemble groups rollouts
+    g = rows // m
+    batch = {"prompt": batch_arr((g, job.prompt_len), jnp.int32),
+             "prompt_mask": batch_arr((g, job.prompt_len), jnp.bool_),
+             "completion": batch_arr((g, m, job.gen_len), jnp.int32),
+             "completion_mask": batch_arr((g, m, job.gen_len), jnp.bool_),
+             "ref_logp": batch_arr((g, m, job.gen_len), jnp.float32),
+             "adv": batch_arr((g, m), jnp.float32)}
     state = steps.TrainState(params=params_sds, opt_state=opt_sds,
                              step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
     with _raw_steps():

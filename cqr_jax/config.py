@@ -205,7 +205,10 @@ def _cpu(size: str) -> dict:
   new = 48 if tiny else 80
   return {
       "name": f"cpu-{size}",
-      "model": {"source": "smollm2-135m-gguf", "compute_dtype": "bfloat16", "remat": "full"},
+      # f32 matmuls and saved matmul outputs (no recompute): measured fastest for the SFT and
+      # GRPO updates on the 2-core AVX2 CPU (BENCHMARKS.md, "Choices measured").
+      "model": {"source": "smollm2-135m-gguf", "compute_dtype": "float32",
+                "remat": "dots_with_no_batch_dims_saveable"},
       "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
       "data": {"dataset": "synthetic", "size": size,
                "max_train_turns": 32 if tiny else 400, "max_test_turns": 12 if tiny else 150},
@@ -218,13 +221,13 @@ def _cpu(size: str) -> dict:
       # reward, no retrieval): a few epochs at 1e-4 make it write real rewrites first.
       "sft": {"lr": 1e-4, "epochs": 4 if tiny else 2,
               "batch_size": 8 if tiny else 16, "micro_batch": 8, "max_len": 512},
-      # tiny: the same 4 prompts (turns SDPW kept) every step, so its 4 steps show learning; to
-      # fit CI, only the top 10 of SmolLM2's 30 blocks train and there is no KL term (so no
-      # reference pass), as TRL's default beta = 0.
-      "grpo": {"steps": 4 if tiny else 10, "batch_prompts": 4 if tiny else 8, "n": 4,
+      # tiny: the same 4 prompts (turns SDPW kept) every step, so its 6 steps show learning; to
+      # fit CI, only the top 10 of SmolLM2's 30 blocks train, at lr 1e-4, and there is no KL term
+      # (so no reference pass), as TRL's default beta = 0.
+      "grpo": {"steps": 6 if tiny else 10, "batch_prompts": 4 if tiny else 8, "n": 4,
                "turns": "sdpw_kept" if tiny else "all", "max_turns": 4 if tiny else 0,
                "micro_batch": 4 if tiny else 8,
-               "lr": 4e-5 if tiny else 1e-5, "warmup_steps": 0 if tiny else 2,
+               "lr": 1e-4 if tiny else 1e-5, "warmup_steps": 0 if tiny else 2,
                "train_top_layers": 10 if tiny else 0,
                "loss": {"kl_coef": 0.0 if tiny else 0.001},
                "save_every": 2 if tiny else 5, "reference": "sft"},

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cqr_jax import sampler_kv, sampling_ops
+from cqr_jax import sampler_kv, sampling_ops, sharding
 
 log = logging.getLogger(__name__)
 
@@ -362,10 +362,7 @@ class Sampler:
   # ---------------------------------------------------------------- helpers
   @property
   def data_parallel_size(self) -> int:
-    if self.mesh is None:
-      return 1
-    shape = dict(self.mesh.shape)
-    return int(shape.get("data", 1) * shape.get("fsdp", 1))
+    return sharding.data_parallel_size(self.mesh)
 
   def eos_ids_for(self, model_config=None) -> tuple[int, ...]:
     """The EOS ids used with a model: config.eos_ids if given, else the tokenizer's eos plus

@@ -127,6 +127,14 @@ def param_specs(model: nnx.Module) -> dict[str, P]:
   return out
 
 
+def data_parallel_size(mesh) -> int:
+  """Devices a batch's leading axis is split over: data x fsdp (1 without a mesh)."""
+  if mesh is None:
+    return 1
+  shape = dict(mesh.shape)
+  return int(np.prod([shape.get(a, 1) for a in BATCH_AXES]))
+
+
 def batch_sharding(mesh, ndim: int = 2) -> NamedSharding:
   """Leading (batch) axis over ("data", "fsdp"), the rest replicated."""
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))

@@ -91,3 +91,34 @@ def write_tiny_hf_model(path: str | os.PathLike, family: str = "llama", template
     raise ValueError(f"family {family!r}: expected 'llama' or 'qwen2'")
   model.save_pretrained(str(path))
   return str(path)
+
+
+def random_rollouts(seed: int, vocab_size: int, prompts: int = 4, n: int = 2,
+                    prompt_len: int = 6, completion_len: int = 10):
+  """Sampler-shaped `Rollouts` of random tokens: left-padded prompts of 2..prompt_len real
+  tokens, each repeated for its n samples, and completions of 1..completion_len tokens."""
+  import numpy as np
+
+  from cqr_jax.sampler import Rollouts
+  rng = np.random.default_rng(seed)
+  rows = prompts * n
+  p_ids = rng.integers(2, vocab_size, (prompts, prompt_len)).astype(np.int32)
+  p_mask = np.arange(prompt_len)[None] >= prompt_len - rng.integers(2, prompt_len + 1,
+                                                                      prompts)[:, None]
+  c_mask = np.arange(completion_len)[None] < rng.integers(1, completion_len + 1, rows)[:, None]
+  c_ids = np.where(c_mask, rng.integers(2, vocab_size, (rows, completion_len)), 0)
+  return Rollouts(prompt_ids=np.repeat(np.where(p_mask, p_ids, 0), n, 0).astype(np.int32),
+                  prompt_mask=np.repeat(p_mask, n, 0), completion_ids=c_ids.astype(np.int32),
+                  completion_mask=c_mask, logprobs=np.zeros(c_ids.shape, np.float32),
+                  finish_reasons=["length"] * rows, texts=[""] * rows, n=n,
+                  prompt_truncated=np.zeros(prompts, bool))
+
+
+def rollout_rows(roll) -> dict:
+  """Rollouts as flat rows prompt ++ completion (an independent layout to check the grouped
+  GRPO batch against): tokens, mask [N, Lp + Lc] and loss_mask (the completion columns)."""
+  import numpy as np
+  tokens = np.concatenate([roll.prompt_ids, roll.completion_ids], 1).astype(np.int32)
+  mask = np.concatenate([roll.prompt_mask, roll.completion_mask], 1).astype(bool)
+  loss = np.concatenate([np.zeros_like(roll.prompt_mask, bool), roll.completion_mask], 1)
+  return {"tokens": tokens, "mask": mask, "loss_mask": loss.astype(bool)}

@@ -11,6 +11,14 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+# XLA:CPU compiles every fusion with LLVM (~45 ms each on a 2-core machine), so tests that
+# rebuild the same tiny models and steps pay for the same programs again. scripts/test.sh points
+# CQR_JAX_TEST_XLA_CACHE at a fresh folder for the run (shared by its xdist workers, removed
+# after it): a persistent compilation cache that turns those repeats into loads.
+if os.environ.get("CQR_JAX_TEST_XLA_CACHE"):
+  jax.config.update("jax_compilation_cache_dir", os.environ["CQR_JAX_TEST_XLA_CACHE"])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
 SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 
 

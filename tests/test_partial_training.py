@@ -12,6 +12,7 @@ import pytest
 from cqr_jax import partial_training, sharding
 from cqr_jax.models.config import ModelConfig
 from cqr_jax.objectives import grpo as grpo_obj
+from cqr_jax.testing import random_rollouts, rollout_rows
 from train import rollout_batch, steps
 
 CFG = ModelConfig(family="qwen2", vocab_size=97, hidden_size=32, intermediate_size=64,
@@ -19,17 +20,19 @@ CFG = ModelConfig(family="qwen2", vocab_size=97, hidden_size=32, intermediate_si
                   tie_word_embeddings=True, bos_token_id=None, eos_token_id=1)
 
 
-def make_batch(seed, b=8, p=6, g=10):
-  """Left-padded prompts, right-padded responses, random advantages and reference log-probs."""
+def make_batch(seed, kind="grpo", mesh=None):
+  """GRPO: a grouped rollout batch (4 prompts x 2 samples) with random advantages and reference
+  log-probs; SFT: the same sequences as flat rows prompt ++ completion."""
+  roll = random_rollouts(seed, CFG.vocab_size, prompts=4, n=2)
+  if kind == "sft":
+    return {k: rollout_batch.place(v, mesh) for k, v in rollout_rows(roll).items()}
   rng = np.random.default_rng(seed)
-  tokens = rng.integers(2, CFG.vocab_size, (b, p + g)).astype(np.int32)
-  mask = np.zeros((b, p + g), bool)
-  loss = np.zeros((b, p + g), bool)
-  for i, (pl, gl) in enumerate(zip(rng.integers(2, p + 1, b), rng.integers(1, g + 1, b))):
-    mask[i, p - pl:p + gl] = True
-    loss[i, p:p + gl] = True
-  return {"tokens": tokens, "mask": mask, "loss_mask": loss, "adv": rng.normal(size=b).astype(
-      np.float32), "ref_logp": rng.normal(-3.0, 0.5, (b, p + g - 1)).astype(np.float32)}
+  batch = rollout_batch.assemble(roll, mesh, micro_batch=4)
+  g, m, lc = batch["completion"].shape
+  batch["adv"] = rollout_batch.place(rng.normal(size=(g, m)).astype(np.float32), mesh)
+  batch["ref_logp"] = rollout_batch.place(
+      rng.normal(-3.0, 0.5, (g, m, lc)).astype(np.float32), mesh)
+  return batch
 
 
 def _flat(tree):
@@ -66,17 +69,14 @@ def _one_update(cfg, top_layers, batch, kind="grpo"):
   else:
     update = steps.make_sft_update(graphdef, rest, tx, micro_batch=4, mesh=mesh,
                                    top_layers=top_layers)
-  placed = {k: rollout_batch.place(v, mesh) for k, v in batch.items()}
-  state, m = update(state, placed)
+  state, m = update(state, batch)
   return before, _flat(jax.device_get(state.params)), jax.device_get(m)
 
 
 @pytest.mark.parametrize("scan,kind", [(True, "grpo"), (False, "sft")])
 def test_frozen_leaves_stay_and_top_leaves_get_the_full_gradient(scan, kind):
   cfg = dataclasses.replace(CFG, scan_layers=scan)
-  batch = make_batch(seed=3)
-  if kind == "sft":
-    batch = {k: batch[k] for k in ("tokens", "mask", "loss_mask")}
+  batch = make_batch(3, kind)
   before, full, m_full = _one_update(cfg, 0, batch, kind)
   _, part, m_part = _one_update(cfg, 2, batch, kind)
   np.testing.assert_allclose(m_part["loss"], m_full["loss"], rtol=1e-6)
@@ -96,7 +96,7 @@ def test_backward_skips_frozen_blocks():
   """The compiled update's FLOPs (XLA cost analysis, unrolled blocks) drop with 1 of 4 blocks
   trainable: the frozen blocks run forward once, without remat or a backward pass."""
   cfg = dataclasses.replace(CFG, scan_layers=False, remat="full")
-  batch = {k: np.asarray(v) for k, v in make_batch(seed=1).items()}
+  batch = rollout_rows(random_rollouts(1, CFG.vocab_size, prompts=4, n=2))
 
   def flops(top):
     model = sharding.create_model(cfg, None, seed=0)

@@ -3,7 +3,8 @@
 One step (design.md "One GRPO step"): a batch of turns -> prompts -> n rollouts each (the sampler)
 -> the reference log-prob pass is dispatched to the device while the host parses the responses,
 ranks the rewrites against the TRAIN qrels and computes rewards -> group advantages -> one AdamW
-update over micro-batches -> metrics, checkpoint every N steps. Resumable from the latest good
+update over micro-batches (each prompt's forward shared by its samples: rollout_batch.assemble)
+-> metrics, checkpoint every N steps. Resumable from the latest good
 checkpoint (params, optimizer, step, PRNG key, data position).
 """
 
@@ -117,13 +118,11 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
       truncate_prompt_left=ro.truncate_prompt_left,
       prompt_len_buckets=tuple(ro.prompt_buckets)), tokenizer, mesh=mesh,
       model_eos_ids=mcfg.eos_token_ids)
-  # Batches are prompt ++ max_new_tokens completion columns: the loss lives in the last columns.
   update = steps.make_grpo_update(graphdef, rest, tx, g.loss, temperature=ro.temperature,
                                   micro_batch=g.micro_batch, mesh=mesh,
-                                  response_len=ro.max_new_tokens, top_layers=g.train_top_layers)
+                                  top_layers=g.train_top_layers)
   ref_logprobs = steps.make_logprob_fn(graphdef, rest, temperature=ro.temperature,
-                                       micro_batch=g.micro_batch, mesh=mesh,
-                                       response_len=ro.max_new_tokens)
+                                       micro_batch=g.micro_batch, mesh=mesh)
   logger = MetricsLogger(out, resume_step=int(state.step) if int(state.step) else None)
   monitor = CollapseMonitor()
   history, bad_in_row = [], 0
@@ -139,12 +138,10 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
       policy = nnx.merge(graphdef, state.params, rest)
       prompt_ids = [prompts.token_ids(t, tokenizer) for t in turns]
       roll = sampler.generate(policy, prompt_ids, key=sample_key, n=g.n)
-    if roll.completion_ids.shape[1] != ro.max_new_tokens:  # the update's response_len
-      raise ValueError(f"rollouts have {roll.completion_ids.shape[1]} completion columns, "
-                       f"expected rollout.max_new_tokens={ro.max_new_tokens}")
-    batch = rollout_batch.assemble(roll, mesh)
+    # Each prompt's samples in groups that share one prompt forward in the update.
+    batch = rollout_batch.assemble(roll, mesh, g.micro_batch)
     with timer("reference"):  # async dispatch: runs while the host computes the rewards
-      ref_lp = ref_logprobs(ref_params, batch["tokens"], batch["mask"]) if use_ref else None
+      ref_lp = ref_logprobs(ref_params, batch) if use_ref else None
     with timer("reward"):
       parsed = [parse_response(t) for t in roll.texts]
       qids = [turns[i].qid for i in roll.prompt_index]
@@ -161,7 +158,8 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
       batch["ref_logp"] = ref_lp
     adv = np.asarray(group_advantages(jnp.asarray(reward), g.n))  # after the device is free
     with timer("update"):
-      batch["adv"] = rollout_batch.place(adv.astype(np.float32), mesh)
+      batch["adv"] = rollout_batch.place(
+          adv.astype(np.float32).reshape(batch["completion"].shape[:2]), mesh)
       state, um = update(state, batch)
       um = jax.device_get(um)
     finite = bool(um["finite"])

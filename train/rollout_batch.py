@@ -1,4 +1,4 @@
-"""Rollouts (or SFT examples) -> the padded training batch that `train.steps` consumes."""
+"""Rollouts (or SFT examples) -> the padded training batches that `train.steps` consumes."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cqr_jax import distributed
+from cqr_jax import distributed, sharding
 
 
 def place(x: np.ndarray, mesh) -> jax.Array:
@@ -32,22 +32,39 @@ def place(x: np.ndarray, mesh) -> jax.Array:
   return jax.make_array_from_process_local_data(sharding, x[rows], x.shape)
 
 
-def assemble(roll, mesh) -> dict:
-  """tokens [N, P+G] = left-padded prompt ++ completion; mask marks real tokens; loss_mask marks
-  response tokens up to and including the first EOS (method.md 4.5)."""
-  tokens = np.concatenate([roll.prompt_ids, roll.completion_ids], axis=1).astype(np.int32)
-  comp = roll.completion_mask.astype(bool)
-  mask = np.concatenate([roll.prompt_mask.astype(bool), comp], axis=1)
-  loss_mask = np.concatenate([np.zeros_like(roll.prompt_mask, bool), comp], axis=1)
-  n = len(roll.finish_reasons)
-  return {"tokens": place(tokens[:n], mesh), "mask": place(mask[:n], mesh),
-          "loss_mask": place(loss_mask[:n], mesh)}
+def group_size(n: int, micro_batch: int, data_parallel: int = 1) -> int:
+  """Completions per prompt forward in the GRPO update: the largest divisor m of n such that a
+  micro-batch of `micro_batch` completions holds whole groups, as many as a multiple of the
+  data-parallel devices (so each device gets whole groups). m = n shares a prompt's forward and
+  backward across all its samples; m = 1 is one row per completion (prompt repeated)."""
+  for m in range(n, 0, -1):
+    if n % m == 0 and micro_batch % m == 0 and (micro_batch // m) % data_parallel == 0:
+      return m
+  return 1
 
 
-def pad_right(seqs: list[list[int]], length: int, pad_id: int) -> np.ndarray:
+def assemble(roll, mesh, micro_batch: int) -> dict:
+  """The grouped GRPO batch (train.steps.make_grpo_update) of rollouts with n samples a prompt:
+  the n samples of a prompt are split into groups of m = `group_size(...)`, each group one row:
+  prompt, prompt_mask [G, Lp] (left-padded); completion, completion_mask [G, m, Lc], the mask
+  marking response tokens up to and including the first EOS (method.md 4.5). G = rows / m; the
+  group of row-major rollout r is r // m (so reshape per-rollout values [rows] to [G, m])."""
+  rows = len(roll.finish_reasons)
+  m = group_size(roll.n, micro_batch, sharding.data_parallel_size(mesh))
+  lc = roll.completion_ids.shape[1]
+  batch = {"prompt": roll.prompt_ids[:rows:m], "prompt_mask": roll.prompt_mask[:rows:m] > 0,
+           "completion": roll.completion_ids[:rows].reshape(-1, m, lc),
+           "completion_mask": roll.completion_mask[:rows].reshape(-1, m, lc) > 0}
+  return {k: place(np.asarray(v, np.int32 if v.dtype.kind in "iu" else bool), mesh)
+          for k, v in batch.items()}
+
+
+def pad_left(seqs: list[list[int]], length: int, pad_id: int) -> np.ndarray:
+  """[B, length] with each sequence at the end of its row (longer ones keep their last tokens)."""
   out = np.full((len(seqs), length), pad_id, np.int32)
   for i, s in enumerate(seqs):
-    out[i, :len(s)] = s[:length]
+    s = s[-length:]
+    out[i, length - len(s):] = s
   return out
 
 

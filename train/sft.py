@@ -94,24 +94,27 @@ def train_sft(cfg: cfglib.RunConfig, model=None, mcfg=None):
     _, restored, _ = ckpt.restore(None, {"state": common.abstract_like(_as_dict(state))})
     state = _from_dict(restored["state"])
     log.info("resumed SFT at step %d", int(state.step))
+  # Rows are left-padded, so every response ends at the last column: the LM head runs on the
+  # last `response_len` positions only (the longest response + EOS), not on the prompts.
+  response_len = max(sum(lm) for _, lm in examples)
   update = steps.make_sft_update(graphdef, rest, tx, micro_batch=micro, mesh=mesh,
-                                 top_layers=s.train_top_layers)
+                                 top_layers=s.train_top_layers, response_len=response_len)
   logger = MetricsLogger(out, resume_step=int(state.step) if int(state.step) else None)
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
   from tqdm.auto import tqdm
   done = int(state.step)
   bar = tqdm(total=total, initial=done, desc="sft", disable=not common.is_main())
   # One padded length for the whole run: one compiled update.
-  length = rollout_batch.bucket_length(max(len(ids) for ids, _ in examples))
+  length = rollout_batch.bucket_length(max(len(ids) for ids, _ in examples), 16)
   step = 0
   for epoch in range(s.epochs):
     for batch in sft_batches(examples, batch_size, s.seed, epoch):
       step += 1
       if step <= done:
         continue
-      tokens = rollout_batch.pad_right([ids for ids, _ in batch], length, pad)
-      mask = rollout_batch.pad_right([[1] * len(ids) for ids, _ in batch], length, 0)
-      lmask = rollout_batch.pad_right([lm for _, lm in batch], length, 0)
+      tokens = rollout_batch.pad_left([ids for ids, _ in batch], length, pad)
+      mask = rollout_batch.pad_left([[1] * len(ids) for ids, _ in batch], length, 0)
+      lmask = rollout_batch.pad_left([lm for _, lm in batch], length, 0)
       b = {k: rollout_batch.place(v, mesh) for k, v in
            (("tokens", tokens), ("mask", mask.astype(bool)), ("loss_mask", lmask.astype(bool)))}
       state, m = update(state, b)

@@ -4,9 +4,11 @@ State is a pytree `TrainState(params, opt_state, step)`; the model's graph defin
 non-trainable variables are closed over as static structure (`nnx.split`), so each step compiles
 once per batch shape and the parameters are donated and updated in place.
 
-Sequence layout (GRPO and SFT alike): `tokens_bl` holds prompt then response, `mask_bl` marks real
-tokens, positions are `cumsum(mask) - 1`, and `loss_mask_bl` marks the *targets* that count: the
-target of input position t is token t + 1, so a response token at index i has its log-prob at i - 1.
+SFT rows: `tokens_bl` holds prompt then response, `mask_bl` marks real tokens, positions are
+`cumsum(mask) - 1`, and `loss_mask_bl` marks the *targets* that count: the target of input
+position t is token t + 1, so a response token at index i has its log-prob at i - 1.
+GRPO batches are grouped (rollout_batch.assemble): each prompt once, its completions beside it,
+so the update runs a prompt's forward (and backward) once for its whole group.
 """
 
 from __future__ import annotations
@@ -41,25 +43,41 @@ def positions_from_mask(mask_bl: jax.Array) -> jax.Array:
   return jnp.maximum(jnp.cumsum(mask_bl.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+def _policy(graphdef, rest, params, top_layers: int):
+  """(model, frozen block count): with `top_layers` > 0 only the top blocks and the final norm
+  are differentiable (cqr_jax.partial_training); the rest is held fixed."""
+  if top_layers <= 0:
+    return nnx.merge(graphdef, params, rest), 0
+  params = partial_training.stop_frozen(params, partial_training.labels(params, top_layers))
+  model = nnx.merge(graphdef, params, rest)
+  return model, model.config.num_layers - top_layers
+
+
 def _target_logprobs(graphdef, rest, params, tokens_bl, mask_bl, temperature, with_entropy,
                      tail: int | None = None, top_layers: int = 0):
   """log softmax(logits / T) at each next token: [B, L-1] (and entropy [B, L-1]).
 
-  With `tail`, only the last `tail` targets (a rollout's response columns) go through the LM
-  head; the other entries are 0 (they are masked out of every loss). The trunk still runs over
-  the whole sequence. With `top_layers` > 0 only the top blocks and the final norm are
-  differentiable (cqr_jax.partial_training); the rest is held fixed.
+  With `tail`, only the last `tail` targets go through the LM head; the other entries are 0
+  (they must be masked out of every loss). The trunk still runs over the whole sequence.
+  `top_layers`: as in `_policy`.
   """
-  frozen = 0
-  if top_layers > 0:
-    params = partial_training.stop_frozen(params, partial_training.labels(params, top_layers))
-  model = nnx.merge(graphdef, params, rest)
-  if top_layers > 0:
-    frozen = model.config.num_layers - top_layers
+  model, frozen = _policy(graphdef, rest, params, top_layers)
   inputs, targets = tokens_bl[:, :-1], tokens_bl[:, 1:]
   return model.token_logprobs(inputs, positions_from_mask(mask_bl)[:, :-1], mask_bl[:, :-1],
                               targets, temperature=temperature, with_entropy=with_entropy,
                               last=tail, frozen_layers=frozen)
+
+
+def _completion_logprobs(graphdef, rest, params, mb, temperature, with_entropy,
+                         top_layers: int = 0):
+  """Log-probs (and entropies) of a grouped batch's completions, [G*m, Lc]: each group's prompt
+  runs once for its m completions (Decoder.completion_logprobs). `top_layers`: as in `_policy`."""
+  model, frozen = _policy(graphdef, rest, params, top_layers)
+  g, m, lc = mb["completion"].shape
+  return model.completion_logprobs(
+      mb["prompt"], mb["prompt_mask"], mb["completion"].reshape(g * m, lc),
+      mb["completion_mask"].reshape(g * m, lc), m, temperature=temperature,
+      with_entropy=with_entropy, frozen_layers=frozen)
 
 
 def _split_micro(x, n_micro: int, mesh=None):
@@ -82,22 +100,30 @@ def _merge_micro(x):
   return x.swapaxes(0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
+def _num_micro(batch: dict, micro_batch: int) -> int:
+  """Micro-batches of a grouped batch: `micro_batch` completions each, whole groups."""
+  g, m = batch["completion"].shape[:2]
+  if micro_batch % m or (g * m) % micro_batch:
+    raise ValueError(f"a grouped batch of {g} x {m} completions cannot be cut into micro-batches "
+                     f"of {micro_batch} (see rollout_batch.group_size)")
+  return max(g * m // micro_batch, 1)
+
+
 def make_logprob_fn(graphdef, rest, *, temperature: float, micro_batch: int,
-                    mesh=None, response_len: int | None = None) -> Callable:
-  """Jitted `(params, tokens_bl, mask_bl) -> logp [B, L-1]`, in micro-batches (reference pass).
-  With `response_len`, only the last that many targets are computed (the rest are 0)."""
+                    mesh=None) -> Callable:
+  """Jitted `(params, grouped batch) -> logp [G, m, Lc]` of the completions, in micro-batches of
+  `micro_batch` completions (the reference pass; batch layout: rollout_batch.assemble)."""
 
   @jax.jit
-  def logprobs(params, tokens_bl, mask_bl):
-    n_micro = max(tokens_bl.shape[0] // micro_batch, 1)
+  def logprobs(params, batch):
+    batch = {k: batch[k] for k in ("prompt", "prompt_mask", "completion", "completion_mask")}
+    n_micro = _num_micro(batch, micro_batch)
 
-    def one(_, xs):
-      t, m = xs
-      return None, _target_logprobs(graphdef, rest, params, t, m, temperature, False,
-                                    response_len)
+    def one(_, mb):
+      lp = _completion_logprobs(graphdef, rest, params, mb, temperature, False)
+      return None, lp.reshape(mb["completion"].shape)
 
-    _, out = jax.lax.scan(one, None, (_split_micro(tokens_bl, n_micro, mesh),
-                                      _split_micro(mask_bl, n_micro, mesh)))
+    _, out = jax.lax.scan(one, None, jax.tree.map(lambda x: _split_micro(x, n_micro, mesh), batch))
     return _merge_micro(out)
 
   return logprobs
@@ -155,33 +181,33 @@ def jit_state_step(fn: Callable) -> Callable:
 
 
 def make_grpo_update(graphdef, rest, tx, loss_cfg, *, temperature: float,
-                     micro_batch: int, mesh=None, response_len: int | None = None,
-                     top_layers: int = 0) -> Callable:
+                     micro_batch: int, mesh=None, top_layers: int = 0) -> Callable:
   """Jitted GRPO update (method.md 4.6-4.8): one optimizer step on a whole rollout batch.
 
-  batch: tokens_bl, mask_bl, loss_mask_bl [B, L] (loss mask over targets, i.e. [:, :L-1] used),
-  ref_logp_bl [B, L-1] (absent: no KL term, for kl_coef 0), adv_b [B]; optionally old_logp_bl
-  (else the detached current log-probs: with one update per batch the policy is exactly
-  on-policy, method.md 4.7). `response_len`:
-  the loss mask is zero outside the last that many columns (a prompt ++ completion batch), so
-  the LM head and entropy run there only. `top_layers` > 0: only the top blocks train (pair it
+  batch (rollout_batch.assemble): G groups of m completions sharing a prompt: prompt,
+  prompt_mask [G, Lp] (left-padded); completion, completion_mask [G, m, Lc] (mask: response
+  tokens up to and including the first EOS); adv [G, m]; ref_logp [G, m, Lc] (absent: no KL
+  term, for kl_coef 0); optionally old_logp [G, m, Lc] (else the detached current log-probs:
+  with one update per batch the policy is exactly on-policy, method.md 4.7). Micro-batches hold
+  `micro_batch` completions, whole groups. `top_layers` > 0: only the top blocks train (pair it
   with `partial_training.mask_optimizer(tx, top_layers)`).
   """
   def loss_fn(params, mb):
-    logp, ent = _target_logprobs(graphdef, rest, params, mb["tokens"], mb["mask"], temperature,
-                                 True, response_len, top_layers)
-    old = mb["old_logp"] if "old_logp" in mb else jax.lax.stop_gradient(logp)
-    s, c, metrics = grpo_obj.grpo_loss(logp, old, mb.get("ref_logp"), ent, mb["adv"],
-                                       mb["loss_mask"][:, 1:], loss_cfg)
+    logp, ent = _completion_logprobs(graphdef, rest, params, mb, temperature, True, top_layers)
+    flat = lambda k: mb[k].reshape(logp.shape) if k in mb else None  # noqa: E731
+    old = flat("old_logp") if "old_logp" in mb else jax.lax.stop_gradient(logp)
+    s, c, metrics = grpo_obj.grpo_loss(logp, old, flat("ref_logp"), ent, mb["adv"].reshape(-1),
+                                       flat("completion_mask"), loss_cfg)
     return s, (c, metrics)
 
   loss_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
 
   def update(state: TrainState, batch: dict):
-    n_micro = max(batch["tokens"].shape[0] // micro_batch, 1)
+    n_micro = _num_micro(batch, micro_batch)
     micro = jax.tree.map(lambda x: _split_micro(x, n_micro, mesh), batch)
-    total = jnp.sum(jax.vmap(lambda m: grpo_obj.aggregation_count(m[:, 1:], loss_cfg))(
-        micro["loss_mask"]))
+    lc = batch["completion"].shape[-1]
+    total = jnp.sum(jax.vmap(lambda m: grpo_obj.aggregation_count(m.reshape(-1, lc), loss_cfg))(
+        micro["completion_mask"]))
     scale = lambda c: grpo_obj.accumulation_scale(loss_cfg, c, n_micro, total)  # noqa: E731
     loss, grads, _, raw = _accumulate(loss_and_grad, state.params, micro, scale,
                                       grpo_obj.merge_metrics)
@@ -193,14 +219,15 @@ def make_grpo_update(graphdef, rest, tx, loss_cfg, *, temperature: float,
 
 
 def make_sft_update(graphdef, rest, tx, *, micro_batch: int, mesh=None,
-                    top_layers: int = 0) -> Callable:
+                    top_layers: int = 0, response_len: int | None = None) -> Callable:
   """Jitted SFT update (method.md 3.3-3.4): CE on response tokens + EOS, token mean per
   micro-batch averaged over micro-batches (verl's per-rank mean), one optimizer step.
-  `top_layers` as in `make_grpo_update`."""
+  `response_len`: every loss target lies in the last that many columns (left-padded rows), so
+  the LM head runs there only. `top_layers` as in `make_grpo_update`."""
 
   def loss_fn(params, mb):
     logp = _target_logprobs(graphdef, rest, params, mb["tokens"], mb["mask"], 1.0, False,
-                            None, top_layers)
+                            response_len, top_layers)
     s, c = sft_obj.sft_loss(logp, mb["loss_mask"][:, 1:])
     return s, (c, {})
 

@@ -55,6 +55,19 @@ class Attention(nnx.Module):
     q, k, v = self.qkv(x_btd, cos_btd, sin_btd, compute_dtype)
     return self.o_proj(attend(q, k, v, mask_btt, compute_dtype), compute_dtype)
 
+  def shared_prefix(self, xp_bpd, xc_bcd, rope_p, rope_c, mask_bpp, mask_bcs, n: int,
+                    compute_dtype):
+    """Prompts [P, Lp, D] and their completions [P*n, Lc, D] (row r continues prompt r // n):
+    the prompts attend among themselves; completion row r attends to prompt r // n's keys, then
+    to its own (mask_bcs [P*n, Lc, Lp + Lc]). Each prompt is projected once, not n times."""
+    qp, kp, vp = self.qkv(xp_bpd, *rope_p, compute_dtype)
+    qc, kc, vc = self.qkv(xc_bcd, *rope_c, compute_dtype)
+    out_p = attend(qp, kp, vp, mask_bpp, compute_dtype)
+    k = jnp.concatenate([jnp.repeat(kp, n, axis=0), kc], axis=1)
+    v = jnp.concatenate([jnp.repeat(vp, n, axis=0), vc], axis=1)
+    out_c = attend(qc, k, v, mask_bcs, compute_dtype)
+    return self.o_proj(out_p, compute_dtype), self.o_proj(out_c, compute_dtype)
+
   def decode(self, x_btd, cos_btd, sin_btd, layer_cache, cache_index, mask_bts, compute_dtype):
     """Writes the T new keys/values at slots [cache_index, cache_index + T), attends over the
     cache. Returns (output [B, T, D], updated layer cache)."""

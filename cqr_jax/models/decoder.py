@@ -61,6 +61,15 @@ class Block(nnx.Module):
     x_btd = x_btd + self.attn(self.attn_norm(x_btd), cos_btd, sin_btd, mask_btt, compute_dtype)
     return x_btd + self.mlp(self.mlp_norm(x_btd), compute_dtype)
 
+  def shared_prefix(self, x, rope_p, rope_c, mask_bpp, mask_bcs, n, compute_dtype):
+    """`x` = (prompts [P, Lp, D], completions [P*n, Lc, D]): see Attention.shared_prefix."""
+    xp_bpd, xc_bcd = x
+    ap_bpd, ac_bcd = self.attn.shared_prefix(self.attn_norm(xp_bpd), self.attn_norm(xc_bcd), rope_p,
+                                             rope_c, mask_bpp, mask_bcs, n, compute_dtype)
+    xp_bpd, xc_bcd = xp_bpd + ap_bpd, xc_bcd + ac_bcd
+    return (xp_bpd + self.mlp(self.mlp_norm(xp_bpd), compute_dtype),
+            xc_bcd + self.mlp(self.mlp_norm(xc_bcd), compute_dtype))
+
   def decode(self, x_btd, cos_btd, sin_btd, layer_cache, cache_index, mask_bts, compute_dtype):
     a_btd, layer_cache = self.attn.decode(self.attn_norm(x_btd), cos_btd, sin_btd, layer_cache,
                                           cache_index, mask_bts, compute_dtype)
@@ -133,20 +142,51 @@ class Decoder(nnx.Module):
     causal_tt = jnp.tril(jnp.ones((t, t), bool))
     mask_btt = causal_tt[None] & (mask_bt[:, None, :] > 0)
     cos, sin = self._rope(positions_bt)
-    x_btd = self.embed(tokens_bt)
+    x_btd = self._run_blocks(lambda layer, x: layer(x, cos, sin, mask_btt, cdt),
+                             self.embed(tokens_bt), frozen_layers)
+    return self.final_norm(x_btd)
+
+  def _run_blocks(self, apply, x, frozen_layers: int = 0):
+    """x -> apply(block, x) through the blocks: one lax.scan (config.scan_layers) or unrolled;
+    the config's remat on each trainable block, none on the bottom `frozen_layers`."""
     remat = self.config.remat
     if self.config.scan_layers:
-      body = lambda layer, x, _: (layer(x, cos, sin, mask_btt, cdt), None)  # noqa: E731
+      body = lambda layer, x, _: (apply(layer, x), None)  # noqa: E731
       if frozen_layers:
-        x_btd, _ = scan_blocks(self.layers[:frozen_layers], body, x_btd)
-      x_btd, _ = scan_blocks(self.layers[frozen_layers:], body, x_btd, remat=remat)
-      return self.final_norm(x_btd)
+        x, _ = scan_blocks(self.layers[:frozen_layers], body, x)
+      x, _ = scan_blocks(self.layers[frozen_layers:], body, x, remat=remat)
+      return x
     for i, layer in enumerate(self.layers):
       if remat == "none" or i < frozen_layers:
-        x_btd = layer(x_btd, cos, sin, mask_btt, cdt)
+        x = apply(layer, x)
       else:
-        x_btd = _remat_layer(layer, x_btd, cos, sin, mask_btt, cdt, remat)
-    return self.final_norm(x_btd)
+        x = _remat_layer(layer, apply, x, remat)
+    return x
+
+  def shared_prefix_hidden(self, prompt_bp, prompt_mask_bp, completion_bc, completion_mask_bc,
+                           n: int, *, compute_dtype=None, frozen_layers: int = 0):
+    """Final-normed hidden states of P left-padded prompts [P, Lp, D] and of their n completions
+    each [P*n, Lc, D] (row r continues prompt r // n), the prompts run once rather than n times.
+
+    Equals `hidden` on the rows prompt ++ completion (positions continue from the prompt's real
+    length; completion keys past a row's mask are hidden). `frozen_layers`: as in `hidden`."""
+    cdt = self._cdt(compute_dtype)
+    lp, lc = prompt_bp.shape[1], completion_bc.shape[1]
+    prompt_mask_bp = prompt_mask_bp > 0
+    pos_bp = jnp.maximum(jnp.cumsum(prompt_mask_bp.astype(jnp.int32), axis=-1) - 1, 0)
+    start_b = jnp.repeat(jnp.sum(prompt_mask_bp, axis=-1, dtype=jnp.int32), n)
+    pos_bc = start_b[:, None] + jnp.arange(lc, dtype=jnp.int32)[None]
+    mask_bpp = jnp.tril(jnp.ones((lp, lp), bool))[None] & prompt_mask_bp[:, None, :]
+    own_bcc = jnp.tril(jnp.ones((lc, lc), bool))[None] & (completion_mask_bc[:, None, :] > 0)
+    seen_bcp = jnp.broadcast_to(jnp.repeat(prompt_mask_bp, n, axis=0)[:, None, :],
+                                (own_bcc.shape[0], lc, lp))
+    mask_bcs = jnp.concatenate([seen_bcp, own_bcc], axis=-1)
+    rope_p, rope_c = self._rope(pos_bp), self._rope(pos_bc)
+    x = (self.embed(prompt_bp), self.embed(completion_bc))
+    xp_bpd, xc_bcd = self._run_blocks(
+        lambda layer, x: layer.shared_prefix(x, rope_p, rope_c, mask_bpp, mask_bcs, n, cdt),
+        x, frozen_layers)
+    return self.final_norm(xp_bpd), self.final_norm(xc_bcd)
 
   def logits(self, h_btd, *, compute_dtype=None) -> jax.Array:
     """LM head on hidden states: [B, T, D] -> float32 [B, T, V]."""
@@ -178,6 +218,22 @@ class Decoder(nnx.Module):
       return out
     pad = lambda x: jnp.pad(x, ((0, 0), (t - last, 0)))  # noqa: E731
     return tuple(map(pad, out)) if with_entropy else pad(out)
+
+  def completion_logprobs(self, prompt_bp, prompt_mask_bp, completion_bc, completion_mask_bc,
+                          n: int, *, temperature: float = 1.0, chunk_size: int = 128,
+                          with_entropy: bool = False, compute_dtype=None,
+                          frozen_layers: int = 0):
+    """log_softmax(logits / temperature) of every completion token given its prompt and the
+    completion before it, [P*n, Lc] float32 (and entropies): `shared_prefix_hidden`, then the LM
+    head on the completion positions only. Prompts must be left-padded (the sampler's layout):
+    their last column is the state that predicts a completion's first token."""
+    hp_bpd, hc_bcd = self.shared_prefix_hidden(prompt_bp, prompt_mask_bp, completion_bc,
+                                               completion_mask_bc, n, compute_dtype=compute_dtype,
+                                               frozen_layers=frozen_layers)
+    h_bcd = jnp.concatenate([jnp.repeat(hp_bpd[:, -1:], n, axis=0), hc_bcd[:, :-1]], axis=1)
+    return chunked_logprobs(h_bcd, self.lm_head_vd(), completion_bc, temperature=temperature,
+                            chunk_size=chunk_size, with_entropy=with_entropy,
+                            compute_dtype=self._cdt(compute_dtype))
 
   # ------------------------------------------------------------------ KV-cache decoding
   def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
@@ -235,15 +291,15 @@ def scan_blocks(layers, body, carry, xs=None, *, remat: str = "none"):
   return jax.lax.scan(step, carry, (stacked, xs))
 
 
-def _remat_layer(layer: Block, x_btd, cos, sin, mask_btt, cdt, remat: str):
-  """One block under jax.checkpoint (policy by name), via a pure function of its state."""
+def _remat_layer(layer: Block, apply, x, remat: str):
+  """apply(block, x) under jax.checkpoint (policy by name), via a pure function of its state."""
   graphdef, state = nnx.split(layer)
 
   @functools.partial(jax.checkpoint, policy=_remat_policy(remat))
-  def run(state, x_btd, cos, sin, mask_btt):
-    return nnx.merge(graphdef, state)(x_btd, cos, sin, mask_btt, cdt)
+  def run(state, x):
+    return apply(nnx.merge(graphdef, state), x)
 
-  return run(state, x_btd, cos, sin, mask_btt)
+  return run(state, x)
 
 
 def chunked_logprobs(h_btd, w_vd, targets_bt, *, temperature=1.0, chunk_size=128,

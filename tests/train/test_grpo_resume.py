@@ -20,6 +20,7 @@ CHILD = textwrap.dedent("""
     from cqr_jax import config as C
     from train import common, grpo
     common.setup_logging()
+    common.enable_compilation_cache()
     model_dir, run_dir, out = sys.argv[1:4]
     cfg = C.resolve("tiny", None, [
         f"model.source={model_dir}", f"run_dir={run_dir}", "model.compute_dtype=float32",
@@ -35,7 +36,9 @@ CHILD = textwrap.dedent("""
 
 
 def _run(args, **kw):
-  env = dict(os.environ, CQR_JAX_XLA_CACHE="off")
+  # The three runs share one compilation cache (the CLI's default behaviour, here in the test's
+  # own folder): the second and third load the first one's programs instead of compiling them.
+  env = dict(os.environ, CQR_JAX_XLA_CACHE=os.path.join(os.path.dirname(args[1]), "xla_cache"))
   env.pop("XLA_FLAGS", None)
   return subprocess.Popen([sys.executable, "-c", CHILD, *args], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)

@@ -52,18 +52,12 @@ def sft_batch(seed: int) -> dict[str, np.ndarray]:
   return {"tokens": tokens, "mask": mask, "loss_mask": loss}
 
 
-def grpo_batch(seed: int) -> dict[str, np.ndarray]:
-  """Left-padded prompts ++ responses (train/rollout_batch.assemble's layout) and advantages."""
-  rng = np.random.default_rng(seed)
-  plen, glen = rng.integers(2, P_LEN + 1, B_GRPO), rng.integers(1, G_LEN + 1, B_GRPO)
-  tokens = rng.integers(2, 97, (B_GRPO, P_LEN + G_LEN)).astype(np.int32)
-  mask = np.zeros(tokens.shape, bool)
-  loss = np.zeros(tokens.shape, bool)
-  for i in range(B_GRPO):
-    mask[i, P_LEN - plen[i]:P_LEN + glen[i]] = True
-    loss[i, P_LEN:P_LEN + glen[i]] = True
-  rewards = rng.uniform(-1.0, 1.0, B_GRPO).astype(np.float32)
-  return {"tokens": tokens, "mask": mask, "loss_mask": loss, "rewards": rewards}
+def grpo_batch(seed: int):
+  """Sampler-shaped rollouts (B_GRPO / 4 prompts x 4 samples) and their rewards."""
+  from cqr_jax.testing import random_rollouts
+  roll = random_rollouts(seed, 97, prompts=B_GRPO // 4, n=4, prompt_len=P_LEN,
+                         completion_len=G_LEN)
+  return roll, np.random.default_rng(seed).uniform(-1.0, 1.0, B_GRPO).astype(np.float32)
 
 
 def _train(ckpt_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
@@ -113,11 +107,11 @@ def _train(ckpt_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
   log["grpo_loss"], log["grpo_grad_norm"] = [], []
 
   def grpo_step(state, seed):
-    host = grpo_batch(seed)
-    adv = np.asarray(grpo_obj.group_advantages(jnp.asarray(host.pop("rewards")), 4), np.float32)
-    batch = place(host)
-    batch["ref_logp"] = ref_logprobs(ref_params, batch["tokens"], batch["mask"])
-    batch["adv"] = rollout_batch.place(adv, mesh)
+    roll, rewards = grpo_batch(seed)
+    adv = np.asarray(grpo_obj.group_advantages(jnp.asarray(rewards), 4), np.float32)
+    batch = rollout_batch.assemble(roll, mesh, MICRO)
+    batch["ref_logp"] = ref_logprobs(ref_params, batch)
+    batch["adv"] = rollout_batch.place(adv.reshape(batch["completion"].shape[:2]), mesh)
     state, m = update(state, batch)
     log["grpo_loss"].append(float(m["loss"]))
     log["grpo_grad_norm"].append(float(m["grad_norm"]))

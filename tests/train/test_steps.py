@@ -1,4 +1,5 @@
-"""The jitted GRPO/SFT updates: exact micro-batch accumulation, and 8 devices == 1 device."""
+"""The jitted GRPO/SFT updates: exact micro-batch accumulation over grouped (prefix-shared) batches,
+and 8 devices == 1 device."""
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import pytest
 from cqr_jax import sharding
 from cqr_jax.models.config import ModelConfig
 from cqr_jax.objectives import grpo as grpo_obj
+from cqr_jax.testing import random_rollouts, rollout_rows
 from train import rollout_batch, steps
 
 CFG = ModelConfig(family="qwen2", vocab_size=97, hidden_size=32, intermediate_size=64,
@@ -16,43 +18,56 @@ CFG = ModelConfig(family="qwen2", vocab_size=97, hidden_size=32, intermediate_si
                   tie_word_embeddings=False, bos_token_id=None, eos_token_id=1)
 
 
-def make_batch(seed=0, b=8, p=6, g=10):
-  rng = np.random.default_rng(seed)
-  plen = rng.integers(2, p + 1, b)
-  glen = rng.integers(1, g + 1, b)
-  tokens = rng.integers(2, CFG.vocab_size, (b, p + g)).astype(np.int32)
-  mask = np.zeros((b, p + g), bool)
-  loss = np.zeros((b, p + g), bool)
-  for i in range(b):
-    mask[i, p - plen[i]:p + glen[i]] = True
-    loss[i, p:p + glen[i]] = True
-  ref = rng.normal(-3.0, 0.5, (b, p + g - 1)).astype(np.float32)
-  adv = rng.normal(size=b).astype(np.float32)
-  return {"tokens": tokens, "mask": mask, "loss_mask": loss, "ref_logp": ref, "adv": adv}
+def make_batch(seed=0, prompts=4, n=2, mesh=None, micro_batch=2):
+  """(rollouts, flat rows, grouped batch): the grouped batch is rollout_batch.assemble's, with
+  per-rollout reference log-probs [G, m, Lc] and advantages [G, m]."""
+  roll = random_rollouts(seed, CFG.vocab_size, prompts, n)
+  rng = np.random.default_rng(seed + 100)
+  rows = len(roll.finish_reasons)
+  ref = rng.normal(-3.0, 0.5, roll.completion_ids.shape).astype(np.float32)
+  adv = rng.normal(size=rows).astype(np.float32)
+  batch = rollout_batch.assemble(roll, mesh, micro_batch)
+  g, m, lc = batch["completion"].shape
+  batch["ref_logp"] = rollout_batch.place(ref.reshape(g, m, lc), mesh)
+  batch["adv"] = rollout_batch.place(adv.reshape(g, m), mesh)
+  flat = rollout_rows(roll)
+  flat["ref_logp"] = np.pad(ref, ((0, 0), (roll.prompt_ids.shape[1] - 1, 0)))
+  flat["adv"] = adv
+  return roll, flat, batch
 
 
-def run_update(mesh, batch, micro_batch, loss_cfg=grpo_obj.GRPOLossConfig(), cfg=CFG,
-               response_len=None):
+def run_update(mesh, micro_batch, loss_cfg=grpo_obj.GRPOLossConfig(), cfg=CFG, seed=1,
+               drop=()):
   model = sharding.create_model(cfg, mesh, seed=0)
   graphdef, params, rest = steps.split_model(model)
   tx = optax.sgd(1.0)  # params - grads: compares the gradients (Adam's first step is ~sign(g))
   state = steps.init_state(params, tx)
   update = steps.make_grpo_update(graphdef, rest, tx, loss_cfg, temperature=0.7,
-                                  micro_batch=micro_batch, mesh=mesh, response_len=response_len)
-  placed = {k: rollout_batch.place(v, mesh) for k, v in batch.items()}
-  state, m = update(state, placed)
-  return jax.device_get(state.params), jax.device_get(m)
+                                  micro_batch=micro_batch, mesh=mesh)
+  _, _, batch = make_batch(seed, mesh=mesh, micro_batch=micro_batch)
+  state, m = update(state, {k: v for k, v in batch.items() if k not in drop})
+  return jax.device_get(state.params), jax.device_get(m), batch["completion"].shape
 
 
-@pytest.mark.parametrize("aggregation,scan,response_len", [
-    ("token_mean", False, None), ("token_mean", True, 10), ("seq_mean_token_mean", True, None)])
-def test_micro_batches_equal_the_formula(aggregation, scan, response_len):
-  """Accumulating 4 micro-batches gives the gradient of combine_microbatches' step loss, computed
-  here from full-sequence, layer-by-layer log-probs: the scanned blocks (remat on) and the
-  response-only LM head (`response_len` = the batch's completion columns) change nothing."""
+def test_group_size():
+  assert rollout_batch.group_size(8, 8) == 8
+  assert rollout_batch.group_size(8, 4) == 4
+  assert rollout_batch.group_size(4, 8, data_parallel=2) == 4
+  assert rollout_batch.group_size(4, 4, data_parallel=4) == 1   # one completion per device
+  assert rollout_batch.group_size(6, 4) == 2
+
+
+@pytest.mark.parametrize("aggregation,scan", [
+    ("token_mean", False), ("token_mean", True), ("seq_mean_token_mean", True)])
+def test_micro_batches_equal_the_formula(aggregation, scan):
+  """The grouped update (each prompt's forward shared by its samples, 4 micro-batches of one
+  group) gives the gradient of combine_microbatches' step loss computed here from flat rows
+  prompt ++ completion, layer by layer: prefix sharing, the scanned blocks (remat on) and the
+  response-only LM head change nothing."""
   cfg = grpo_obj.GRPOLossConfig(aggregation=aggregation)
-  batch = make_batch()
   mesh = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
+  roll, flat, batch = make_batch(mesh=mesh, micro_batch=2)
+  assert batch["completion"].shape[:2] == (4, 2)  # groups of both samples of a prompt
   model = sharding.create_model(CFG, mesh, seed=0)
   graphdef, params, rest = steps.split_model(model)
   update_graphdef = graphdef
@@ -63,8 +78,8 @@ def test_micro_batches_equal_the_formula(aggregation, scan, response_len):
   def step_loss(p):
     sums, counts = [], []
     for i in range(4):
-      sl = slice(i, None, 4)  # micro-batch i = rows i, i + 4 (strided, see steps._split_micro)
-      mb = {k: jnp.asarray(v[sl]) for k, v in batch.items()}
+      rows = np.flatnonzero(roll.prompt_index == i)  # micro-batch i = group i (strided split)
+      mb = {k: jnp.asarray(v[rows]) for k, v in flat.items()}
       lp, ent = steps._target_logprobs(graphdef, rest, p, mb["tokens"], mb["mask"], 0.7, True)
       s, c, _ = grpo_obj.grpo_loss(lp, jax.lax.stop_gradient(lp), mb["ref_logp"], ent, mb["adv"],
                                    mb["loss_mask"][:, 1:], cfg)
@@ -72,28 +87,45 @@ def test_micro_batches_equal_the_formula(aggregation, scan, response_len):
       counts.append(c)
     return grpo_obj.combine_microbatches(jnp.stack(sums), jnp.stack(counts), cfg)
 
-  want_loss, want_grads = jax.value_and_grad(step_loss)(params)
+  want_loss, want_grads = jax.jit(jax.value_and_grad(step_loss))(params)
   tx = optax.sgd(1.0)  # new params = params - grads: compares the gradient itself
   state = steps.init_state(params, tx)
-  update = steps.make_grpo_update(update_graphdef, rest, tx, cfg, temperature=0.7, micro_batch=2,
-                                  response_len=response_len)
+  update = steps.make_grpo_update(update_graphdef, rest, tx, cfg, temperature=0.7, micro_batch=2)
   before = jax.device_get(params)
-  state, m = update(state, {k: rollout_batch.place(v, mesh) for k, v in batch.items()})
+  state, m = update(state, batch)
   got_grads = jax.tree.map(lambda a, b: a - b, before, jax.device_get(state.params))
   np.testing.assert_allclose(float(m["loss"]), float(want_loss), rtol=1e-5, atol=1e-6)
   for g, w in zip(jax.tree.leaves(got_grads), jax.tree.leaves(jax.device_get(want_grads))):
     np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("scan", [True])  # the default; unrolled blocks on the (2, 2, 2) mesh:
-# tests/train/test_multihost.py and tests/models/test_sharding.py
-def test_eight_devices_equal_one_device(scan):
-  batch = make_batch(seed=1)
-  cfg = CFG.replace(scan_layers=scan, remat="full" if scan else "none")
+def test_reference_pass_equals_flat_rows():
+  """make_logprob_fn on the grouped batch = the model's log-probs of each completion token on
+  the flat row prompt ++ completion (f32)."""
+  mesh = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
+  roll, flat, batch = make_batch(seed=5, mesh=mesh, micro_batch=4)
+  model = sharding.create_model(CFG, mesh, seed=0)
+  graphdef, params, rest = steps.split_model(model)
+  got = steps.make_logprob_fn(graphdef, rest, temperature=0.7, micro_batch=4)(params, batch)
+  want = steps._target_logprobs(graphdef, rest, params, flat["tokens"], flat["mask"], 0.7, False)
+  want = np.asarray(want)[:, roll.prompt_ids.shape[1] - 1:]
+  got = np.asarray(got).reshape(want.shape)
+  np.testing.assert_allclose(np.where(roll.completion_mask, got, 0),
+                             np.where(roll.completion_mask, want, 0), rtol=1e-5, atol=1e-5)
+
+
+def test_eight_devices_equal_one_device():
+  """On the (2, 2, 2) mesh, micro-batches of 4 completions spread one per data-parallel device
+  (groups of 1: no prefix sharing); on one device the 2 samples of a prompt share its forward.
+  Same update either way (a global token mean, which does not depend on which completions
+  share a micro-batch)."""
+  cfg = CFG.replace(scan_layers=True, remat="full")
+  loss_cfg = grpo_obj.GRPOLossConfig(aggregation="token_sum_global")
   one = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
   eight = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
-  p1, m1 = run_update(one, batch, micro_batch=4, cfg=cfg, response_len=10 if scan else None)
-  p8, m8 = run_update(eight, batch, micro_batch=4, cfg=cfg, response_len=10 if scan else None)
+  p1, m1, shape1 = run_update(one, micro_batch=4, cfg=cfg, loss_cfg=loss_cfg)
+  p8, m8, shape8 = run_update(eight, micro_batch=4, cfg=cfg, loss_cfg=loss_cfg)
+  assert shape1[:2] == (4, 2) and shape8[:2] == (8, 1)
   np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-4)
   for a, b in zip(jax.tree.leaves(p8), jax.tree.leaves(p1)):
@@ -101,9 +133,9 @@ def test_eight_devices_equal_one_device(scan):
 
 
 def test_nonfinite_loss_skips_the_update():
-  batch = make_batch(seed=2)
-  batch["ref_logp"] = np.full_like(batch["ref_logp"], np.nan)
   mesh = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
+  _, _, batch = make_batch(seed=2, mesh=mesh, micro_batch=8)
+  batch["ref_logp"] = jnp.full(batch["ref_logp"].shape, jnp.nan)
   model = sharding.create_model(CFG, mesh, seed=0)
   graphdef, params, rest = steps.split_model(model)
   before = jax.device_get(params)
@@ -111,7 +143,7 @@ def test_nonfinite_loss_skips_the_update():
   state = steps.init_state(params, tx)
   update = steps.make_grpo_update(graphdef, rest, tx, grpo_obj.GRPOLossConfig(),
                                   temperature=0.7, micro_batch=8)
-  state, m = update(state, {k: rollout_batch.place(v, mesh) for k, v in batch.items()})
+  state, m = update(state, batch)
   assert not bool(m["finite"])
   assert int(state.step) == 0
   for a, b in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(before)):
@@ -123,10 +155,8 @@ def test_kl_coef_zero_needs_no_reference():
   equals one given any reference log-probs, whose KL term then weighs nothing."""
   one = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
   no_kl = grpo_obj.GRPOLossConfig(kl_coef=0.0)
-  batch = make_batch(seed=4)
-  with_ref, m_ref = run_update(one, batch, micro_batch=4, loss_cfg=no_kl)
-  batch.pop("ref_logp")
-  without, m = run_update(one, batch, micro_batch=4, loss_cfg=no_kl)
+  with_ref, m_ref, _ = run_update(one, micro_batch=4, loss_cfg=no_kl, seed=4)
+  without, m, _ = run_update(one, micro_batch=4, loss_cfg=no_kl, seed=4, drop=("ref_logp",))
   assert float(m["kl"]) == 0.0 and float(m_ref["kl"]) != 0.0  # the metric still reports it
   for a, b in zip(jax.tree.leaves(without), jax.tree.leaves(with_ref)):
     np.testing.assert_array_equal(a, b)
