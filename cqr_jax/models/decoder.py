@@ -13,6 +13,9 @@ real token, so a left-padded prompt's positions are 0, 0, ..., 0, 1, 2, ...):
     logp_bt = model.token_logprobs(tokens_bt, positions_bt, mask_bt, targets_bt,
                                    temperature=1.0)      # chunked over T, no [B, T, V] in memory
     logp_bt, ent_bt = model.token_logprobs(..., with_entropy=True)
+    # n completions per left-padded prompt (row r continues prompt r // n), each prompt run once:
+    logp_bc = model.completion_logprobs(prompt_bp, prompt_mask_bp, completion_bc,
+                                        completion_mask_bc, n, temperature=0.7)   # [P*n, Lc]
 
     # Generation with the functional KV cache (pytree in -> pytree out; donate it under jit):
     cache = model.init_cache(batch, max_len)             # [{"k": [B, S, KVH, Dh], "v": ...}] * L
