@@ -15,7 +15,9 @@ STEPS = 4
 
 CHILD = textwrap.dedent("""
     import os, sys
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    # one device; LLVM level 0 as in tests/conftest.py (a tiny model: compile time dominates)
+    os.environ["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=1 "
+                               "--xla_backend_optimization_level=0")
     import jax, numpy as np
     from cqr_jax import config as C
     from train import common, grpo

@@ -3,6 +3,8 @@ metrics equal an independent recomputation (pytrec_eval) from the TREC run files
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -21,17 +23,26 @@ pytestmark = [pytest.mark.slow,
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-  from train import pipeline
-  run_dir = str(tmp_path_factory.mktemp("pipeline") / "run")
-  # One device: the CPU pipeline as a user runs it (the session's 8 fake devices would make XLA
-  # compile 8-way SPMD programs of a 30-layer model, for no coverage the sharding tests lack).
-  cfg = cfglib.resolve("tiny", None, [f"run_dir={run_dir}", "mesh.fsdp=1"])
-  result = pipeline.run_pipeline(cfg)
-  return cfg, result
+  """The README's command at `--preset tiny`, as its own process: one CPU device and XLA's
+  default flags, as a user runs it (the session's 8 fake devices would make XLA compile 8-way
+  SPMD programs of a 30-layer model, and its LLVM level 0 (tests/conftest.py) suits tiny models,
+  not minutes of SmolLM2 training)."""
+  folder = tmp_path_factory.mktemp("pipeline")
+  run_dir = str(folder / "run")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["CQR_JAX_XLA_CACHE"] = str(folder / "xla_cache")  # fresh: no programs from earlier runs
+  with open(folder / "pipeline.log", "wb") as log:
+    proc = subprocess.run([sys.executable, "-m", "train.cli", "pipeline", "--preset", "tiny",
+                           "--run-dir", run_dir], env=env, stdout=log, stderr=subprocess.STDOUT,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+  if proc.returncode:
+    pytest.fail(f"pipeline exited {proc.returncode}:\n" +
+                (folder / "pipeline.log").read_text(errors="replace")[-4000:])
+  return cfglib.resolve("tiny", None, [f"run_dir={run_dir}"])
 
 
 def test_artifacts_exist_and_parse(tiny_run):
-  cfg, result = tiny_run
+  cfg = tiny_run
   d = cfg.run_dir
   report = os.path.join(d, "report")
   with open(os.path.join(report, "metrics.json")) as f:
@@ -59,7 +70,7 @@ def test_artifacts_exist_and_parse(tiny_run):
 
 
 def test_report_metrics_equal_pytrec_eval_on_the_run_files(tiny_run):
-  cfg, _ = tiny_run
+  cfg = tiny_run
   report = os.path.join(cfg.run_dir, "report")
   metrics = json.load(open(os.path.join(report, "metrics.json")))
   ds = load_dataset("synthetic", cfg.data.test_split, size=cfg.data.size, seed=cfg.data.seed)
@@ -88,7 +99,7 @@ def test_report_metrics_equal_pytrec_eval_on_the_run_files(tiny_run):
 def test_grpo_raises_reward_and_batch_mrr(tiny_run):
   """Issue 6's learning check: the tiny preset's GRPO sees the same 4 prompts (x 4 samples) every
   step, so its first step measures the SFT policy and its last steps the updated one."""
-  cfg, _ = tiny_run
+  cfg = tiny_run
   lines = [json.loads(x) for x in open(os.path.join(cfg.run_dir, "grpo", "metrics.jsonl"))]
   assert cfg.grpo.max_turns == cfg.grpo.batch_prompts and len(lines) >= 4
   first, last = lines[0], lines[-2:]
