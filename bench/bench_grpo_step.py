@@ -17,10 +17,9 @@ the end and reports its time split, to show the mirror is faithful.
 TRL's split comes from wrapping its methods: generation (`_generate`), reward
 (`_calculate_rewards`), no-grad log-prob passes (reference model), and the rest of the step
 (training forward + backward + optimizer). TRL runs with its own defaults except for the settings
-above (bf16 autocast and gradient checkpointing on). Ours runs micro-batches of 2 sequences: at
-the 512-token padded length (prompt bucket 384 + 128) the update's XLA temp memory is ~13 GB with
-micro-batches of 8, with or without remat (see bench/results/grpo_step.md), which does not fit
-this 24 GB machine beside other jobs.
+above (bf16 autocast and gradient checkpointing on; on a CPU without AVX-512 BF16 pass
+`--trl-bf16 0`: bf16 autocast is the slow path there). Ours runs micro-batches of 8 completions,
+i.e. one prompt and its 8 samples (rollout_batch.assemble), in f32 (`--compute-dtype`).
 
     python bench/bench_grpo_step.py --out bench/results/grpo_step.md
 """
@@ -63,7 +62,8 @@ def bench_config(args, run_dir: str) -> cfglib.RunConfig:
       f"rollout.max_new_tokens={args.max_new}", "rollout.temperature=0.7", "rollout.top_p=1.0",
       "rollout.top_k=0", "grpo.loss.kl_coef=0.001", "grpo.loss.entropy_coef=0.001",
       f"grpo.micro_batch={args.micro_batch}", "grpo.save_every=100000", "grpo.log_samples=0",
-      "grpo.warmup_steps=0", f"model.remat={args.remat}"] + list(args.set))
+      "grpo.warmup_steps=0", f"model.remat={args.remat}",
+      f"model.compute_dtype={args.compute_dtype}"] + list(args.set))
 
 
 class RankReward:
@@ -280,9 +280,9 @@ def main(argv=None):
   ap.add_argument("--prompts", type=int, default=8)
   ap.add_argument("--n", type=int, default=8)
   ap.add_argument("--max-new", type=int, default=128)
-  ap.add_argument("--micro-batch", type=int, default=2,
-                  help="ours; the update's XLA temp memory grows ~2.4 GB per sequence at 640 "
-                  "tokens, whatever the remat policy")
+  ap.add_argument("--compute-dtype", default="float32", help="ours: model.compute_dtype")
+  ap.add_argument("--micro-batch", type=int, default=8,
+                  help="ours: completions per micro-batch (whole groups of n)")
   ap.add_argument("--remat", default="none",
                   help="ours: model.remat ('none', 'full' or a jax.checkpoint_policies name)")
   ap.add_argument("--trl-micro-batch", type=int, default=8, help="TRL per_device_train_batch_size")
@@ -373,7 +373,7 @@ def report(args, argv, ours_ms, trl_ms, check_ms, trl_note, load_s, worst_reward
       f"{args.max_new} new tokens at T 0.7 / top-p 1, BM25 (Lucene-like, k1 0.9 b 0.4) rank "
       f"reward over the embedded corpus (the same reward code on both sides), KL coef 0.001 "
       f"(reference pass included), entropy 0.001, one AdamW step. Ours: preset cpu-default "
-      f"(bf16 compute / f32 master weights) with remat {args.remat} and micro-batch "
+      f"({args.compute_dtype} compute / f32 master weights) with remat {args.remat} and micro-batch "
       f"{args.micro_batch}. "
       f"Steps interleaved one-for-one in one process; median of {len(timed_o)} timed steps after "
       f"a warm-up step. {platform.machine()}, {os.cpu_count()} cores shared with other jobs "
