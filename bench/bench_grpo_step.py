@@ -31,6 +31,7 @@ import dataclasses
 import functools
 import os
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -379,7 +380,7 @@ def report(args, argv, ours_ms, trl_ms, check_ms, trl_note, load_s, worst_reward
       f"a warm-up step. {platform.machine()}, {os.cpu_count()} cores shared with other jobs "
       f"(compare ratios); jax {jax.__version__}." + (f" TRL: {trl_note}." if trl_note else ""),
       "",
-      "Command: `python bench/bench_grpo_step.py " + " ".join(argv) + "`",
+      "Command: `python bench/bench_grpo_step.py " + shlex.join(argv) + "`",
       "",
       "| side | step s | rollout s | reward s | reference s | update s | step tokens/s | "
       "rollout tokens/s | mean response len |",

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import sys
 import time
 
@@ -273,7 +274,7 @@ def main(argv=None):
   for r in hf:
     lines.append(f"| {r['name']} | {r['batch']} | - | {r['full']:.2f} | - | {r['tok_s']:.0f} | "
                  f"- | 1.00x | - | - |")
-  cmd = " ".join(["python bench/bench_sampler.py", *(argv or sys.argv[1:])])
+  cmd = shlex.join(["python", "bench/bench_sampler.py", *(argv or sys.argv[1:])])
   lines += ["", f"Command: `{cmd}`", ""]
   text = "\n".join(lines)
   print(text)

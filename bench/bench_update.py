@@ -23,6 +23,7 @@ import argparse
 import gc
 import os
 import platform
+import shlex
 import sys
 import time
 
@@ -334,7 +335,7 @@ def main(argv=None):
       f"before, {peak_after:.0f} after the timed rounds (the larger is used). Model FLOPs per "
       f"token (training, no remat counted) = {fpt / 1e6:.0f} MFLOP.",
       "",
-      "Command: `python bench/bench_update.py " + " ".join(argv) + "`",
+      "Command: `python bench/bench_update.py " + shlex.join(argv) + "`",
       "",
       "| setting | tokens/s | s / update | model GFLOP/s | fraction of bf16 dot peak "
       "| first call s |",
