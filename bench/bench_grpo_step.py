@@ -64,7 +64,11 @@ def bench_config(args, run_dir: str) -> cfglib.RunConfig:
       "rollout.top_k=0", "grpo.loss.kl_coef=0.001", "grpo.loss.entropy_coef=0.001",
       f"grpo.micro_batch={args.micro_batch}", "grpo.save_every=100000", "grpo.log_samples=0",
       "grpo.warmup_steps=0", f"model.remat={args.remat}",
-      f"model.compute_dtype={args.compute_dtype}"] + list(args.set))
+      f"model.compute_dtype={args.compute_dtype}",
+      # the whole model trains, on the full embedded benchmark's turns (cpu-default's GRPO
+      # trains its top 10 blocks on 4 fixed prompts of the small corpus)
+      "grpo.train_top_layers=0", "grpo.turns=all", "grpo.max_turns=0", "grpo.lr=1e-5",
+      "data.size=default", "data.max_train_turns=400"] + list(args.set))
 
 
 class RankReward:

@@ -299,7 +299,7 @@ def run_job(job: Job) -> dict:
     bf16 = jnp.dtype(jnp.bfloat16)
     with jax.set_mesh(mesh), (_linear_constraints(mesh) if job.constrain_acts
                               else contextlib.nullcontext()):
-      lowered = sampler_lib._JITTED.lower(
+      lowered = sampler_lib.jitted_program().lower(
           gdef, state_sds, ids, mask, key, scalar(jnp.int32), scalar(jnp.float32), None, eos,
           n=job.n, gen_len=job.gen_len, top_k=0, pad_id=0, cache_dtype=bf16,
           compute_dtype="bfloat16", prefill_dtype="bfloat16", param_dtype=bf16,

@@ -113,27 +113,25 @@ class Checkpointer:
     steps = self.all_steps()
     return steps[-1] if steps else None
 
-  def saved_tree(self, step: int, item: str = "state") -> Any:
-    """The pytree `item` was saved with at `step`, as nested dicts and lists of orbax
-    ArrayMetadata (shape, dtype): a restore target for parts whose structure the caller does
-    not know (e.g. another configuration's optimizer state)."""
-    from etils import epath
-    md = ocp.PyTreeCheckpointHandler().metadata(
-        epath.Path(os.path.join(self.directory, str(step), item)))
-    return getattr(md, "tree", md)
-
   # ------------------------------------------------------------------------------- restoring
-  def _restore_one(self, step: int, abstract_state: Any):
-    state_args = (ocp.args.StandardRestore() if abstract_state is None
-                  else ocp.args.StandardRestore(abstract_state))
+  def _restore_one(self, step: int, abstract_state: Any, partial: bool = False):
+    if partial:  # only the subtree `abstract_state` names (e.g. params without optimizer state)
+      state_args = ocp.args.PyTreeRestore(
+          item=abstract_state, partial_restore=True,
+          restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
+    elif abstract_state is None:
+      state_args = ocp.args.StandardRestore()
+    else:
+      state_args = ocp.args.StandardRestore(abstract_state)
     out = self._mngr.restore(step, args=ocp.args.Composite(state=state_args,
                                                            meta=ocp.args.JsonRestore()))
     return out["state"], dict(out["meta"] or {})
 
-  def restore(self, step: int | None = None, abstract_state: Any = None):
+  def restore(self, step: int | None = None, abstract_state: Any = None, partial: bool = False):
     """Restores (step, state, meta) into the shapes, dtypes and shardings of `abstract_state`
     (a pytree of jax.ShapeDtypeStruct with concrete shardings; None restores as saved; a callable
-    step -> such a pytree builds the target per step).
+    step -> such a pytree builds the target per step). `partial`: `abstract_state` is a subtree
+    of what was saved (dicts with fewer keys), and only it is read.
 
     step=None takes the newest readable step, skipping unreadable ones with a warning, and
     returns None when the directory holds no checkpoint. A given step that does not exist raises
@@ -145,14 +143,14 @@ class Checkpointer:
       if int(step) not in steps:
         raise FileNotFoundError(f"no checkpoint at step {step} in {self.directory}; "
                                 f"available steps: {steps or 'none'}")
-      state, meta = self._restore_one(int(step), target(int(step)))
+      state, meta = self._restore_one(int(step), target(int(step)), partial)
       return int(step), state, meta
     if not steps:
       return None
     errors = []
     for s in reversed(steps):
       try:
-        state, meta = self._restore_one(s, target(s))
+        state, meta = self._restore_one(s, target(s), partial)
         ok, err = True, None
       except Exception as e:  # noqa: BLE001 - any read failure means "skip this step"
         ok, err = False, e

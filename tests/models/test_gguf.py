@@ -84,6 +84,26 @@ def test_dequantized_tensors_bit_identical_to_transformers(ref_model):
   assert set(ref) - seen == {"lm_head.weight"}
 
 
+@pytest.mark.parametrize("qtype,block_bytes", [("Q8_0", 34), ("Q4_0", 18), ("Q4_1", 20)])
+def test_block_dequantize_bit_identical_to_the_gguf_package(qtype, block_bytes):
+  """Our vectorised block formats against the `gguf` package's reference dequantizer, on random
+  blocks (3 rows of 4 blocks) with finite f16 scales and offsets."""
+  import gguf
+  rng = np.random.default_rng(0)
+  raw = rng.integers(0, 256, (3, 4, block_bytes), dtype=np.uint8)
+  n_scales = 2 if qtype == "Q4_1" else 1
+  scales = rng.normal(0, 0.05, (3, 4, n_scales)).astype(np.float16)
+  raw[..., :2 * n_scales] = scales.view(np.uint8).reshape(3, 4, 2 * n_scales)
+  raw = raw.reshape(3, 4 * block_bytes)
+  kind = gguf.GGMLQuantizationType[qtype]
+  want = gguf.quants.dequantize(raw, kind).astype(np.float32)
+  got = G.dequantize(raw, kind)
+  assert got.shape == want.shape == (3, 4 * 32) and got.dtype == np.float32
+  np.testing.assert_array_equal(got, want)
+  with pytest.raises(G.GGUFError, match="whole 34-byte blocks"):
+    G.dequantize(np.zeros((2, 35), np.uint8), gguf.GGMLQuantizationType.Q8_0)
+
+
 def _chat_batch(tok, prompts):
   """Left-padded chat prompts: (tokens, positions, mask) int32 [B, T]."""
   ids = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True)["input_ids"]
