@@ -3,7 +3,7 @@
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ORDER = ["forward", "sampler", "update", "grpo_step", "bm25", "dense", "export", "data",
+ORDER = ["forward", "sampler", "update", "grpo_step", "compile", "bm25", "dense", "export", "data",
          "memory_plan"]
 
 
