@@ -83,6 +83,33 @@ def test_missing_step_and_bad_meta_are_named(tmp_path):
       assert not c.save(3, _state(mesh), {})
 
 
+def test_partial_restore_reads_only_the_named_subtree(tmp_path):
+  """`partial=True`: a target naming part of the saved tree (the params, not the step or an
+  optimizer state) restores that part, bit-exact and into the target's shardings; a corrupt
+  newest step is still skipped."""
+  mesh = _mesh()
+  with ck.Checkpointer(tmp_path) as c:
+    for s in (1, 2):
+      state = _state(mesh, s)
+      state["opt"] = {"mu": jnp.full((8, 16), float(s)), "count": jnp.asarray(s)}
+      c.save(s, state, {"s": s})
+    c.wait()
+  target = {"params": ck.abstract_like(_state(mesh)["params"])}
+  target["params"]["w"] = jax.ShapeDtypeStruct((8, 16), jnp.float32,
+                                               sharding=jax.NamedSharding(mesh, P("data")))
+  c = ck.Checkpointer(tmp_path)
+  step, state, meta = c.restore(None, target, partial=True)
+  assert (step, meta["s"]) == (2, 2) and set(state) == {"params"}
+  _assert_tree_equal(state["params"], _state(mesh, 2)["params"])
+  assert state["params"]["w"].sharding.spec == P("data")
+  _damage(tmp_path / "2", "missing_state")
+  with pytest.warns(UserWarning, match="step 2 .* unreadable"):
+    step, state, _ = c.restore(None, target, partial=True)
+  assert step == 1
+  _assert_tree_equal(state["params"], _state(mesh, 1)["params"])
+  c.close()
+
+
 def _damage(step_dir: pathlib.Path, how: str):
   if how == "truncated":  # every array data file cut short, as a full disk or bad copy leaves it
     files = [f for f in (step_dir / "state").rglob("*") if f.is_file() and f.parent.name == "d"]
