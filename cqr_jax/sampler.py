@@ -458,8 +458,9 @@ class Sampler:
       eos_e = np.full((max(8, len(eos_ids)),), -1, np.int32)
       eos_e[:len(eos_ids)] = eos_ids
       out = jitted_program()(graphdef, state, ids_in, mask_in, key, jnp.int32(max_new),
-                    jnp.float32(temperature), None if top_p >= 1.0 else jnp.float32(top_p),
-                    jnp.asarray(eos_e), **kw)
+                             jnp.float32(temperature),
+                             None if top_p >= 1.0 else jnp.float32(top_p), jnp.asarray(eos_e),
+                             **kw)
       tokens, logps, lengths, eos_hit, steps = _to_host(out)
     compiled = TRACE_COUNT[0] > traces
     if compiled:
