@@ -51,6 +51,9 @@ class SamplerConfig:
     model config's. prefill_compute_dtype: the same for the prompt pass (None = compute_dtype):
     prefill is made of large matmuls, where bf16 pays off even on CPU, decode of skinny ones
     (measured in bench/results/sampler.md).
+  decode_value_product: how a decode step weights the cached values: "reduce" (a fused multiply
+    and sum: faster on XLA:CPU at decode shapes) or "matmul" (einsums: matrix units); None =
+    "reduce" on CPU, "matmul" elsewhere.
   cast_params: with a bfloat16 compute dtype, cast the floating parameters to bfloat16 once per
     call inside the program (a temporary half-size copy): each decode step then reads half the
     bytes and skips a per-matmul cast. No effect with float32 compute.
@@ -71,6 +74,7 @@ class SamplerConfig:
   cache_dtype: str | None = None
   compute_dtype: str | None = None
   prefill_compute_dtype: str | None = None
+  decode_value_product: str | None = None
   cast_params: bool = True
 
   def __post_init__(self):
@@ -91,6 +95,9 @@ class SamplerConfig:
       v = getattr(self, name)
       if v not in (None, "float32", "bfloat16"):
         raise ValueError(f"SamplerConfig.{name}={v!r}: expected None, 'float32' or 'bfloat16'")
+    if self.decode_value_product not in (None, "reduce", "matmul"):
+      raise ValueError(f"SamplerConfig.decode_value_product={self.decode_value_product!r}: "
+                       "expected None, 'reduce' or 'matmul'")
 
 
 @dataclasses.dataclass
@@ -247,7 +254,7 @@ def _cast_floats(state, dtype):
 def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_steps,
                       temperature, top_p, eos_e, *, n: int, gen_len: int, top_k: int,
                       pad_id: int, cache_dtype, compute_dtype, prefill_dtype, param_dtype,
-                      batch_spec):
+                      value_product, batch_spec):
   """Prefill + decode loop. temperature, top_p (None = off) and the eos ids eos_e [E] (-1 =
   unused slot) are traced. Returns tokens [B*n, G], logprobs [B*n, G], lengths [B*n],
   eos_hit [B*n], steps run."""
@@ -266,7 +273,7 @@ def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_s
 
   prefill, decode = sampler_kv.make_steps(
       model, n=n, gen_len=gen_len, cache_dtype=cache_dtype, prefill_dtype=prefill_dtype,
-      compute_dtype=compute_dtype, constrain=constrain)
+      compute_dtype=compute_dtype, value_product=value_product, constrain=constrain)
   mask_bp = prompt_mask_bp.astype(bool)
   positions_bp = jnp.maximum(jnp.cumsum(mask_bp, axis=-1) - 1, 0).astype(jnp.int32)
   logits_rv, cache = prefill(prompt_ids_bp, positions_bp, mask_bp)
@@ -315,7 +322,8 @@ def jitted_program():
   """The jitted generation program (created on first use, once the backend is known)."""
   return jax.jit(_traced_program, static_argnums=(0,),
                  static_argnames=("n", "gen_len", "top_k", "pad_id", "cache_dtype",
-                                  "compute_dtype", "prefill_dtype", "param_dtype", "batch_spec"),
+                                  "compute_dtype", "prefill_dtype", "param_dtype",
+                                  "value_product", "batch_spec"),
                  compiler_options=compiler_options())
 
 
@@ -449,6 +457,8 @@ class Sampler:
               compute_dtype=compute, prefill_dtype=cfg.prefill_compute_dtype or compute,
               param_dtype=(jnp.dtype(compute) if cfg.cast_params and compute != "float32"
                            else None),
+              value_product=cfg.decode_value_product or (
+                  "reduce" if jax.default_backend() == "cpu" else "matmul"),
               batch_spec=None if self.mesh is None else ("data", "fsdp"))
     traces = TRACE_COUNT[0]
     t0 = time.perf_counter()

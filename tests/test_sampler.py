@@ -63,12 +63,15 @@ def _hf_greedy(hf, prompts, max_new, eos):
   return rows
 
 
-@pytest.mark.parametrize("family,scan", [("qwen2", False), ("llama", False), ("llama", True)])
-def test_greedy_matches_transformers_generate(family, scan, request):
+# value_product None is "reduce" here (CPU); "matmul" is the einsum form other backends use.
+@pytest.mark.parametrize("family,scan,value_product", [
+    ("qwen2", False, None), ("llama", False, None), ("llama", True, None),
+    ("qwen2", False, "matmul"), ("llama", True, "matmul")])
+def test_greedy_matches_transformers_generate(family, scan, value_product, request):
   path, hf, model, _ = request.getfixturevalue("qwen" if family == "qwen2" else "llama")
   if scan:  # the blocks as one lax.scan: stacked prompt and generation caches
     model, _ = load_hf(path, mesh=make_mesh(MeshConfig(), jax.devices()[:1]), scan_layers=True)
-  r = _sampler().generate(model, PROMPTS, key=jax.random.key(0))
+  r = _sampler(decode_value_product=value_product).generate(model, PROMPTS, key=jax.random.key(0))
   want = _hf_greedy(hf, PROMPTS, 16, EOS)
   assert [r.completion_tokens(3 * i) for i in range(len(PROMPTS))] == want
   assert [r.completion_tokens(3 * i + 2) for i in range(len(PROMPTS))] == want
@@ -304,6 +307,8 @@ def test_bad_config_errors():
     SamplerConfig(temperature=-1.0)
   with pytest.raises(ValueError, match="prompt_len_buckets"):
     SamplerConfig(prompt_len_buckets=(64, 32))
+  with pytest.raises(ValueError, match="decode_value_product='einsum'"):
+    SamplerConfig(decode_value_product="einsum")
 
 
 def test_bucket():
