@@ -109,7 +109,7 @@ def init_gen_cache(cfg, rows: int, gen_len: int, dtype):
 
 
 def decode_step(model, tokens_r, positions_r, prompt_cache, gen_cache, step, prompt_mask_bp, n,
-                compute_dtype, value_product="matmul"):
+                compute_dtype, value_product):
   """Row r's token at position positions_r[r] into generation slot `step`:
   (f32 logits [R, V], updated generation cache)."""
   cdt = model._cdt(compute_dtype)
@@ -161,7 +161,7 @@ def decode_step(model, tokens_r, positions_r, prompt_cache, gen_cache, step, pro
 
 
 def make_steps(model, *, n: int, gen_len: int, cache_dtype, prefill_dtype, compute_dtype,
-               value_product: str = "matmul", constrain=lambda x: x):
+               value_product: str, constrain=lambda x: x):
   """(prefill_fn, decode_fn) for the generation loop.
 
   prefill_fn(tokens_bp, positions_bp, mask_bp) -> (logits [B * n, V], state);
