@@ -38,11 +38,11 @@ from cqr_jax.prompts import PromptBuilder  # noqa: E402
 from cqr_jax.sampler import Sampler, SamplerConfig  # noqa: E402
 from cqr_jax.testing import smollm2_gguf_path  # noqa: E402
 
-# name -> SamplerConfig overrides (dtypes; "matmul values": the decode step's value sums as
-# einsums, the CPU default before they became a fused multiply-sum).
+# name -> SamplerConfig overrides (dtypes; "matmul attention": the decode step's attention as
+# einsums, as on TPU/GPU; the CPU default fuses its small products into multiply-sums).
 SETTINGS = {
     "f32": dict(compute_dtype="float32"),
-    "f32 (matmul values)": dict(compute_dtype="float32", decode_value_product="matmul"),
+    "f32 (matmul attention)": dict(compute_dtype="float32", decode_attention="matmul"),
     "bf16 (f32 cache)": dict(compute_dtype="bfloat16"),
     "bf16 (bf16 cache)": dict(compute_dtype="bfloat16", cache_dtype="bfloat16"),
 }

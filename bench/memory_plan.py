@@ -303,7 +303,8 @@ def run_job(job: Job) -> dict:
           gdef, state_sds, ids, mask, key, scalar(jnp.int32), scalar(jnp.float32), None, eos,
           n=job.n, gen_len=job.gen_len, top_k=0, pad_id=0, cache_dtype=bf16,
           compute_dtype="bfloat16", prefill_dtype="bfloat16", param_dtype=bf16,
-          value_product="matmul", batch_spec=("data", "fsdp"))
+          attention="matmul", scan=bool(abstract.config.scan_layers),
+          batch_spec=("data", "fsdp"))
     # Resident while sampling: the AdamW moments and the reference policy.
     extra = resident["adamw_moments"] + resident["ref_params_f32"]
   else:

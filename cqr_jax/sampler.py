@@ -51,9 +51,13 @@ class SamplerConfig:
     model config's. prefill_compute_dtype: the same for the prompt pass (None = compute_dtype):
     prefill is made of large matmuls, where bf16 pays off even on CPU, decode of skinny ones
     (measured in bench/results/sampler.md).
-  decode_value_product: how a decode step weights the cached values: "reduce" (a fused multiply
-    and sum: faster on XLA:CPU at decode shapes) or "matmul" (einsums: matrix units); None =
-    "reduce" on CPU, "matmul" elsewhere.
+  decode_attention: how a decode step attends over the cache: "reduce" (the small products as
+    fused multiply-sums, keys of the generated slots stored slots-minor: faster on XLA:CPU at
+    decode shapes) or "matmul" (einsums: matrix units); None = "reduce" on CPU, "matmul"
+    elsewhere (sampler_kv._attend_step).
+  scan_layers: the prompt pass and decode step run the blocks as one lax.scan (True) or unrolled
+    (False); None = unrolled on CPU (XLA:CPU copies each block's weights out of the stacked array
+    in every decode step), the model config's `scan_layers` elsewhere.
   cast_params: with a bfloat16 compute dtype, cast the floating parameters to bfloat16 once per
     call inside the program (a temporary half-size copy): each decode step then reads half the
     bytes and skips a per-matmul cast. No effect with float32 compute.
@@ -74,7 +78,8 @@ class SamplerConfig:
   cache_dtype: str | None = None
   compute_dtype: str | None = None
   prefill_compute_dtype: str | None = None
-  decode_value_product: str | None = None
+  decode_attention: str | None = None
+  scan_layers: bool | None = None
   cast_params: bool = True
 
   def __post_init__(self):
@@ -95,8 +100,8 @@ class SamplerConfig:
       v = getattr(self, name)
       if v not in (None, "float32", "bfloat16"):
         raise ValueError(f"SamplerConfig.{name}={v!r}: expected None, 'float32' or 'bfloat16'")
-    if self.decode_value_product not in (None, "reduce", "matmul"):
-      raise ValueError(f"SamplerConfig.decode_value_product={self.decode_value_product!r}: "
+    if self.decode_attention not in (None, *sampler_kv.ATTENTION_MODES):
+      raise ValueError(f"SamplerConfig.decode_attention={self.decode_attention!r}: "
                        "expected None, 'reduce' or 'matmul'")
 
 
@@ -254,7 +259,7 @@ def _cast_floats(state, dtype):
 def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_steps,
                       temperature, top_p, eos_e, *, n: int, gen_len: int, top_k: int,
                       pad_id: int, cache_dtype, compute_dtype, prefill_dtype, param_dtype,
-                      value_product, batch_spec):
+                      attention, scan, batch_spec):
   """Prefill + decode loop. temperature, top_p (None = off) and the eos ids eos_e [E] (-1 =
   unused slot) are traced. Returns tokens [B*n, G], logprobs [B*n, G], lengths [B*n],
   eos_hit [B*n], steps run."""
@@ -273,7 +278,7 @@ def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_s
 
   prefill, decode = sampler_kv.make_steps(
       model, n=n, gen_len=gen_len, cache_dtype=cache_dtype, prefill_dtype=prefill_dtype,
-      compute_dtype=compute_dtype, value_product=value_product, constrain=constrain)
+      compute_dtype=compute_dtype, attention=attention, scan=scan, constrain=constrain)
   mask_bp = prompt_mask_bp.astype(bool)
   positions_bp = jnp.maximum(jnp.cumsum(mask_bp, axis=-1) - 1, 0).astype(jnp.int32)
   logits_rv, cache = prefill(prompt_ids_bp, positions_bp, mask_bp)
@@ -323,7 +328,7 @@ def jitted_program():
   return jax.jit(_traced_program, static_argnums=(0,),
                  static_argnames=("n", "gen_len", "top_k", "pad_id", "cache_dtype",
                                   "compute_dtype", "prefill_dtype", "param_dtype",
-                                  "value_product", "batch_spec"),
+                                  "attention", "scan", "batch_spec"),
                  compiler_options=compiler_options())
 
 
@@ -451,14 +456,16 @@ class Sampler:
     num_prompts = len(truncated)
     gen_len = bucket(max_new, self.gen_buckets, "max_new_tokens")
     compute = cfg.compute_dtype or getattr(mcfg, "compute_dtype", None) or "float32"
-    cache_dtype = cfg.cache_dtype or ("float32" if jax.default_backend() == "cpu" else compute)
+    on_cpu = jax.default_backend() == "cpu"
+    cache_dtype = cfg.cache_dtype or ("float32" if on_cpu else compute)
     kw = dict(n=int(n), gen_len=gen_len, top_k=int(top_k), pad_id=self.pad_id,
               cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype),
               compute_dtype=compute, prefill_dtype=cfg.prefill_compute_dtype or compute,
               param_dtype=(jnp.dtype(compute) if cfg.cast_params and compute != "float32"
                            else None),
-              value_product=cfg.decode_value_product or (
-                  "reduce" if jax.default_backend() == "cpu" else "matmul"),
+              attention=cfg.decode_attention or ("reduce" if on_cpu else "matmul"),
+              scan=(cfg.scan_layers if cfg.scan_layers is not None
+                    else not on_cpu and bool(getattr(mcfg, "scan_layers", False))),
               batch_spec=None if self.mesh is None else ("data", "fsdp"))
     traces = TRACE_COUNT[0]
     t0 = time.perf_counter()

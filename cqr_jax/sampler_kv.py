@@ -4,7 +4,8 @@ The cache is split in two, per layer:
 - prompt part {"k", "v"}: [B, KVH, P, Dh], written once by the prefill and shared by the n
   samples of each prompt (never repeated n times: n-fold less memory and fewer bytes read per
   step for the prompt slots, which dominate in GRPO: 1,536-token prompts, n = 8-16);
-- generation part {"k", "v"}: [B * n, KVH, G, Dh], one slot written per step, in place.
+- generation part {"k", "v"}: [B * n, KVH, G, Dh], one slot written per step, in place; with
+  the "reduce" attention (CPU) "k" is stored [B * n, KVH, Dh, G] (`gen_k_slots_last`).
 Rows are prompt-major (row i * n + j = sample j of prompt i). Head-major layouts make both
 attention matmuls plain batched matmuls over (B, KVH); the [B, S, KVH, Dh] layout of
 `Decoder.decode` makes XLA:CPU transpose the whole cache every layer and step (5-6x slower
@@ -37,26 +38,40 @@ def fast_path_ok(model) -> bool:
           and hasattr(layer.attn, "qkv") and hasattr(layer.attn, "o_proj"))
 
 
-def _attend_step(q_r1nd, prompt, gen, prompt_mask_bp, step, n, dt, value_product):
+ATTENTION_MODES = ("reduce", "matmul")
+
+
+def gen_k_slots_last(attention: str) -> bool:
+  """Whether the generation cache stores keys [R, KVH, Dh, G] (slots minor) for this mode."""
+  return attention == "reduce"
+
+
+def _attend_step(q_r1nd, prompt, gen, prompt_mask_bp, step, n, dt, attention):
   """One query per row over its prompt's slots and its own generated slots [0, step]:
   [R, 1, H * Dh] f32. Matmuls in `dt` (the cache dtype: no per-step cast of the cache).
 
-  value_product "reduce": the probability-weighted sums of the values as a broadcast multiply
-  and a sum over the slots, which XLA:CPU fuses into one loop; its batched matmul runs B * KVH
-  products of only G (or n * G) rows each (30 SmolLM2 layers at batch 16: 72 -> 42 ms per step,
-  bench/results/sampler.md). "matmul": einsums, for matrix units (TPU, GPU)."""
+  attention "reduce" (XLA:CPU): the products that XLA:CPU runs as many tiny batched matmuls
+  (B * KVH or R * KVH products of G or n * G rows) become broadcast multiplies and sums that it
+  fuses into one loop each: the value sums of both parts (30 SmolLM2 layers at batch 16: 72 -> 42
+  ms a step) and the generated part's scores, with its keys stored slots-minor [R, KVH, Dh, G]
+  so the sum over Dh runs across whole rows of slots (batch 64: 49 -> 19 ms a step;
+  bench/results/sampler.md). The prompt part's scores stay a matmul: its keys meet n * G
+  queries. "matmul": einsums throughout, for matrix units (TPU, GPU)."""
   r, _, h, dh = q_r1nd.shape
   b, kvh, _, _ = prompt["k"].shape
   g = h // kvh
   q_rkgd = q_r1nd.reshape(r, kvh, g, dh) * (dh ** -0.5)
   s_bnkgp = mm(q_rkgd.reshape(b, n, kvh, g, dh), prompt["k"], dt, "bnkgd,bkpd->bnkgp")
   s_bnkgp = jnp.where(prompt_mask_bp[:, None, None, None, :], s_bnkgp, NEG_INF)
-  s_rkgs = mm(q_rkgd, gen["k"], dt, "rkgd,rksd->rkgs")
+  if attention == "reduce":  # gen["k"]: [R, KVH, Dh, G]
+    s_rkgs = jnp.sum(q_rkgd.astype(dt)[..., None] * gen["k"][:, :, None], axis=-2)
+  else:
+    s_rkgs = mm(q_rkgd, gen["k"], dt, "rkgd,rksd->rkgs")
   s_rkgs = jnp.where(jnp.arange(s_rkgs.shape[-1]) <= step, s_rkgs, NEG_INF)
   s_bnkgs = s_rkgs.reshape(b, n, kvh, g, -1)
   p_bnkgp, p_bnkgs = joint_softmax(s_bnkgp, s_bnkgs)
   p_rkgs = p_bnkgs.reshape(r, kvh, g, -1)
-  if value_product == "reduce":
+  if attention == "reduce":
     f32 = jnp.float32
     o_bnkgd = jnp.sum(p_bnkgp[..., None] * prompt["v"].astype(f32)[:, None, :, None], axis=-2)
     o_rkgd = jnp.sum(p_rkgs[..., None] * gen["v"].astype(f32)[:, :, None], axis=-2)
@@ -66,13 +81,10 @@ def _attend_step(q_r1nd, prompt, gen, prompt_mask_bp, step, n, dt, value_product
   return (o_bnkgd.reshape(r, kvh, g, dh) + o_rkgd).reshape(r, 1, h * dh)
 
 
-def _scan(model) -> bool:
-  return bool(getattr(model.config, "scan_layers", False))
-
-
-def prefill(model, tokens_bp, positions_bp, mask_bp, compute_dtype, cache_dtype):
+def prefill(model, tokens_bp, positions_bp, mask_bp, compute_dtype, cache_dtype, scan: bool):
   """Left-padded prompts -> (f32 logits [B, V] of the last position, prompt cache: per layer
-  {"k", "v"} [B, KVH, P, Dh], or one dict of [L, B, KVH, P, Dh] with config.scan_layers)."""
+  {"k", "v"} [B, KVH, P, Dh], or with `scan` (the blocks as one lax.scan) one dict of
+  [L, B, KVH, P, Dh])."""
   cdt = model._cdt(compute_dtype)
   p = tokens_bp.shape[1]
   mask_bpp = jnp.tril(jnp.ones((p, p), bool))[None] & mask_bp[:, None, :]
@@ -86,7 +98,7 @@ def prefill(model, tokens_bp, positions_bp, mask_bp, compute_dtype, cache_dtype)
     return x_bpd, {"k": k_bkpd.astype(cache_dtype), "v": v_bkpd.astype(cache_dtype)}
 
   x_bpd = model.embed(tokens_bp)
-  if _scan(model):
+  if scan:
     x_bpd, cache = scan_blocks(model.layers, block, x_bpd)
   else:
     cache = []
@@ -97,19 +109,32 @@ def prefill(model, tokens_bp, positions_bp, mask_bp, compute_dtype, cache_dtype)
   return logits_b1v[:, 0].astype(jnp.float32), cache
 
 
-def init_gen_cache(cfg, rows: int, gen_len: int, dtype):
-  """Zeroed generation cache: per layer {"k", "v"} [R, KVH, G, Dh], or stacked [L, R, KVH, G, Dh]
-  with cfg.scan_layers."""
-  shape = (rows, cfg.num_kv_heads, gen_len, cfg.head_dim)
-  if getattr(cfg, "scan_layers", False):
-    shape = (cfg.num_layers, *shape)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-  return [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+def init_gen_cache(cfg, rows: int, gen_len: int, dtype, attention: str, scan: bool):
+  """Zeroed generation cache: per layer {"k", "v"} [R, KVH, G, Dh] ("k" [R, KVH, Dh, G] when
+  `gen_k_slots_last(attention)`), or one dict of those stacked on a leading [L] with `scan`."""
+  v_shape = (rows, cfg.num_kv_heads, gen_len, cfg.head_dim)
+  k_shape = v_shape[:2] + v_shape[:1:-1] if gen_k_slots_last(attention) else v_shape
+  if scan:
+    return {"k": jnp.zeros((cfg.num_layers, *k_shape), dtype),
+            "v": jnp.zeros((cfg.num_layers, *v_shape), dtype)}
+  return [{"k": jnp.zeros(k_shape, dtype), "v": jnp.zeros(v_shape, dtype)}
           for _ in range(cfg.num_layers)]
 
 
+def _write_slot(k_cache, v_cache, k_rk1d, v_rk1d, step, attention):
+  """Writes one step's keys/values [..., R, KVH, 1, Dh] into slot `step` of the generation
+  cache (leading axes, e.g. a stacked [L], are written whole)."""
+  lead = (0,) * (k_cache.ndim - 4)
+  if gen_k_slots_last(attention):
+    k_new, k_at = k_rk1d.swapaxes(-1, -2), lead + (0, 0, 0, step)
+  else:
+    k_new, k_at = k_rk1d, lead + (0, 0, step, 0)
+  return (jax.lax.dynamic_update_slice(k_cache, k_new.astype(k_cache.dtype), k_at),
+          jax.lax.dynamic_update_slice(v_cache, v_rk1d.astype(v_cache.dtype), lead + (0, 0, step, 0)))
+
+
 def decode_step(model, tokens_r, positions_r, prompt_cache, gen_cache, step, prompt_mask_bp, n,
-                compute_dtype, value_product):
+                compute_dtype, attention, scan):
   """Row r's token at position positions_r[r] into generation slot `step`:
   (f32 logits [R, V], updated generation cache)."""
   cdt = model._cdt(compute_dtype)
@@ -120,12 +145,12 @@ def decode_step(model, tokens_r, positions_r, prompt_cache, gen_cache, step, pro
     generation cache to attend over plus the updated storage."""
     q, k, v = layer.attn.qkv(layer.attn_norm(x_r1d), cos, sin, cdt)
     gc, stored = write(heads_major(k), heads_major(v))
-    o = _attend_step(q, pc, gc, prompt_mask_bp, step, n, gc["k"].dtype, value_product)
+    o = _attend_step(q, pc, gc, prompt_mask_bp, step, n, gc["k"].dtype, attention)
     x_r1d = x_r1d + layer.attn.o_proj(o, cdt)
     return x_r1d + layer.mlp(layer.mlp_norm(x_r1d), cdt), stored
 
   x_r1d = model.embed(tokens_r[:, None])
-  if _scan(model):
+  if scan:
     # The stacked caches are read-only scan inputs; each layer attends over a local copy of its
     # slice with the new slot written, and emits the new K/V. The stacked generation cache gets
     # all layers' slots in one write after the scan (writing it inside the scan made XLA copy
@@ -134,24 +159,21 @@ def decode_step(model, tokens_r, positions_r, prompt_cache, gen_cache, step, pro
       pc, gk, gv = xs
 
       def write(k, v):
-        at = (0, 0, step, 0)
-        return {"k": jax.lax.dynamic_update_slice(gk, k.astype(gk.dtype), at),
-                "v": jax.lax.dynamic_update_slice(gv, v.astype(gv.dtype), at)}, (k, v)
+        lk, lv = _write_slot(gk, gv, k, v, step, attention)
+        return {"k": lk, "v": lv}, (k, v)
 
       return block(layer, x_r1d, pc, write)
 
     x_r1d, (k_l, v_l) = scan_blocks(model.layers, body, x_r1d,
                                     (prompt_cache, gen_cache["k"], gen_cache["v"]))
-    at = (0, 0, 0, step, 0)
-    new = {"k": jax.lax.dynamic_update_slice(gen_cache["k"], k_l.astype(gen_cache["k"].dtype), at),
-           "v": jax.lax.dynamic_update_slice(gen_cache["v"], v_l.astype(gen_cache["v"].dtype), at)}
+    new_k, new_v = _write_slot(gen_cache["k"], gen_cache["v"], k_l, v_l, step, attention)
+    new = {"k": new_k, "v": new_v}
   else:
     new = []
     for layer, pc, gc in zip(model.layers, prompt_cache, gen_cache):
       def write(k, v, gc=gc):
-        at = (0, 0, step, 0)
-        gc = {"k": jax.lax.dynamic_update_slice(gc["k"], k.astype(gc["k"].dtype), at),
-              "v": jax.lax.dynamic_update_slice(gc["v"], v.astype(gc["v"].dtype), at)}
+        new_k, new_v = _write_slot(gc["k"], gc["v"], k, v, step, attention)
+        gc = {"k": new_k, "v": new_v}
         return gc, gc
 
       x_r1d, gc = block(layer, x_r1d, pc, write)
@@ -161,28 +183,30 @@ def decode_step(model, tokens_r, positions_r, prompt_cache, gen_cache, step, pro
 
 
 def make_steps(model, *, n: int, gen_len: int, cache_dtype, prefill_dtype, compute_dtype,
-               value_product: str, constrain=lambda x: x):
+               attention: str, scan: bool, constrain=lambda x: x):
   """(prefill_fn, decode_fn) for the generation loop.
 
   prefill_fn(tokens_bp, positions_bp, mask_bp) -> (logits [B * n, V], state);
   decode_fn(tokens_r, positions_r, state, step) -> (logits [R, V], state). `state` is the
-  cache pytree (rows sharded like the batch through `constrain`). `value_product`: see
-  `_attend_step` (the generic path ignores it).
+  cache pytree (rows sharded like the batch through `constrain`). `attention`: see
+  `_attend_step`; `scan`: the blocks as one lax.scan rather than unrolled (the generic path
+  ignores both).
   """
   if fast_path_ok(model):
     cache_dt = jnp.dtype(cache_dtype) if cache_dtype is not None else model._cdt(None)
 
     def prefill_fn(tokens_bp, positions_bp, mask_bp):
-      logits_bv, pc = prefill(model, tokens_bp, positions_bp, mask_bp, prefill_dtype, cache_dt)
+      logits_bv, pc = prefill(model, tokens_bp, positions_bp, mask_bp, prefill_dtype, cache_dt,
+                              scan)
       rows = tokens_bp.shape[0] * n
-      gc = init_gen_cache(model.config, rows, gen_len, cache_dt)
+      gc = init_gen_cache(model.config, rows, gen_len, cache_dt, attention, scan)
       state = (jax.tree.map(constrain, pc), jax.tree.map(constrain, gc), mask_bp)
       return jnp.repeat(logits_bv, n, axis=0), state
 
     def decode_fn(tokens_r, positions_r, state, step):
       pc, gc, mask_bp = state
       logits_rv, gc = decode_step(model, tokens_r, positions_r, pc, gc, step, mask_bp, n,
-                                  compute_dtype, value_product)
+                                  compute_dtype, attention, scan)
       return logits_rv, (pc, gc, mask_bp)
     return prefill_fn, decode_fn
 

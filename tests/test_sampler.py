@@ -63,15 +63,18 @@ def _hf_greedy(hf, prompts, max_new, eos):
   return rows
 
 
-# value_product None is "reduce" here (CPU); "matmul" is the einsum form other backends use.
-@pytest.mark.parametrize("family,scan,value_product", [
-    ("qwen2", False, None), ("llama", False, None), ("llama", True, None),
+# attention None is "reduce" here (CPU); "matmul" is the einsum form other backends use. scan:
+# the blocks as one lax.scan (stacked prompt and generation caches); None = the CPU default
+# (unrolled) for a model whose config asks for the scan.
+@pytest.mark.parametrize("family,scan,attention", [
+    ("qwen2", False, None), ("llama", False, None), ("llama", True, None), ("llama", None, None),
     ("qwen2", False, "matmul"), ("llama", True, "matmul")])
-def test_greedy_matches_transformers_generate(family, scan, value_product, request):
+def test_greedy_matches_transformers_generate(family, scan, attention, request):
   path, hf, model, _ = request.getfixturevalue("qwen" if family == "qwen2" else "llama")
-  if scan:  # the blocks as one lax.scan: stacked prompt and generation caches
+  if scan is not False:
     model, _ = load_hf(path, mesh=make_mesh(MeshConfig(), jax.devices()[:1]), scan_layers=True)
-  r = _sampler(decode_value_product=value_product).generate(model, PROMPTS, key=jax.random.key(0))
+  r = _sampler(decode_attention=attention, scan_layers=scan).generate(model, PROMPTS,
+                                                                       key=jax.random.key(0))
   want = _hf_greedy(hf, PROMPTS, 16, EOS)
   assert [r.completion_tokens(3 * i) for i in range(len(PROMPTS))] == want
   assert [r.completion_tokens(3 * i + 2) for i in range(len(PROMPTS))] == want
@@ -307,8 +310,8 @@ def test_bad_config_errors():
     SamplerConfig(temperature=-1.0)
   with pytest.raises(ValueError, match="prompt_len_buckets"):
     SamplerConfig(prompt_len_buckets=(64, 32))
-  with pytest.raises(ValueError, match="decode_value_product='einsum'"):
-    SamplerConfig(decode_value_product="einsum")
+  with pytest.raises(ValueError, match="decode_attention='einsum'"):
+    SamplerConfig(decode_attention="einsum")
 
 
 def test_bucket():
