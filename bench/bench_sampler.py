@@ -44,6 +44,7 @@ SETTINGS = {
     "f32": dict(compute_dtype="float32"),
     "f32 (matmul attention)": dict(compute_dtype="float32", decode_attention="matmul"),
     "bf16 (f32 cache)": dict(compute_dtype="bfloat16"),
+    "bf16 (matmul attention)": dict(compute_dtype="bfloat16", decode_attention="matmul"),
     "bf16 (bf16 cache)": dict(compute_dtype="bfloat16", cache_dtype="bfloat16"),
 }
 
