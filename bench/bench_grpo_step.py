@@ -129,7 +129,7 @@ class OursStep:
       policy = nnx.merge(self.graphdef, self.state.params, self.rest)
       prompt_ids = [self.prompts.token_ids(t, self.tokenizer) for t in turns]
       roll = self.sampler.generate(policy, prompt_ids, key=sample_key, n=g.n)
-    batch = rollout_batch.assemble(roll, mesh, g.micro_batch)
+    batch = rollout_batch.assemble(roll, mesh, g.micro_batch, pack=g.pack_completions)
     with timer("reference"):
       ref_lp = self.ref_logprobs(self.ref_params, batch)
     with timer("reward"):

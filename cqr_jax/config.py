@@ -139,6 +139,9 @@ class GRPOSection:
   keep_checkpoints: int = 3
   max_nonfinite: int = 3      # K non-finite losses in a row stop the run
   train_top_layers: int = 0   # as sft.train_top_layers
+  # The update and reference pass run over each group's completions packed end to end (no
+  # padding between them) rather than one padded row each (train/rollout_batch.pack_groups).
+  pack_completions: bool = True
   seed: int = 1
   log_samples: int = 2
   loss: GRPOLossConfig = dataclasses.field(default_factory=GRPOLossConfig)

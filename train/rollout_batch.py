@@ -43,20 +43,55 @@ def group_size(n: int, micro_batch: int, data_parallel: int = 1) -> int:
   return 1
 
 
-def assemble(roll, mesh, micro_batch: int) -> dict:
+def assemble(roll, mesh, micro_batch: int, pack: bool = False) -> dict:
   """The grouped GRPO batch (train.steps.make_grpo_update) of rollouts with n samples a prompt:
   the n samples of a prompt are split into groups of m = `group_size(...)`, each group one row:
   prompt, prompt_mask [G, Lp] (left-padded); completion, completion_mask [G, m, Lc], the mask
   marking response tokens up to and including the first EOS (method.md 4.5). G = rows / m; the
-  group of row-major rollout r is r // m (so reshape per-rollout values [rows] to [G, m])."""
+  group of row-major rollout r is r // m (so reshape per-rollout values [rows] to [G, m]).
+  With `pack`, also each group's completions packed end to end (`pack_groups`): the model then
+  runs over those slots instead of m padded rows."""
   rows = len(roll.finish_reasons)
   m = group_size(roll.n, micro_batch, sharding.data_parallel_size(mesh))
   lc = roll.completion_ids.shape[1]
   batch = {"prompt": roll.prompt_ids[:rows:m], "prompt_mask": roll.prompt_mask[:rows:m] > 0,
            "completion": roll.completion_ids[:rows].reshape(-1, m, lc),
            "completion_mask": roll.completion_mask[:rows].reshape(-1, m, lc) > 0}
+  if pack:
+    batch.update(pack_groups(batch["completion"], batch["completion_mask"]))
   return {k: place(np.asarray(v, np.int32 if v.dtype.kind in "iu" else bool), mesh)
           for k, v in batch.items()}
+
+
+def pack_groups(completion_gmc: np.ndarray, mask_gmc: np.ndarray) -> dict[str, np.ndarray]:
+  """Each group's m completions (their masked tokens, a prefix of each row) laid end to end in
+  k rows of Lc slots, k = ceil(longest group's token count / Lc), the same k for every group
+  (so at most m shapes compile): `Decoder.packed_completion_logprobs`' inputs.
+
+  Returns packed [G, k, Lc] (tokens, 0 in empty slots), packed_segment [G, k, Lc] (the
+  completion 0..m-1 a slot holds, -1 if empty), packed_offset [G, k, Lc] (the token's index in
+  its completion) and packed_unpack [G, m, Lc] (slot of completion j's token t in the group's
+  k * Lc slots; 0 past its end)."""
+  g, m, lc = completion_gmc.shape
+  lengths_gm = mask_gmc.sum(-1)
+  if np.any(mask_gmc != (np.arange(lc) < lengths_gm[..., None])):
+    raise ValueError("pack_groups: every completion_mask row must be a prefix of ones")
+  k = max(1, -(-int(lengths_gm.sum(-1).max()) // lc))
+  tokens = np.zeros((g, k * lc), np.int32)
+  segment = np.full((g, k * lc), -1, np.int32)
+  offset = np.zeros((g, k * lc), np.int32)
+  unpack = np.zeros((g, m, lc), np.int32)
+  starts_gm = np.cumsum(lengths_gm, axis=-1) - lengths_gm
+  for i in range(g):
+    for j in range(m):
+      n, s = int(lengths_gm[i, j]), int(starts_gm[i, j])
+      tokens[i, s:s + n] = completion_gmc[i, j, :n]
+      segment[i, s:s + n] = j
+      offset[i, s:s + n] = np.arange(n)
+      unpack[i, j, :n] = np.arange(s, s + n)
+  shape = (g, k, lc)
+  return {"packed": tokens.reshape(shape), "packed_segment": segment.reshape(shape),
+          "packed_offset": offset.reshape(shape), "packed_unpack": unpack}
 
 
 def pad_left(seqs: list[list[int]], length: int, pad_id: int) -> np.ndarray:

@@ -73,9 +73,16 @@ def _target_logprobs(graphdef, rest, params, tokens_bl, mask_bl, temperature, wi
 def _completion_logprobs(graphdef, rest, params, mb, temperature, with_entropy,
                          top_layers: int = 0):
   """Log-probs (and entropies) of a grouped batch's completions, [G*m, Lc]: each group's prompt
-  runs once for its m completions (Decoder.completion_logprobs). `top_layers`: as in `_policy`."""
+  runs once for its m completions (Decoder.completion_logprobs), over the completions packed end
+  to end if the batch has them (rollout_batch.pack_groups; Decoder.packed_completion_logprobs).
+  `top_layers`: as in `_policy`."""
   model, frozen = _policy(graphdef, rest, params, top_layers)
   g, m, lc = mb["completion"].shape
+  if "packed" in mb:
+    return model.packed_completion_logprobs(
+        mb["prompt"], mb["prompt_mask"], mb["packed"], mb["packed_segment"], mb["packed_offset"],
+        mb["packed_unpack"], temperature=temperature, with_entropy=with_entropy,
+        frozen_layers=frozen)
   return model.completion_logprobs(
       mb["prompt"], mb["prompt_mask"], mb["completion"].reshape(g * m, lc),
       mb["completion_mask"].reshape(g * m, lc), m, temperature=temperature,
@@ -118,7 +125,7 @@ def make_logprob_fn(graphdef, rest, *, temperature: float, micro_batch: int,
 
   @functools.partial(jax.jit, compiler_options=compiler_options())
   def logprobs(params, batch):
-    batch = {k: batch[k] for k in ("prompt", "prompt_mask", "completion", "completion_mask")}
+    batch = {k: v for k, v in batch.items() if k not in ("adv", "ref_logp", "old_logp")}
     n_micro = _num_micro(batch, micro_batch)
 
     def one(_, mb):
@@ -191,7 +198,9 @@ def make_grpo_update(graphdef, rest, tx, loss_cfg, *, temperature: float,
   prompt_mask [G, Lp] (left-padded); completion, completion_mask [G, m, Lc] (mask: response
   tokens up to and including the first EOS); adv [G, m]; ref_logp [G, m, Lc] (absent: no KL
   term, for kl_coef 0); optionally old_logp [G, m, Lc] (else the detached current log-probs:
-  with one update per batch the policy is exactly on-policy, method.md 4.7). Micro-batches hold
+  with one update per batch the policy is exactly on-policy, method.md 4.7); optionally the
+  completions packed (packed, packed_segment, packed_offset [G, k, Lc], packed_unpack [G, m, Lc]:
+  rollout_batch.pack_groups), which the forward then runs over instead. Micro-batches hold
   `micro_batch` completions, whole groups. `top_layers` > 0: only the top blocks train (pair it
   with `partial_training.mask_optimizer(tx, top_layers)`).
   """

@@ -63,23 +63,35 @@ def attend(q_btnd, k_bskd, v_bskd, mask_bts, compute_dtype):
 
 
 def attend_shared_prefix(qc_rcnd, kp_pksd, vp_pksd, kc_rckd, vc_rckd, prompt_mask_ps,
-                         own_mask_rcc, n: int, compute_dtype):
+                         own_mask_rcs, n: int, compute_dtype):
   """Completion rows [R = P * n, Lc] (row r continues prompt r // n) attending to their prompt's
-  keys [P, KVH, Lp, Dh] (valid where prompt_mask_ps) and to their own (own_mask_rcc [R, Lc, Lc]),
-  one softmax over both -> [R, Lc, H * Dh] float32. A prompt's keys meet the queries of all its
-  n completions in one matmul: they are never repeated n times."""
+  keys [P, KVH, Lp, Dh] (valid where prompt_mask_ps) and to their own, one softmax over both
+  -> [R, Lc, H * Dh] float32. A prompt's keys meet the queries of all its n rows in one matmul:
+  they are never repeated n times.
+
+  own_mask_rcs [R, Lc, Lc]: a row sees its own keys. [R, Lc, 2 * Lc]: a row sees the previous
+  row's keys of the same prompt, then its own (packed completions that run over a row boundary;
+  the first row of a prompt has no previous row)."""
   r, lc, h, dh = qc_rcnd.shape
   p, kvh, lp, _ = kp_pksd.shape
   g = h // kvh
+  ls = own_mask_rcs.shape[-1]
   # [R, Lc, KVH, G, Dh] -> [P, KVH, n, G * Lc, Dh]: grouped by prompt, then kv head.
   q = _group_queries(qc_rcnd, kvh).reshape(p, n, kvh, g, lc, dh).transpose(0, 2, 1, 3, 4, 5)
   q_pknqd = q.reshape(p, kvh, n, g * lc, dh)
-  own = lambda x: x.reshape(p, n, lc, kvh, dh).transpose(0, 3, 1, 2, 4)  # noqa: E731
+
+  def own(x_rckd):  # -> [P, KVH, n, Ls, Dh]
+    x = x_rckd.reshape(p, n, lc, kvh, dh).transpose(0, 3, 1, 2, 4)
+    if ls == lc:
+      return x
+    prev = jnp.pad(x, ((0, 0), (0, 0), (1, 0), (0, 0), (0, 0)))[:, :, :n]
+    return jnp.concatenate([prev, x], axis=3)
+
   sp = mm(q_pknqd.reshape(p, kvh, n * g * lc, dh), kp_pksd, compute_dtype, "pkqd,pksd->pkqs")
   sp = jnp.where(prompt_mask_ps[:, None, None], sp, NEG_INF).reshape(p, kvh, n, g * lc, lp)
-  so = mm(q_pknqd, own(kc_rckd), compute_dtype, "pknqd,pknsd->pknqs").reshape(p, kvh, n, g, lc, lc)
-  so = jnp.where(own_mask_rcc.reshape(p, 1, n, 1, lc, lc), so, NEG_INF)
-  pp, po = joint_softmax(sp, so.reshape(p, kvh, n, g * lc, lc))
+  so = mm(q_pknqd, own(kc_rckd), compute_dtype, "pknqd,pknsd->pknqs").reshape(p, kvh, n, g, lc, ls)
+  so = jnp.where(own_mask_rcs.reshape(p, 1, n, 1, lc, ls), so, NEG_INF)
+  pp, po = joint_softmax(sp, so.reshape(p, kvh, n, g * lc, ls))
   o = mm(pp.reshape(p, kvh, n * g * lc, lp), vp_pksd, compute_dtype, "pkqs,pksd->pkqd")
   o = o.reshape(p, kvh, n, g * lc, dh) + mm(po, own(vc_rckd), compute_dtype, "pknqs,pknsd->pknqd")
   return o.reshape(p, kvh, n, g, lc, dh).transpose(0, 2, 4, 1, 3, 5).reshape(r, lc, h * dh)
@@ -110,17 +122,18 @@ class Attention(nnx.Module):
     q, k, v = self.qkv(x_btd, cos_btd, sin_btd, compute_dtype)
     return self.o_proj(attend(q, k, v, mask_btt, compute_dtype), compute_dtype)
 
-  def shared_prefix(self, xp_bpd, xc_bcd, rope_p, rope_c, mask_bpp, prompt_mask_bp, own_mask_bcc,
+  def shared_prefix(self, xp_bpd, xc_bcd, rope_p, rope_c, mask_bpp, prompt_mask_bp, own_mask_bcs,
                     n: int, compute_dtype):
     """Prompts [P, Lp, D] and their completions [P*n, Lc, D] (row r continues prompt r // n):
     the prompts attend among themselves (mask_bpp); completion row r attends to prompt r // n's
-    real tokens (prompt_mask_bp [P, Lp]), then to its own (own_mask_bcc [P*n, Lc, Lc]). Each
-    prompt is projected once, not n times."""
+    real tokens (prompt_mask_bp [P, Lp]), then to its own (own_mask_bcs [P*n, Lc, Lc], or
+    [P*n, Lc, 2 * Lc] with the previous row's keys first: attend_shared_prefix). Each prompt is
+    projected once, not n times."""
     qp, kp, vp = self.qkv(xp_bpd, *rope_p, compute_dtype)
     qc, kc, vc = self.qkv(xc_bcd, *rope_c, compute_dtype)
     kp, vp = heads_major(kp), heads_major(vp)
     out_p = attend_heads_major(qp, kp, vp, mask_bpp, compute_dtype)
-    out_c = attend_shared_prefix(qc, kp, vp, kc, vc, prompt_mask_bp, own_mask_bcc, n,
+    out_c = attend_shared_prefix(qc, kp, vp, kc, vc, prompt_mask_bp, own_mask_bcs, n,
                                  compute_dtype)
     return self.o_proj(out_p, compute_dtype), self.o_proj(out_c, compute_dtype)
 

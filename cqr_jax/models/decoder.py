@@ -66,7 +66,7 @@ class Block(nnx.Module):
 
   def shared_prefix(self, x, rope_p, rope_c, masks, n, compute_dtype):
     """`x` = (prompts [P, Lp, D], completions [P*n, Lc, D]); `masks` = (mask_bpp, prompt_mask_bp,
-    own_mask_bcc): see Attention.shared_prefix."""
+    own_mask_bcs): see Attention.shared_prefix."""
     xp_bpd, xc_bcd = x
     ap_bpd, ac_bcd = self.attn.shared_prefix(self.attn_norm(xp_bpd), self.attn_norm(xc_bcd), rope_p,
                                              rope_c, *masks, n, compute_dtype)
@@ -174,16 +174,26 @@ class Decoder(nnx.Module):
 
     Equals `hidden` on the rows prompt ++ completion (positions continue from the prompt's real
     length; completion keys past a row's mask are hidden). `frozen_layers`: as in `hidden`."""
+    lc = completion_bc.shape[1]
+    offset_bc = jnp.broadcast_to(jnp.arange(lc, dtype=jnp.int32)[None], completion_bc.shape)
+    own_bcc = jnp.tril(jnp.ones((lc, lc), bool))[None] & (completion_mask_bc[:, None, :] > 0)
+    return self._shared_prefix_run(prompt_bp, prompt_mask_bp, completion_bc, offset_bc, own_bcc,
+                                   n, compute_dtype, frozen_layers)
+
+  def _shared_prefix_run(self, prompt_bp, prompt_mask_bp, completion_bc, offset_bc, own_mask_bcs,
+                         n, compute_dtype, frozen_layers):
+    """The blocks over prompts [P, Lp] and completion rows [P*n, Lc] whose token t sits at
+    position (prompt length + offset_bc[r, t]) and sees the row keys own_mask_bcs allows
+    (Attention.shared_prefix) -> final-normed (hp [P, Lp, D], hc [P*n, Lc, D])."""
     cdt = self._cdt(compute_dtype)
-    lp, lc = prompt_bp.shape[1], completion_bc.shape[1]
+    lp = prompt_bp.shape[1]
     prompt_mask_bp = prompt_mask_bp > 0
     pos_bp = jnp.maximum(jnp.cumsum(prompt_mask_bp.astype(jnp.int32), axis=-1) - 1, 0)
     start_b = jnp.repeat(jnp.sum(prompt_mask_bp, axis=-1, dtype=jnp.int32), n)
-    pos_bc = start_b[:, None] + jnp.arange(lc, dtype=jnp.int32)[None]
+    pos_bc = start_b[:, None] + offset_bc
     mask_bpp = jnp.tril(jnp.ones((lp, lp), bool))[None] & prompt_mask_bp[:, None, :]
-    own_bcc = jnp.tril(jnp.ones((lc, lc), bool))[None] & (completion_mask_bc[:, None, :] > 0)
     rope_p, rope_c = self._rope(pos_bp), self._rope(pos_bc)
-    masks = (mask_bpp, prompt_mask_bp, own_bcc)
+    masks = (mask_bpp, prompt_mask_bp, own_mask_bcs)
     x = (self.embed(prompt_bp), self.embed(completion_bc))
     xp_bpd, xc_bcd = self._run_blocks(
         lambda layer, x: layer.shared_prefix(x, rope_p, rope_c, masks, n, cdt), x, frozen_layers)
@@ -235,6 +245,43 @@ class Decoder(nnx.Module):
     return chunked_logprobs(h_bcd, self.lm_head_vd(), completion_bc, temperature=temperature,
                             chunk_size=chunk_size, with_entropy=with_entropy,
                             compute_dtype=self._cdt(compute_dtype))
+
+  def packed_completion_logprobs(self, prompt_bp, prompt_mask_bp, packed_bkc, segment_bkc,
+                                 offset_bkc, unpack_bmc, *, temperature: float = 1.0,
+                                 chunk_size: int = 128, with_entropy: bool = False,
+                                 compute_dtype=None, frozen_layers: int = 0):
+    """`completion_logprobs` of P prompts' m completions each, packed end to end (no padding
+    between them) in k rows of Lc slots per prompt (train/rollout_batch.pack_group).
+
+    packed_bkc [P, k, Lc]: the tokens; segment_bkc: the completion (0..m-1) each slot holds, -1
+    if empty; offset_bkc: the token's index within its completion; unpack_bmc [P, m, Lc]: the slot
+    (0..k*Lc-1) of completion j's token t (any slot past its end: masked by the caller). A
+    completion holds at most Lc tokens, so it spans at most two consecutive rows: a row attends to
+    its prompt, the previous row and itself, masked to the query's own completion. The LM head
+    runs over the k * Lc packed slots rather than m * Lc padded ones.
+    Returns log-probs [P*m, Lc] (and entropies), laid out as `completion_logprobs`'."""
+    p, k, lc = packed_bkc.shape
+    m = unpack_bmc.shape[1]
+    seg_q = segment_bkc
+    seg_prev = jnp.pad(seg_q, ((0, 0), (1, 0), (0, 0)), constant_values=-2)[:, :k]
+    seg_keys = jnp.concatenate([seg_prev, seg_q], axis=-1)  # [P, k, 2 Lc]: previous row, own
+    causal_cs = jnp.arange(2 * lc)[None, :] <= lc + jnp.arange(lc)[:, None]
+    own = (seg_keys[:, :, None, :] == seg_q[..., None]) & causal_cs & (seg_q[..., None] >= 0)
+    hp_bpd, hc_bcd = self._shared_prefix_run(
+        prompt_bp, prompt_mask_bp, packed_bkc.reshape(p * k, lc), offset_bkc.reshape(p * k, lc),
+        own.reshape(p * k, lc, 2 * lc), k, compute_dtype, frozen_layers)
+    # The state that predicts slot s: the prompt's last one at a completion's first token, else
+    # slot s - 1 (the same completion's previous token).
+    hc_bsd = hc_bcd.reshape(p, k * lc, -1)
+    prev_bsd = jnp.concatenate([hp_bpd[:, -1:], hc_bsd[:, :-1]], axis=1)
+    first_bs = (offset_bkc.reshape(p, k * lc) == 0)[..., None]
+    h_bsd = jnp.where(first_bs, hp_bpd[:, -1:], prev_bsd)
+    out = chunked_logprobs(h_bsd, self.lm_head_vd(), packed_bkc.reshape(p, k * lc),
+                           temperature=temperature, chunk_size=chunk_size,
+                           with_entropy=with_entropy, compute_dtype=self._cdt(compute_dtype))
+    idx = unpack_bmc.reshape(p, m * lc)
+    unpack = lambda x_bs: jnp.take_along_axis(x_bs, idx, axis=1).reshape(p * m, lc)  # noqa: E731
+    return tuple(map(unpack, out)) if with_entropy else unpack(out)
 
   # ------------------------------------------------------------------ KV-cache decoding
   def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:

@@ -18,15 +18,16 @@ CFG = ModelConfig(family="qwen2", vocab_size=97, hidden_size=32, intermediate_si
                   tie_word_embeddings=False, bos_token_id=None, eos_token_id=1)
 
 
-def make_batch(seed=0, prompts=4, n=2, mesh=None, micro_batch=2):
-  """(rollouts, flat rows, grouped batch): the grouped batch is rollout_batch.assemble's, with
-  per-rollout reference log-probs [G, m, Lc] and advantages [G, m]."""
+def make_batch(seed=0, prompts=4, n=2, mesh=None, micro_batch=2, pack=False):
+  """(rollouts, flat rows, grouped batch): the grouped batch is rollout_batch.assemble's (with
+  `pack`, the completions also packed), with per-rollout reference log-probs [G, m, Lc] and
+  advantages [G, m]."""
   roll = random_rollouts(seed, CFG.vocab_size, prompts, n)
   rng = np.random.default_rng(seed + 100)
   rows = len(roll.finish_reasons)
   ref = rng.normal(-3.0, 0.5, roll.completion_ids.shape).astype(np.float32)
   adv = rng.normal(size=rows).astype(np.float32)
-  batch = rollout_batch.assemble(roll, mesh, micro_batch)
+  batch = rollout_batch.assemble(roll, mesh, micro_batch, pack=pack)
   g, m, lc = batch["completion"].shape
   batch["ref_logp"] = rollout_batch.place(ref.reshape(g, m, lc), mesh)
   batch["adv"] = rollout_batch.place(adv.reshape(g, m), mesh)
@@ -57,16 +58,19 @@ def test_group_size():
   assert rollout_batch.group_size(6, 4) == 2
 
 
-@pytest.mark.parametrize("aggregation,scan", [
-    ("token_mean", False), ("token_mean", True), ("seq_mean_token_mean", True)])
-def test_micro_batches_equal_the_formula(aggregation, scan):
+@pytest.mark.parametrize("aggregation,scan,pack", [
+    ("token_mean", False, False), ("token_mean", True, False), ("seq_mean_token_mean", True, False),
+    ("token_mean", False, True), ("seq_mean_token_mean", True, True)])
+def test_micro_batches_equal_the_formula(aggregation, scan, pack):
   """The grouped update (each prompt's forward shared by its samples, 4 micro-batches of one
   group) gives the gradient of combine_microbatches' step loss computed here from flat rows
-  prompt ++ completion, layer by layer: prefix sharing, the scanned blocks (remat on) and the
-  response-only LM head change nothing."""
+  prompt ++ completion, layer by layer: prefix sharing, packed completions, the scanned blocks
+  (remat on) and the response-only LM head change nothing."""
   cfg = grpo_obj.GRPOLossConfig(aggregation=aggregation)
   mesh = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
-  roll, flat, batch = make_batch(mesh=mesh, micro_batch=2)
+  roll, flat, batch = make_batch(mesh=mesh, micro_batch=2, pack=pack)
+  if pack:  # some group's completions run over a packed row's end
+    assert batch["packed"].shape[1] == 2 and (batch["packed_segment"][:, 0, -1] >= 0).any()
   assert batch["completion"].shape[:2] == (4, 2)  # groups of both samples of a prompt
   model = sharding.create_model(CFG, mesh, seed=0)
   graphdef, params, rest = steps.split_model(model)
@@ -99,11 +103,12 @@ def test_micro_batches_equal_the_formula(aggregation, scan):
     np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-6)
 
 
-def test_reference_pass_equals_flat_rows():
-  """make_logprob_fn on the grouped batch = the model's log-probs of each completion token on
-  the flat row prompt ++ completion (f32)."""
+@pytest.mark.parametrize("pack", [False, True])
+def test_reference_pass_equals_flat_rows(pack):
+  """make_logprob_fn on the grouped batch (padded or packed completions) = the model's log-probs
+  of each completion token on the flat row prompt ++ completion (f32)."""
   mesh = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
-  roll, flat, batch = make_batch(seed=5, mesh=mesh, micro_batch=4)
+  roll, flat, batch = make_batch(seed=5, mesh=mesh, micro_batch=4, pack=pack)
   model = sharding.create_model(CFG, mesh, seed=0)
   graphdef, params, rest = steps.split_model(model)
   got = steps.make_logprob_fn(graphdef, rest, temperature=0.7, micro_batch=4)(params, batch)
@@ -160,3 +165,24 @@ def test_kl_coef_zero_needs_no_reference():
   assert float(m["kl"]) == 0.0 and float(m_ref["kl"]) != 0.0  # the metric still reports it
   for a, b in zip(jax.tree.leaves(without), jax.tree.leaves(with_ref)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_pack_groups_layout():
+  """Each group's completions end to end: unpack gives back every completion token, segments
+  and offsets name its completion and index, empty slots are -1, k = ceil(longest group / Lc)."""
+  rng = np.random.default_rng(0)
+  lengths = np.array([[3, 5, 4], [1, 2, 1]])
+  comp = rng.integers(2, 50, (2, 3, 5)).astype(np.int32)
+  mask = np.arange(5)[None, None] < lengths[..., None]
+  out = rollout_batch.pack_groups(np.where(mask, comp, 0), mask)
+  assert out["packed"].shape == (2, 3, 5)  # 12 tokens in the first group -> 3 rows of 5
+  flat = {k: v.reshape(2, -1) for k, v in out.items() if k != "packed_unpack"}
+  for i in range(2):
+    for j in range(3):
+      slots = out["packed_unpack"][i, j, :lengths[i, j]]
+      np.testing.assert_array_equal(flat["packed"][i, slots], comp[i, j, :lengths[i, j]])
+      np.testing.assert_array_equal(flat["packed_segment"][i, slots], j)
+      np.testing.assert_array_equal(flat["packed_offset"][i, slots], np.arange(lengths[i, j]))
+  assert (flat["packed_segment"][0, 12:] == -1).all() and (flat["packed_segment"][1, 4:] == -1).all()
+  with pytest.raises(ValueError, match="prefix of ones"):
+    rollout_batch.pack_groups(comp, mask[:, :, ::-1])
