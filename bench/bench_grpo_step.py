@@ -112,7 +112,8 @@ class OursStep:
     self.sampler = Sampler(SamplerConfig(
         max_prompt_len=ro.max_prompt_len, max_new_tokens=ro.max_new_tokens,
         temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, n=g.n,
-        truncate_prompt_left=ro.truncate_prompt_left), self.tokenizer, mesh=mesh,
+        truncate_prompt_left=ro.truncate_prompt_left, compute_dtype=ro.compute_dtype),
+        self.tokenizer, mesh=mesh,
         model_eos_ids=mcfg.eos_token_ids)
     self.update = steps.make_grpo_update(self.graphdef, self.rest, tx, g.loss,
                                          temperature=ro.temperature, micro_batch=g.micro_batch)

@@ -75,6 +75,10 @@ class RolloutSection:
   # Padded prompt lengths to compile for (empty: powers of two up to max_prompt_len). Tighter
   # buckets waste fewer tokens in the update, at one compile per bucket used.
   prompt_buckets: tuple[int, ...] = ()
+  # Matmul dtype of sampling ("float32" / "bfloat16"; None: model.compute_dtype). On a CPU with
+  # AMX-BF16 a bf16 rollout is ~1.4x faster than f32 while the f32 update stays the faster one
+  # (bench/results/sampler.md); on AVX2-only CPUs bf16 is the slow path.
+  compute_dtype: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

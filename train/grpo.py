@@ -116,8 +116,8 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
       max_prompt_len=ro.max_prompt_len, max_new_tokens=ro.max_new_tokens,
       temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, n=g.n,
       truncate_prompt_left=ro.truncate_prompt_left,
-      prompt_len_buckets=tuple(ro.prompt_buckets)), tokenizer, mesh=mesh,
-      model_eos_ids=mcfg.eos_token_ids)
+      prompt_len_buckets=tuple(ro.prompt_buckets), compute_dtype=ro.compute_dtype), tokenizer,
+      mesh=mesh, model_eos_ids=mcfg.eos_token_ids)
   update = steps.make_grpo_update(graphdef, rest, tx, g.loss, temperature=ro.temperature,
                                   micro_batch=g.micro_batch, mesh=mesh,
                                   top_layers=g.train_top_layers)
