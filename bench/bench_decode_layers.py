@@ -1,4 +1,4 @@
-"""Sampler decode step: blocks as one lax.scan vs unrolled, SmolLM2-135M-Instruct (the shipped GGUF).
+"""Sampler decode step: blocks as one lax.scan vs unrolled, SmolLM2-135M-Instruct (shipped GGUF).
 
 16 random prompts of 230 tokens (bucket 256), T 0.7, EOS ignored, generation bucket 64, n = 1 and
 4 (batch 16 and 64), f32 or bf16 compute. Per decode step = (wall of 48 new tokens - wall of 8

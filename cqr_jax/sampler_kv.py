@@ -113,7 +113,8 @@ def init_gen_cache(cfg, rows: int, gen_len: int, dtype, attention: str, scan: bo
   """Zeroed generation cache: per layer {"k", "v"} [R, KVH, G, Dh] ("k" [R, KVH, Dh, G] when
   `gen_k_slots_last(attention)`), or one dict of those stacked on a leading [L] with `scan`."""
   v_shape = (rows, cfg.num_kv_heads, gen_len, cfg.head_dim)
-  k_shape = v_shape[:2] + v_shape[:1:-1] if gen_k_slots_last(attention) else v_shape
+  k_shape = ((rows, cfg.num_kv_heads, cfg.head_dim, gen_len) if gen_k_slots_last(attention)
+             else v_shape)
   if scan:
     return {"k": jnp.zeros((cfg.num_layers, *k_shape), dtype),
             "v": jnp.zeros((cfg.num_layers, *v_shape), dtype)}
@@ -129,8 +130,9 @@ def _write_slot(k_cache, v_cache, k_rk1d, v_rk1d, step, attention):
     k_new, k_at = k_rk1d.swapaxes(-1, -2), lead + (0, 0, 0, step)
   else:
     k_new, k_at = k_rk1d, lead + (0, 0, step, 0)
+  v_at = lead + (0, 0, step, 0)
   return (jax.lax.dynamic_update_slice(k_cache, k_new.astype(k_cache.dtype), k_at),
-          jax.lax.dynamic_update_slice(v_cache, v_rk1d.astype(v_cache.dtype), lead + (0, 0, step, 0)))
+          jax.lax.dynamic_update_slice(v_cache, v_rk1d.astype(v_cache.dtype), v_at))
 
 
 def decode_step(model, tokens_r, positions_r, prompt_cache, gen_cache, step, prompt_mask_bp, n,

@@ -251,7 +251,7 @@ class Decoder(nnx.Module):
                                  chunk_size: int = 128, with_entropy: bool = False,
                                  compute_dtype=None, frozen_layers: int = 0):
     """`completion_logprobs` of P prompts' m completions each, packed end to end (no padding
-    between them) in k rows of Lc slots per prompt (train/rollout_batch.pack_group).
+    between them) in k rows of Lc slots per prompt (train/rollout_batch.pack_groups).
 
     packed_bkc [P, k, Lc]: the tokens; segment_bkc: the completion (0..m-1) each slot holds, -1
     if empty; offset_bkc: the token's index within its completion; unpack_bmc [P, m, Lc]: the slot

@@ -183,6 +183,7 @@ def test_pack_groups_layout():
       np.testing.assert_array_equal(flat["packed"][i, slots], comp[i, j, :lengths[i, j]])
       np.testing.assert_array_equal(flat["packed_segment"][i, slots], j)
       np.testing.assert_array_equal(flat["packed_offset"][i, slots], np.arange(lengths[i, j]))
-  assert (flat["packed_segment"][0, 12:] == -1).all() and (flat["packed_segment"][1, 4:] == -1).all()
+  assert (flat["packed_segment"][0, 12:] == -1).all()
+  assert (flat["packed_segment"][1, 4:] == -1).all()
   with pytest.raises(ValueError, match="prefix of ones"):
     rollout_batch.pack_groups(comp, mask[:, :, ::-1])
