@@ -317,11 +317,19 @@ def main(argv=None):
   ours = OursStep(cfg, ds, reward)
   load_s = time.perf_counter() - t0
   ours_ms: list[dict] = []
+  compile_events: list[float] = []  # jax's compile events: trace, lowering, XLA compile
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, secs, **_: compile_events.append(secs)
+      if event.startswith("/jax/core/compile/") else None)
 
   def ours_step(i: int):
+    compile_events.clear()
     t = time.perf_counter()
     m = ours(batches[i], i)
     m["wall"] = time.perf_counter() - t
+    # A packed update compiles once per rows-per-group count (at most n shapes a run), so a
+    # timed step whose responses are longer than the warm-up's compiles again.
+    m["time/compile"] = sum(compile_events)
     ours_ms.append(m)
     print(f"ours step {i}: " + ", ".join(f"{k}={v:.2f}" for k, v in m.items()
                                          if k.startswith("time/")), flush=True)
@@ -402,7 +410,8 @@ def report(args, argv, ours_ms, trl_ms, check_ms, trl_note, load_s, worst_reward
     t = f"; TRL {trl_ms[i]['time/total']:.1f} s (response {trl_ms[i]['response_len']:.0f})" \
         if i < len(trl_ms) else ""
     lines.append(f"- step {i}{' (warm-up)' if i == 0 else ''}: ours {m['time/total']:.1f} s "
-                 f"(response {m['response_len']:.0f}, {m['gen_steps']:.0f} decode steps){t}")
+                 f"(of which jax compiling {m['time/compile']:.1f} s; response "
+                 f"{m['response_len']:.0f}, {m['gen_steps']:.0f} decode steps){t}")
   lines.append("")
   reward_share = med_o["time/reward"] / med_o["time/total"]
   lines.append(f"- Reward (parse {med_o['time/parse'] * 1e3:.0f} ms + BM25 rank "
@@ -415,6 +424,10 @@ def report(args, argv, ours_ms, trl_ms, check_ms, trl_note, load_s, worst_reward
     ratios = [t["time/total"] / o["time/total"] for o, t in zip(ours_ms[1:], trl_ms[1:])]
     lines.append(f"- TRL step / our step: **{np.median(ratios):.1f}x** (per timed pair: "
                  + ", ".join(f"{r:.1f}x" for r in ratios) + "; goal >= 5x)")
+    steady = [t["time/total"] / (o["time/total"] - o["time/compile"])
+              for o, t in zip(ours_ms[1:], trl_ms[1:])]
+    lines.append(f"- The same without the jax compiling inside our timed steps (a run's steady "
+                 f"state, once its few shapes are compiled): {np.median(steady):.1f}x")
     med_t = median_of(trl_ms[1:] or trl_ms)
     for p in ("rollout", "reference", "update"):
       lines.append(f"- {p}: TRL / ours {med_t[f'time/{p}'] / med_o[f'time/{p}']:.1f}x")
