@@ -27,7 +27,6 @@ i.e. one prompt and its 8 samples (rollout_batch.assemble), in f32 (`--compute-d
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import os
 import platform
@@ -387,8 +386,8 @@ def report(args, argv, ours_ms, trl_ms, check_ms, trl_note, load_s, worst_reward
       f"{args.max_new} new tokens at T 0.7 / top-p 1, BM25 (Lucene-like, k1 0.9 b 0.4) rank "
       f"reward over the embedded corpus (the same reward code on both sides), KL coef 0.001 "
       f"(reference pass included), entropy 0.001, one AdamW step. Ours: preset cpu-default "
-      f"({args.compute_dtype} compute / f32 master weights) with remat {args.remat} and micro-batch "
-      f"{args.micro_batch}. "
+      f"({args.compute_dtype} compute / f32 master weights) with remat {args.remat} and "
+      f"micro-batch {args.micro_batch}. "
       f"Steps interleaved one-for-one in one process; median of {len(timed_o)} timed steps after "
       f"a warm-up step. {platform.machine()}, {os.cpu_count()} cores shared with other jobs "
       f"(compare ratios); jax {jax.__version__}." + (f" TRL: {trl_note}." if trl_note else ""),
