@@ -35,7 +35,7 @@ from flax import nnx  # noqa: E402
 from cqr_jax.data.types import Turn  # noqa: E402
 from cqr_jax.models import gguf as G  # noqa: E402
 from cqr_jax.prompts import PromptBuilder  # noqa: E402
-from cqr_jax.sampler import Sampler, SamplerConfig  # noqa: E402
+from cqr_jax.sampler import Sampler, SamplerConfig, bucket  # noqa: E402
 from cqr_jax.testing import smollm2_gguf_path  # noqa: E402
 
 # name -> SamplerConfig overrides (dtypes; "matmul attention": the decode step's attention as
@@ -102,7 +102,6 @@ def machine_limits() -> dict[str, float]:
   red = jax.jit(lambda a: jnp.sum(a * 1.0001))
   red(x).block_until_ready()
   bw = x.nbytes / median_time(lambda: red(x).block_until_ready(), 5) / 1e9
-  del x
   a = jax.random.normal(jax.random.key(1), (1024, 1024), jnp.float32)
   mm32 = jax.jit(lambda a, b: a @ b)
   mmbf = jax.jit(lambda a, b: jnp.dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
@@ -127,7 +126,8 @@ def decode_limit(cfg, rows: int, cache_len: int, param_bytes: float, lim: dict,
 
 
 def ours_runner(model, tok, prompts, name, batch, new):
-  """(full call, prefill-only call) closures for one setting; the first call compiles."""
+  """(full call, prefill-only call) closures for one setting, and the prompt bucket the prompts
+  pad to; the first call compiles."""
   n = batch // len(prompts)
   cfg = SamplerConfig(max_prompt_len=256, max_new_tokens=new, temperature=0.7, n=n,
                       ignore_eos=True, gen_len_buckets=(new,), **SETTINGS[name])
@@ -140,7 +140,7 @@ def ours_runner(model, tok, prompts, name, batch, new):
 
   def pre():  # the same compiled program, stopped after one step
     return s.generate(model, prompts, key=jax.random.key(2), max_new_tokens=1)
-  return full, pre
+  return full, pre, bucket(max(map(len, prompts)), s.prompt_buckets, "prompt length")
 
 
 def hf_runner(prompts, pad_id, dtype: str):
@@ -208,14 +208,14 @@ def main(argv=None):
 
   # Every runner is timed round-robin (one call of each per round), so that load from other
   # jobs on the shared machine hits all of them alike; medians over the rounds.
-  runners, first, compile_s = {}, {}, {}
+  runners, first, compile_s, padded = {}, {}, {}, {}
   durations = []  # jax's compile events: trace, lowering to MLIR, XLA backend compile
   jax.monitoring.register_event_duration_secs_listener(
       lambda event, secs, **_: durations.append(secs) if event.startswith("/jax/core/compile/")
       else None)
   for name in args.settings:
     for b in args.batches:
-      full, pre = ours_runner(model, tok, prompts, name, b, args.new)
+      full, pre, padded[(name, b)] = ours_runner(model, tok, prompts, name, b, args.new)
       durations.clear()
       t0 = time.perf_counter()
       full()
@@ -245,7 +245,7 @@ def main(argv=None):
                        compile=compile_s[(name, b)], full=full, prefill=pre,
                        tok_s=b * args.new / full,
                        decode_tok_s=b * (args.new - 1) / max(full - pre, 1e-9),
-                       prompt_len=256))
+                       prompt_len=padded[(name, b)]))
   if threads is not None:
     for b in args.batches:
       t = med[("hf", b)]

@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cqr_jax.models.gguf import load_gguf, materialize_hf_folder
 from cqr_jax.objectives.grpo import GRPOLossConfig

@@ -65,14 +65,14 @@ class RetrievalSection:
 
 @dataclasses.dataclass(frozen=True)
 class RolloutSection:
-  """Sampling (method.md 4.4-4.5): T 0.7, top-p 1, no top-k, 1,536 prompt / 1,024 response tokens."""
+  """Sampling (method.md 4.4-4.5): T 0.7, top-p 1, no top-k, 1,536 prompt / 1,024 new tokens."""
   max_prompt_len: int = 1536
   max_new_tokens: int = 1024
   temperature: float = 0.7
   top_p: float = 1.0
   top_k: int = 0
   truncate_prompt_left: bool = False
-  # Padded prompt lengths to compile for (empty: powers of two up to max_prompt_len). Tighter
+  # Padded prompt lengths to compile for (empty: the sampler's quarter-octave default). Tighter
   # buckets waste fewer tokens in the update, at one compile per bucket used.
   prompt_buckets: tuple[int, ...] = ()
   # Matmul dtype of sampling ("float32" / "bfloat16"; None: model.compute_dtype). On a CPU with
@@ -223,7 +223,7 @@ def _cpu_default() -> dict:
                "max_test_turns": 24},
       "retrieval": {"kind": "bm25", "bm25": "lucene", "k1": 0.9, "b": 0.4},
       "rollout": {"max_prompt_len": 512, "max_new_tokens": new,
-                  "prompt_buckets": (256, 384, 512)},
+                  "prompt_buckets": (256, 320, 384, 448, 512)},
       "sdpw": {"max_new_tokens": new, "samples_per_turn": 1, "batch_prompts": 16,
                "lenient_candidates": True, "response_prefix": "<think>"},
       # A weakly fine-tuned 135M model copies the prompt's format example into its rewrite (format

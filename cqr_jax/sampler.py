@@ -39,7 +39,7 @@ class SamplerConfig:
   1,536 prompt / 1,024 response tokens, n = 8).
 
   prompt_len_buckets / gen_len_buckets: padded lengths to compile for (increasing; empty = 16,
-    32, 64, 128, 192, 256, 384, 512, 768, ... capped by the maximum, which is always a bucket).
+    32, 64, 128, 160, 192, 224, 256, 320, ... capped by the maximum, which is always a bucket).
     batch_buckets: prompt counts to pad to (empty = the count itself); the padded count is then
     rounded up to a multiple of the mesh's data x fsdp size.
   eos_ids: empty = the tokenizer's eos plus the model config's eos ids. ignore_eos: generate
@@ -151,13 +151,15 @@ class Rollouts:
 
 # ------------------------------------------------------------------------------------ host side
 def _default_buckets(maximum: int, smallest: int = 16) -> tuple[int, ...]:
-  """16, 32, 64, 128, then 1.5x / 2x steps (192, 256, 384, 512, ...), capped by `maximum`: at
-  most a third of a row is padding beyond 128 tokens; ~10 shapes up to 1,536."""
+  """16, 32, 64, 128, then quarter-octave steps (160, 192, 224, 256, 320, 384, ...), capped by
+  `maximum`: at most a fifth of a row is padding beyond 128 tokens, ~17 shapes up to 1,536.
+  Prefill and the update are compute-bound, so padded tokens cost as much as real ones."""
   out, b = [], smallest
-  while b < maximum:
+  while b < 128:
     out.append(b)
-    if b >= 128 and b + b // 2 < maximum:
-      out.append(b + b // 2)
+    b *= 2
+  while b < maximum:
+    out += [b, b + b // 4, b + b // 2, b + 3 * b // 4]
     b *= 2
   return tuple(x for x in out if x < maximum) + (maximum,)
 

@@ -217,7 +217,6 @@ def dequantize(data: np.ndarray, qtype) -> np.ndarray:
 def iter_gguf_hf_tensors(path_or_reader, config: dict | None = None
                          ) -> Iterator[tuple[str, np.ndarray]]:
   """Yields `(hf_name, float32 array in HF layout [out, in])`, one dequantized tensor at a time."""
-  import gguf
   r = _reader(path_or_reader)
   _, _, _, permuted = _arch(r)
   config = config or gguf_hf_config(r)

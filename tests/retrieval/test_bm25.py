@@ -9,7 +9,7 @@ import pytest
 from retrieval import bm25 as bm25_lib
 from retrieval import index_io
 from retrieval.analyzer import LuceneEnglishAnalyzer, PorterStemmer
-from retrieval.bm25 import ExactOkapiBM25, LuceneBM25, RankBM25Searcher, build_bm25
+from retrieval.bm25 import ExactOkapiBM25, RankBM25Searcher, build_bm25
 
 N_DOCS = 400
 
