@@ -50,8 +50,8 @@ from cqr_jax.metrics_log import Timer  # noqa: E402
 from cqr_jax.objectives.grpo import group_advantages  # noqa: E402
 from cqr_jax.parsing import canonical_response, parse_response  # noqa: E402
 from cqr_jax.prompts import PromptBuilder  # noqa: E402
-from cqr_jax.sampler import Sampler, SamplerConfig  # noqa: E402
 from train import common, rollout_batch, steps  # noqa: E402
+from train.rewriting import make_sampler  # noqa: E402
 
 PHASES = ("rollout", "reward", "reference", "update")
 
@@ -108,12 +108,9 @@ class OursStep:
                                   weight_decay=g.weight_decay, clip_norm=g.clip_norm)
     self.state = steps.init_state(params, tx)
     self.prompts = PromptBuilder()
-    self.sampler = Sampler(SamplerConfig(
-        max_prompt_len=ro.max_prompt_len, max_new_tokens=ro.max_new_tokens,
-        temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, n=g.n,
-        truncate_prompt_left=ro.truncate_prompt_left, compute_dtype=ro.compute_dtype),
-        self.tokenizer, mesh=mesh,
-        model_eos_ids=mcfg.eos_token_ids)
+    # train_grpo's sampler (the preset's prompt buckets included)
+    self.sampler = make_sampler(cfg, self.tokenizer, mesh, mcfg, n=g.n,
+                                temperature=ro.temperature, max_new_tokens=ro.max_new_tokens)
     self.update = steps.make_grpo_update(self.graphdef, self.rest, tx, g.loss,
                                          temperature=ro.temperature, micro_batch=g.micro_batch)
     self.ref_logprobs = steps.make_logprob_fn(self.graphdef, self.rest,

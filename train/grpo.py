@@ -22,6 +22,7 @@ from flax import nnx
 from cqr_jax import config as cfglib
 from cqr_jax.parsing import parse_response
 from train import common, rollout_batch, steps
+from train.rewriting import make_sampler
 
 log = logging.getLogger("cqr_jax")
 USES_CONFIG = True
@@ -73,7 +74,6 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
   from cqr_jax.metrics_log import CollapseMonitor, MetricsLogger, Timer
   from cqr_jax.objectives.grpo import group_advantages
   from cqr_jax.prompts import PromptBuilder
-  from cqr_jax.sampler import Sampler, SamplerConfig
 
   g, ro = cfg.grpo, cfg.rollout
   if (g.batch_prompts * g.n) % g.micro_batch:
@@ -112,12 +112,8 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
     batches.set_state(meta["data"])
     key = jax.random.wrap_key_data(jnp.asarray(meta["key"], jnp.uint32))
     log.info("resumed GRPO from step %d", step0)
-  sampler = Sampler(SamplerConfig(
-      max_prompt_len=ro.max_prompt_len, max_new_tokens=ro.max_new_tokens,
-      temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, n=g.n,
-      truncate_prompt_left=ro.truncate_prompt_left,
-      prompt_len_buckets=tuple(ro.prompt_buckets), compute_dtype=ro.compute_dtype), tokenizer,
-      mesh=mesh, model_eos_ids=mcfg.eos_token_ids)
+  sampler = make_sampler(cfg, tokenizer, mesh, mcfg, n=g.n, temperature=ro.temperature,
+                         max_new_tokens=ro.max_new_tokens)
   update = steps.make_grpo_update(graphdef, rest, tx, g.loss, temperature=ro.temperature,
                                   micro_batch=g.micro_batch, mesh=mesh,
                                   top_layers=g.train_top_layers)
