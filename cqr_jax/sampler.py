@@ -58,6 +58,9 @@ class SamplerConfig:
   scan_layers: the prompt pass and decode step run the blocks as one lax.scan (True) or unrolled
     (False); None = unrolled on CPU (XLA:CPU copies each block's weights out of the stacked array
     in every decode step), the model config's `scan_layers` elsewhere.
+  decode_weights_first: each decode step's projections and LM head as W x^T, over a copy of the
+    kernels transposed once per call (cqr_jax.models.layers.weights_first); None = on CPU when a
+    step has at most 32 rows (measured faster at 16 and 32 rows, not at 64), off elsewhere.
   cast_params: with a bfloat16 compute dtype, cast the floating parameters to bfloat16 once per
     call inside the program (a temporary half-size copy): each decode step then reads half the
     bytes and skips a per-matmul cast. No effect with float32 compute.
@@ -80,6 +83,7 @@ class SamplerConfig:
   prefill_compute_dtype: str | None = None
   decode_attention: str | None = None
   scan_layers: bool | None = None
+  decode_weights_first: bool | None = None
   cast_params: bool = True
 
   def __post_init__(self):
@@ -261,7 +265,7 @@ def _cast_floats(state, dtype):
 def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_steps,
                       temperature, top_p, eos_e, *, n: int, gen_len: int, top_k: int,
                       pad_id: int, cache_dtype, compute_dtype, prefill_dtype, param_dtype,
-                      attention, scan, batch_spec):
+                      attention, scan, weights_first, batch_spec):
   """Prefill + decode loop. temperature, top_p (None = off) and the eos ids eos_e [E] (-1 =
   unused slot) are traced. Returns tokens [B*n, G], logprobs [B*n, G], lengths [B*n],
   eos_hit [B*n], steps run."""
@@ -280,7 +284,8 @@ def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_s
 
   prefill, decode = sampler_kv.make_steps(
       model, n=n, gen_len=gen_len, cache_dtype=cache_dtype, prefill_dtype=prefill_dtype,
-      compute_dtype=compute_dtype, attention=attention, scan=scan, constrain=constrain)
+      compute_dtype=compute_dtype, attention=attention, scan=scan, weights_first=weights_first,
+      constrain=constrain)
   mask_bp = prompt_mask_bp.astype(bool)
   positions_bp = jnp.maximum(jnp.cumsum(mask_bp, axis=-1) - 1, 0).astype(jnp.int32)
   logits_rv, cache = prefill(prompt_ids_bp, positions_bp, mask_bp)
@@ -330,7 +335,7 @@ def jitted_program():
   return jax.jit(_traced_program, static_argnums=(0,),
                  static_argnames=("n", "gen_len", "top_k", "pad_id", "cache_dtype",
                                   "compute_dtype", "prefill_dtype", "param_dtype",
-                                  "attention", "scan", "batch_spec"),
+                                  "attention", "scan", "weights_first", "batch_spec"),
                  compiler_options=compiler_options())
 
 
@@ -468,6 +473,8 @@ class Sampler:
               attention=cfg.decode_attention or ("reduce" if on_cpu else "matmul"),
               scan=(cfg.scan_layers if cfg.scan_layers is not None
                     else not on_cpu and bool(getattr(mcfg, "scan_layers", False))),
+              weights_first=(cfg.decode_weights_first if cfg.decode_weights_first is not None
+                             else on_cpu and ids_bp.shape[0] * n <= 32),
               batch_spec=None if self.mesh is None else ("data", "fsdp"))
     traces = TRACE_COUNT[0]
     t0 = time.perf_counter()

@@ -18,11 +18,15 @@ structure falls back to its `init_cache` / `decode` (full cache repeated n times
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from cqr_jax.models.attention import NEG_INF, attend_heads_major, heads_major, joint_softmax
 from cqr_jax.models.decoder import scan_blocks
+from cqr_jax.models import layers
 from cqr_jax.models.layers import mm
 
 
@@ -185,14 +189,16 @@ def decode_step(model, tokens_r, positions_r, prompt_cache, gen_cache, step, pro
 
 
 def make_steps(model, *, n: int, gen_len: int, cache_dtype, prefill_dtype, compute_dtype,
-               attention: str, scan: bool, constrain=lambda x: x):
+               attention: str, scan: bool, weights_first: bool = False,
+               constrain=lambda x: x):
   """(prefill_fn, decode_fn) for the generation loop.
 
   prefill_fn(tokens_bp, positions_bp, mask_bp) -> (logits [B * n, V], state);
   decode_fn(tokens_r, positions_r, state, step) -> (logits [R, V], state). `state` is the
   cache pytree (rows sharded like the batch through `constrain`). `attention`: see
-  `_attend_step`; `scan`: the blocks as one lax.scan rather than unrolled (the generic path
-  ignores both).
+  `_attend_step`; `scan`: the blocks as one lax.scan rather than unrolled; `weights_first`:
+  the decode step's projections and LM head as W x^T over a copy of the kernels transposed once
+  per call (`layers.weights_first`; unrolled blocks only). The generic path ignores all three.
   """
   if fast_path_ok(model):
     cache_dt = jnp.dtype(cache_dtype) if cache_dtype is not None else model._cdt(None)
@@ -205,10 +211,17 @@ def make_steps(model, *, n: int, gen_len: int, cache_dtype, prefill_dtype, compu
       state = (jax.tree.map(constrain, pc), jax.tree.map(constrain, gc), mask_bp)
       return jnp.repeat(logits_bv, n, axis=0), state
 
+    decode_model, switch = model, contextlib.nullcontext
+    if weights_first and not scan:
+      graphdef, params = nnx.split(model)
+      decode_model = nnx.merge(graphdef, layers.kernels_out_in(params))
+      switch = layers.weights_first
+
     def decode_fn(tokens_r, positions_r, state, step):
       pc, gc, mask_bp = state
-      logits_rv, gc = decode_step(model, tokens_r, positions_r, pc, gc, step, mask_bp, n,
-                                  compute_dtype, attention, scan)
+      with switch():
+        logits_rv, gc = decode_step(decode_model, tokens_r, positions_r, pc, gc, step, mask_bp,
+                                    n, compute_dtype, attention, scan)
       return logits_rv, (pc, gc, mask_bp)
     return prefill_fn, decode_fn
 

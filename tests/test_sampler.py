@@ -177,6 +177,17 @@ def test_logprobs_equal_forward_logprobs(qwen, temperature):
   np.testing.assert_allclose(r.logprobs[r.completion_mask], want[r.completion_mask], atol=1e-4)
 
 
+def test_weights_first_decode_equals_activations_first(qwen):
+  """The decode step's products as W x^T (the CPU default at <= 32 rows, so the transformers
+  parity tests above run it) sample the same tokens with the same log-probs as x W."""
+  _, _, model, _ = qwen
+  runs = [_sampler(temperature=0.7, max_new_tokens=12, ignore_eos=True,
+                   decode_weights_first=wf).generate(model, PROMPTS, key=jax.random.key(6))
+          for wf in (False, True)]
+  np.testing.assert_array_equal(runs[0].completion_ids, runs[1].completion_ids)
+  np.testing.assert_allclose(runs[0].logprobs, runs[1].logprobs, atol=1e-5)
+
+
 def test_bf16_decode_logprobs_close_to_bf16_forward(qwen):
   """bf16 compute with bf16-cast parameters and cache (the fast setting) against the model's
   own bf16 forward: same operand roundings, different summation order and cache rounding."""

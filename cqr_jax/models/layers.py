@@ -7,11 +7,14 @@ partition table in `cqr_jax/sharding.py` maps those names to mesh axes.
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 INIT_STD = 0.02  # HF initializer_range for both families
+_WEIGHTS_FIRST = [False]  # trace-time switch: see `weights_first`
 
 
 def init_normal(key, shape, dtype) -> jax.Array:
@@ -49,8 +52,37 @@ def mm_rows(x_bti: jax.Array, w: jax.Array, compute_dtype, *, w_out_in: bool = F
   stops transposing activations for it (SmolLM2 GRPO update, 8 x 384 tokens: 19.8 -> 17.3 s).
   """
   x_ni = x_bti.reshape(-1, x_bti.shape[-1])
-  y_no = mm(x_ni, w, compute_dtype, "ni,oi->no" if w_out_in else "ni,io->no")
+  if w_out_in and _WEIGHTS_FIRST[0]:
+    y_on = mm(w, x_ni, compute_dtype, "oi,ni->on")
+    y_no = jax.lax.optimization_barrier(y_on).T  # barrier: XLA would swap the operands back
+  else:
+    y_no = mm(x_ni, w, compute_dtype, "ni,oi->no" if w_out_in else "ni,io->no")
   return y_no.reshape(*x_bti.shape[:-1], y_no.shape[-1])
+
+
+@contextlib.contextmanager
+def weights_first():
+  """Trace-time switch for skinny products (a decode step's few rows): inside it `Linear` reads
+  its kernel as [out, in] (pass it parameters from `kernels_out_in`) and `mm_rows` with an
+  [out, in] weight computes y^T = W x^T, the weight as the dot's left operand. XLA:CPU streams a
+  weight 1.7-2x faster that way at 16 rows (f32, SmolLM2's shapes), no faster at 64
+  (bench/results/sampler_weights_first_avx2.md)."""
+  before = _WEIGHTS_FIRST[0]
+  _WEIGHTS_FIRST[0] = True
+  try:
+    yield
+  finally:
+    _WEIGHTS_FIRST[0] = before
+
+
+def kernels_out_in(state):
+  """`state` with every `Linear` kernel transposed to [out, in] and materialised (the barrier
+  keeps XLA from folding the transpose back into the products), for use under `weights_first`."""
+  def one(path, x):
+    if any(getattr(k, "key", getattr(k, "name", None)) == "kernel" for k in path):
+      return jax.lax.optimization_barrier(x.T)
+    return x
+  return jax.tree_util.tree_map_with_path(one, state)
 
 
 class Linear(nnx.Module):
@@ -61,7 +93,8 @@ class Linear(nnx.Module):
     self.bias = param(jnp.zeros(kernel_io.shape[1:], kernel_io.dtype), (axes[1],)) if bias else None
 
   def __call__(self, x_bti: jax.Array, compute_dtype) -> jax.Array:
-    y_bto = mm_rows(x_bti, self.kernel[...], compute_dtype)
+    # Under `weights_first` the kernel is [out, in] (`kernels_out_in`).
+    y_bto = mm_rows(x_bti, self.kernel[...], compute_dtype, w_out_in=_WEIGHTS_FIRST[0])
     if self.bias is not None:
       y_bto = y_bto + self.bias[...].astype(jnp.float32)
     return y_bto
