@@ -59,7 +59,8 @@ class SamplerConfig:
     (False); None = unrolled on CPU (XLA:CPU copies each block's weights out of the stacked array
     in every decode step), the model config's `scan_layers` elsewhere.
   decode_weights_first: each decode step's projections and LM head as W x^T, over a copy of the
-    kernels transposed once per call (cqr_jax.models.layers.weights_first); None = on CPU when a
+    kernels transposed once per call (cqr_jax.models.layers.weights_first; unrolled blocks only,
+    ignored with scan_layers); None = on CPU when a
     step has at most 32 rows (measured faster at 16 and 32 rows, not at 64), off elsewhere.
   cast_params: with a bfloat16 compute dtype, cast the floating parameters to bfloat16 once per
     call inside the program (a temporary half-size copy): each decode step then reads half the

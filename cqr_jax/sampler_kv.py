@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cqr_jax.models import layers
 from cqr_jax.models.attention import NEG_INF, attend_heads_major, heads_major, joint_softmax
 from cqr_jax.models.decoder import scan_blocks
-from cqr_jax.models import layers
 from cqr_jax.models.layers import mm
 
 
