@@ -60,8 +60,8 @@ class SamplerConfig:
     in every decode step), the model config's `scan_layers` elsewhere.
   decode_weights_first: each decode step's projections and LM head as W x^T, over a copy of the
     kernels transposed once per call (cqr_jax.models.layers.weights_first; unrolled blocks only,
-    ignored with scan_layers); None = on CPU when a
-    step has at most 32 rows (measured faster at 16 and 32 rows, not at 64), off elsewhere.
+    ignored with scan_layers); None = on CPU when a step has at most 32 rows (measured faster
+    at 16 and 32 rows, not at 64), off elsewhere.
   cast_params: with a bfloat16 compute dtype, cast the floating parameters to bfloat16 once per
     call inside the program (a temporary half-size copy): each decode step then reads half the
     bytes and skips a per-matmul cast. No effect with float32 compute.
