@@ -79,6 +79,9 @@ class RolloutSection:
   # AMX-BF16 a bf16 rollout is ~1.4x faster than f32 while the f32 update stays the faster one
   # (bench/results/sampler.md); on AVX2-only CPUs bf16 is the slow path.
   compute_dtype: str | None = None
+  # The prompt pass runs the prompts' common prefix (the template's instructions) once when it
+  # spans at least this many tokens (SamplerConfig.shared_prefix_min; 0 = off).
+  shared_prefix_min: int = 64
 
 
 @dataclasses.dataclass(frozen=True)

@@ -62,6 +62,12 @@ class SamplerConfig:
     kernels transposed once per call (cqr_jax.models.layers.weights_first; unrolled blocks only,
     ignored with scan_layers); None = on CPU when a step has at most 32 rows (measured faster
     at 16 and 32 rows, not at 64), off elsewhere.
+  shared_prefix_min: when a call's prompts (two or more) begin with the same tokens (a
+    template's instructions), the prompt pass runs that common prefix once, rounded down to a
+    multiple of 16 tokens and leaving every prompt at least one token of its own, and each
+    prompt's remainder attends to it (sampler_kv.prefill `shared`); decode steps read its cache
+    once for all rows. Only when the rounded prefix has at least this many tokens; 0 = off.
+    Same tokens as without it, and the same compiled shapes per prompt bucket.
   cast_params: with a bfloat16 compute dtype, cast the floating parameters to bfloat16 once per
     call inside the program (a temporary half-size copy): each decode step then reads half the
     bytes and skips a per-matmul cast. No effect with float32 compute.
@@ -85,6 +91,7 @@ class SamplerConfig:
   decode_attention: str | None = None
   scan_layers: bool | None = None
   decode_weights_first: bool | None = None
+  shared_prefix_min: int = 64
   cast_params: bool = True
 
   def __post_init__(self):
@@ -94,6 +101,9 @@ class SamplerConfig:
       raise ValueError(f"SamplerConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
     if self.n < 1:
       raise ValueError(f"SamplerConfig.n must be >= 1, got {self.n}")
+    if self.shared_prefix_min < 0:
+      raise ValueError(f"SamplerConfig.shared_prefix_min must be >= 0, got "
+                       f"{self.shared_prefix_min}")
     sampling_ops.check_sampling_args(self.temperature, self.top_k, self.top_p)
     for name in ("prompt_len_buckets", "gen_len_buckets", "batch_buckets"):
       b = tuple(getattr(self, name))
@@ -175,6 +185,37 @@ def bucket(length: int, buckets: Sequence[int], what: str) -> int:
     if b >= length:
       return b
   raise ValueError(f"{what}={length} exceeds the largest bucket {buckets[-1]}")
+
+
+SHARED_PREFIX_MULTIPLE = 16
+
+
+def shared_prefix_layout(ids_bp: np.ndarray, mask_bp: np.ndarray, num_prompts: int,
+                         min_tokens: int, pad_id: int):
+  """The prompt pass's input when the first `num_prompts` of the left-padded prompts [B, P]
+  share a prefix.
+
+  The common prefix's length S is rounded down to a multiple of SHARED_PREFIX_MULTIPLE (so that
+  a run compiles few shapes) and kept below the shortest prompt's length. If S >= `min_tokens`
+  (> 0), returns ([B, P] ids, mask, S): every row's first S columns hold the prefix (valid, in
+  padding rows too), the other P - S each prompt's remaining tokens, left-padded. Otherwise
+  (ids_bp, mask_bp, 0). The width stays the prompt bucket P, so no new shapes compile."""
+  rows = [ids_bp[i][mask_bp[i]] for i in range(num_prompts)]
+  shortest = min(len(r) for r in rows)
+  if min_tokens <= 0 or len(rows) < 2 or shortest <= min_tokens:
+    return ids_bp, mask_bp, 0
+  head = np.stack([r[:shortest] for r in rows])
+  same = np.all(head == head[0], axis=0)
+  common = shortest if same.all() else int(np.argmin(same))
+  s = min(common, shortest - 1) // SHARED_PREFIX_MULTIPLE * SHARED_PREFIX_MULTIPLE
+  if s < min_tokens:
+    return ids_bp, mask_bp, 0
+  ids, mask = np.full_like(ids_bp, pad_id), np.zeros_like(mask_bp)
+  ids[:, :s], mask[:, :s] = rows[0][:s], True
+  p = ids.shape[1]
+  for i, r in enumerate(rows):
+    ids[i, p - (len(r) - s):], mask[i, p - (len(r) - s):] = r[s:], True
+  return ids, mask, s
 
 
 def _is_chat(p: Any) -> bool:
@@ -266,7 +307,7 @@ def _cast_floats(state, dtype):
 def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_steps,
                       temperature, top_p, eos_e, *, n: int, gen_len: int, top_k: int,
                       pad_id: int, cache_dtype, compute_dtype, prefill_dtype, param_dtype,
-                      attention, scan, weights_first, batch_spec):
+                      attention, scan, weights_first, shared, batch_spec):
   """Prefill + decode loop. temperature, top_p (None = off) and the eos ids eos_e [E] (-1 =
   unused slot) are traced. Returns tokens [B*n, G], logprobs [B*n, G], lengths [B*n],
   eos_hit [B*n], steps run."""
@@ -286,7 +327,7 @@ def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_s
   prefill, decode = sampler_kv.make_steps(
       model, n=n, gen_len=gen_len, cache_dtype=cache_dtype, prefill_dtype=prefill_dtype,
       compute_dtype=compute_dtype, attention=attention, scan=scan, weights_first=weights_first,
-      constrain=constrain)
+      shared=shared, constrain=constrain)
   mask_bp = prompt_mask_bp.astype(bool)
   positions_bp = jnp.maximum(jnp.cumsum(mask_bp, axis=-1) - 1, 0).astype(jnp.int32)
   logits_rv, cache = prefill(prompt_ids_bp, positions_bp, mask_bp)
@@ -336,7 +377,8 @@ def jitted_program():
   return jax.jit(_traced_program, static_argnums=(0,),
                  static_argnames=("n", "gen_len", "top_k", "pad_id", "cache_dtype",
                                   "compute_dtype", "prefill_dtype", "param_dtype",
-                                  "attention", "scan", "weights_first", "batch_spec"),
+                                  "attention", "scan", "weights_first", "shared",
+                                  "batch_spec"),
                  compiler_options=compiler_options())
 
 
@@ -477,10 +519,12 @@ class Sampler:
               weights_first=(cfg.decode_weights_first if cfg.decode_weights_first is not None
                              else on_cpu and ids_bp.shape[0] * n <= 32),
               batch_spec=None if self.mesh is None else ("data", "fsdp"))
+    run_ids, run_mask, kw["shared"] = shared_prefix_layout(
+        ids_bp, mask_bp, num_prompts, cfg.shared_prefix_min, self.pad_id)
     traces = TRACE_COUNT[0]
     t0 = time.perf_counter()
     with self._mesh_ctx():
-      ids_in, mask_in = self._place(ids_bp), self._place(mask_bp)
+      ids_in, mask_in = self._place(run_ids), self._place(run_mask)
       eos_ids = self.eos_ids_for(mcfg)
       eos_e = np.full((max(8, len(eos_ids)),), -1, np.int32)
       eos_e[:len(eos_ids)] = eos_ids
@@ -493,10 +537,11 @@ class Sampler:
     if compiled:
       self.num_compiles += 1
       if self.num_compiles > 1:
-        log.warning("sampler: compiled a new shape (prompts %s, gen bucket %d, n=%d); a run "
-                    "should only compile a few", ids_bp.shape, gen_len, n)
+        log.warning("sampler: compiled a new shape (prompts %s, shared prefix %d, gen bucket %d, "
+                    "n=%d); a run should only compile a few", run_ids.shape, kw["shared"],
+                    gen_len, n)
     self.last_timing = {"seconds": time.perf_counter() - t0, "compiled": float(compiled),
-                        "steps": float(steps)}
+                        "steps": float(steps), "shared_prefix": float(kw["shared"])}
     return self._finish(ids_bp, mask_bp, truncated, num_prompts, int(n), max_new,
                         np.asarray(tokens), np.asarray(logps), np.asarray(lengths),
                         np.asarray(eos_hit))

@@ -3,7 +3,9 @@
 The cache is split in two, per layer:
 - prompt part {"k", "v"}: [B, KVH, P, Dh], written once by the prefill and shared by the n
   samples of each prompt (never repeated n times: n-fold less memory and fewer bytes read per
-  step for the prompt slots, which dominate in GRPO: 1,536-token prompts, n = 8-16);
+  step for the prompt slots, which dominate in GRPO: 1,536-token prompts, n = 8-16); when the
+  prompts share a prefix (`prefill` `shared`), that prefix is held once for all rows in
+  "shared_k", "shared_v" [KVH, S, Dh] and "k", "v" hold each prompt's remaining columns;
 - generation part {"k", "v"}: [B * n, KVH, G, Dh], one slot written per step, in place; with
   the "reduce" attention (CPU) "k" is stored [B * n, KVH, Dh, G] (`gen_k_slots_last`).
 Rows are prompt-major (row i * n + j = sample j of prompt i). Head-major layouts make both
@@ -25,7 +27,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cqr_jax.models import layers
-from cqr_jax.models.attention import NEG_INF, attend_heads_major, heads_major, joint_softmax
+from cqr_jax.models.attention import (
+  NEG_INF,
+  attend_heads_major,
+  attend_shared_prefix,
+  heads_major,
+  joint_softmax,
+)
 from cqr_jax.models.decoder import scan_blocks
 from cqr_jax.models.layers import mm
 
@@ -73,7 +81,14 @@ def _attend_step(q_r1nd, prompt, gen, prompt_mask_bp, step, n, dt, attention):
     s_rkgs = mm(q_rkgd, gen["k"], dt, "rkgd,rksd->rkgs")
   s_rkgs = jnp.where(jnp.arange(s_rkgs.shape[-1]) <= step, s_rkgs, NEG_INF)
   s_bnkgs = s_rkgs.reshape(b, n, kvh, g, -1)
-  p_bnkgp, p_bnkgs = joint_softmax(s_bnkgp, s_bnkgs)
+  shared = "shared_k" in prompt
+  if shared:  # every row's query against the one copy of the common prefix's keys [KVH, S, Dh]
+    q_kqd = q_rkgd.transpose(1, 0, 2, 3).reshape(kvh, r * g, dh)
+    s_kqs = mm(q_kqd, prompt["shared_k"], dt, "kqd,ksd->kqs")
+    s_bnkgc = s_kqs.reshape(kvh, b, n, g, -1).transpose(1, 2, 0, 3, 4)
+    p_bnkgc, p_bnkgp, p_bnkgs = joint_softmax(s_bnkgc, s_bnkgp, s_bnkgs)
+  else:
+    p_bnkgp, p_bnkgs = joint_softmax(s_bnkgp, s_bnkgs)
   p_rkgs = p_bnkgs.reshape(r, kvh, g, -1)
   if attention == "reduce":
     f32 = jnp.float32
@@ -82,35 +97,85 @@ def _attend_step(q_r1nd, prompt, gen, prompt_mask_bp, step, n, dt, attention):
   else:
     o_bnkgd = mm(p_bnkgp, prompt["v"], dt, "bnkgp,bkpd->bnkgd")
     o_rkgd = mm(p_rkgs, gen["v"], dt, "rkgs,rksd->rkgd")
-  return (o_bnkgd.reshape(r, kvh, g, dh) + o_rkgd).reshape(r, 1, h * dh)
+  o_rkgd = o_bnkgd.reshape(r, kvh, g, dh) + o_rkgd
+  if shared:
+    p_kqc = p_bnkgc.transpose(2, 0, 1, 3, 4).reshape(kvh, r * g, -1)
+    o_kqd = mm(p_kqc, prompt["shared_v"], dt, "kqc,kcd->kqd")
+    o_rkgd = o_rkgd + o_kqd.reshape(kvh, r, g, dh).transpose(1, 0, 2, 3)
+  return o_rkgd.reshape(r, 1, h * dh)
 
 
-def prefill(model, tokens_bp, positions_bp, mask_bp, compute_dtype, cache_dtype, scan: bool):
+def prefill(model, tokens_bp, positions_bp, mask_bp, compute_dtype, cache_dtype, scan: bool,
+            shared: int = 0):
   """Left-padded prompts -> (f32 logits [B, V] of the last position, prompt cache: per layer
   {"k", "v"} [B, KVH, P, Dh], or with `scan` (the blocks as one lax.scan) one dict of
-  [L, B, KVH, P, Dh])."""
+  [L, B, KVH, P, Dh]).
+
+  `shared` > 0: the first `shared` columns hold the same tokens in every row, all valid (the
+  prompts' common prefix: a template's instructions; `Sampler` lays prompts out so). The blocks
+  then run once over that prefix (batch 1) and once over the B rows' remaining columns, which
+  attend to the prefix's keys without repeating them (`attend_shared_prefix`): (B - 1) * shared
+  fewer tokens through the model. The prompt cache then holds the rows' own P - shared columns
+  in "k", "v" and the prefix once in "shared_k", "shared_v" [KVH, shared, Dh] ([L, ...] with
+  `scan`), which decode steps read once for all rows (`_attend_step`)."""
   cdt = model._cdt(compute_dtype)
-  p = tokens_bp.shape[1]
-  mask_bpp = jnp.tril(jnp.ones((p, p), bool))[None] & mask_bp[:, None, :]
-  cos, sin = model._rope(positions_bp)
+  b, p = tokens_bp.shape
+  s = shared
+  cos, sin = model._rope(positions_bp[:, s:])
+  own_bqq = jnp.tril(jnp.ones((p - s, p - s), bool))[None] & mask_bp[:, None, s:]
+  if s:
+    cos_p, sin_p = model._rope(positions_bp[:1, :s])
+    mask_pss = jnp.tril(jnp.ones((s, s), bool))[None]
 
-  def block(layer, x_bpd, _):
-    q, k, v = layer.attn.qkv(layer.attn_norm(x_bpd), cos, sin, cdt)
-    k_bkpd, v_bkpd = heads_major(k), heads_major(v)
-    x_bpd = x_bpd + layer.attn.o_proj(attend_heads_major(q, k_bkpd, v_bkpd, mask_bpp, cdt), cdt)
-    x_bpd = x_bpd + layer.mlp(layer.mlp_norm(x_bpd), cdt)
-    return x_bpd, {"k": k_bkpd.astype(cache_dtype), "v": v_bkpd.astype(cache_dtype)}
+  def attend(layer, x_bqd, cos, sin, kv_prefix):
+    """One block's attention + MLP over x; kv_prefix: the prefix's heads-major (k, v) or None.
+    Returns (x, (k, v)) with k, v [B, KVH, Q, Dh] in the projection's dtype."""
+    q, k, v = layer.attn.qkv(layer.attn_norm(x_bqd), cos, sin, cdt)
+    if kv_prefix is None:
+      mask = mask_pss if s else own_bqq  # with a prefix, this is the prefix's own run
+      o = attend_heads_major(q, heads_major(k), heads_major(v), mask, cdt)
+    else:
+      kp, vp = kv_prefix
+      o = attend_shared_prefix(q, kp, vp, k, v, jnp.ones((1, s), bool), own_bqq, b, cdt)
+    x_bqd = x_bqd + layer.attn.o_proj(o, cdt)
+    return x_bqd + layer.mlp(layer.mlp_norm(x_bqd), cdt), (heads_major(k), heads_major(v))
 
-  x_bpd = model.embed(tokens_bp)
+  def cache_of(kv_prefix, kv):
+    k, v = kv
+    cache = {"k": k.astype(cache_dtype), "v": v.astype(cache_dtype)}
+    if kv_prefix is not None:  # [..., 1, KVH, S, Dh] -> [..., KVH, S, Dh]
+      cache["shared_k"] = kv_prefix[0][..., 0, :, :, :].astype(cache_dtype)
+      cache["shared_v"] = kv_prefix[1][..., 0, :, :, :].astype(cache_dtype)
+    return cache
+
+  def run(x, cos, sin, kv_prefix):
+    """The blocks over x ([1, S, D] prefix or [B, Q, D] rows) -> (x, per-layer (k, v) or, with
+    `scan`, (k, v) stacked on [L])."""
+    if scan:
+      return scan_blocks(model.layers, lambda layer, x, kvp: attend(layer, x, cos, sin, kvp),
+                         x, kv_prefix)
+    kvs = []
+    for i, layer in enumerate(model.layers):
+      x, kv = attend(layer, x, cos, sin, None if kv_prefix is None else kv_prefix[i])
+      kvs.append(kv)
+    return x, kvs
+
+  kv_prefix = run(model.embed(tokens_bp[:1, :s]), cos_p, sin_p, None)[1] if s else None
+  x_bqd, kv = run(model.embed(tokens_bp[:, s:]), cos, sin, kv_prefix)
   if scan:
-    x_bpd, cache = scan_blocks(model.layers, block, x_bpd)
+    cache = cache_of(kv_prefix, kv)
   else:
-    cache = []
-    for layer in model.layers:
-      x_bpd, layer_cache = block(layer, x_bpd, None)
-      cache.append(layer_cache)
-  logits_b1v = model.logits(model.final_norm(x_bpd[:, -1:]), compute_dtype=compute_dtype)
+    cache = [cache_of(None if kv_prefix is None else kvp, kvl)
+             for kvp, kvl in zip(kv_prefix or [None] * len(kv), kv)]
+  logits_b1v = model.logits(model.final_norm(x_bqd[:, -1:]), compute_dtype=compute_dtype)
   return logits_b1v[:, 0].astype(jnp.float32), cache
+
+
+def _constrain_rows(prompt_cache, constrain):
+  """`constrain` on the per-row prompt cache entries; the common prefix's stays replicated."""
+  def one(d):
+    return {k: x if k.startswith("shared_") else constrain(x) for k, x in d.items()}
+  return one(prompt_cache) if isinstance(prompt_cache, dict) else list(map(one, prompt_cache))
 
 
 def init_gen_cache(cfg, rows: int, gen_len: int, dtype, attention: str, scan: bool):
@@ -189,7 +254,7 @@ def decode_step(model, tokens_r, positions_r, prompt_cache, gen_cache, step, pro
 
 
 def make_steps(model, *, n: int, gen_len: int, cache_dtype, prefill_dtype, compute_dtype,
-               attention: str, scan: bool, weights_first: bool = False,
+               attention: str, scan: bool, weights_first: bool = False, shared: int = 0,
                constrain=lambda x: x):
   """(prefill_fn, decode_fn) for the generation loop.
 
@@ -198,17 +263,20 @@ def make_steps(model, *, n: int, gen_len: int, cache_dtype, prefill_dtype, compu
   cache pytree (rows sharded like the batch through `constrain`). `attention`: see
   `_attend_step`; `scan`: the blocks as one lax.scan rather than unrolled; `weights_first`:
   the decode step's projections and LM head as W x^T over a copy of the kernels transposed once
-  per call (`layers.weights_first`; unrolled blocks only). The generic path ignores all three.
+  per call (`layers.weights_first`; unrolled blocks only); `shared`: the prompts' common prefix
+  length (`prefill`). The generic path ignores all four (it runs the prefix in every row).
   """
   if fast_path_ok(model):
     cache_dt = jnp.dtype(cache_dtype) if cache_dtype is not None else model._cdt(None)
 
     def prefill_fn(tokens_bp, positions_bp, mask_bp):
       logits_bv, pc = prefill(model, tokens_bp, positions_bp, mask_bp, prefill_dtype, cache_dt,
-                              scan)
+                              scan, shared)
       rows = tokens_bp.shape[0] * n
       gc = init_gen_cache(model.config, rows, gen_len, cache_dt, attention, scan)
-      state = (jax.tree.map(constrain, pc), jax.tree.map(constrain, gc), mask_bp)
+      # Rows are sharded like the batch; the common prefix (one copy) is replicated.
+      pc = _constrain_rows(pc, constrain)
+      state = (pc, jax.tree.map(constrain, gc), mask_bp[:, shared:])
       return jnp.repeat(logits_bv, n, axis=0), state
 
     decode_model, switch = model, contextlib.nullcontext

@@ -9,7 +9,15 @@ from scipy import stats
 
 from cqr_jax.models.hf_import import load_hf
 from cqr_jax.models.tiny_hf import save_tiny_hf
-from cqr_jax.sampler import TRACE_COUNT, Rollouts, Sampler, SamplerConfig, bucket, find_stop
+from cqr_jax.sampler import (
+  TRACE_COUNT,
+  Rollouts,
+  Sampler,
+  SamplerConfig,
+  bucket,
+  find_stop,
+  shared_prefix_layout,
+)
 from cqr_jax.sharding import MeshConfig, make_mesh
 from cqr_jax.testing import tiny_tokenizer
 
@@ -103,6 +111,76 @@ def test_generic_decode_path_matches_fast_path(qwen, monkeypatch):
   generic = _sampler(batch_buckets=(5,)).generate(model, PROMPTS, key=jax.random.key(0))
   np.testing.assert_array_equal(fast.completion_ids, generic.completion_ids)
   np.testing.assert_allclose(fast.logprobs, generic.logprobs, atol=1e-5)
+
+
+# Prompts that begin with the same 40 tokens (a template's instructions): the prompt pass runs
+# the first 32 once (SamplerConfig.shared_prefix_min 32; 40 rounded down to a multiple of 16).
+_HEAD = [int(t) for t in np.random.default_rng(7).integers(3, 500, 40)]
+SHARED = [_HEAD + [5, 17, 33], _HEAD + [7, 90, 62, 11, 45, 23, 67, 30, 99, 12, 8], _HEAD + [4] * 6]
+SHARED_BASE = dict(max_prompt_len=64, shared_prefix_min=32)
+
+
+def test_shared_prefix_layout():
+  ids, mask = np.zeros((4, 8), np.int32), np.zeros((4, 8), bool)
+  for i, p in enumerate([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 9], [1, 2, 3, 4, 5, 6, 7, 8]]):
+    ids[i, 8 - len(p):], mask[i, 8 - len(p):] = p, True
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr("cqr_jax.sampler.SHARED_PREFIX_MULTIPLE", 2)
+    out, m, s = shared_prefix_layout(ids, mask, 3, 2, pad_id=0)
+    assert s == 4  # common prefix [1, 2, 3, 4]; the shortest prompt keeps its last token
+    # The prefix in every row (padding row 3 too), then each remainder, left-padded.
+    np.testing.assert_array_equal(out, [[1, 2, 3, 4, 0, 0, 5, 6], [1, 2, 3, 4, 0, 0, 0, 9],
+                                        [1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 0, 0, 0, 0]])
+    np.testing.assert_array_equal(m, (out > 0))
+    # A prefix shorter than the minimum, a single prompt, or 0 (off): the plain layout.
+    for count, least in [(3, 6), (1, 2), (3, 0)]:
+      out, m, s = shared_prefix_layout(ids, mask, count, least, pad_id=0)
+      assert s == 0 and out is ids and m is mask
+    # The prefix is rounded down to the multiple and ends before the shortest prompt's end.
+    same = np.tile(ids[2], (2, 1)), np.tile(mask[2], (2, 1))
+    assert shared_prefix_layout(*same, 2, 2, pad_id=0)[2] == 6
+
+
+@pytest.mark.parametrize("family,scan,attention", [
+    ("qwen2", False, None), ("llama", True, None), ("qwen2", False, "matmul")])
+def test_shared_prefix_greedy_matches_transformers_generate(family, scan, attention, request):
+  path, hf, model, _ = request.getfixturevalue("qwen" if family == "qwen2" else "llama")
+  if scan:
+    model, _ = load_hf(path, mesh=make_mesh(MeshConfig(), jax.devices()[:1]), scan_layers=True)
+  s = _sampler(**SHARED_BASE, decode_attention=attention, scan_layers=scan)
+  r = s.generate(model, SHARED, key=jax.random.key(0))
+  assert s.last_timing["shared_prefix"] == 32
+  want = _hf_greedy(hf, SHARED, 16, EOS)
+  assert [r.completion_tokens(3 * i) for i in range(len(SHARED))] == want
+  # The returned prompts are the plain left-padded ones, whatever the prompt pass ran over.
+  for i, p in enumerate(SHARED):
+    assert r.prompt_ids[3 * i][r.prompt_mask[3 * i]].tolist() == p
+
+
+@pytest.mark.parametrize("attention", [None, "matmul"])
+def test_shared_prefix_sampling_equals_plain(qwen, attention):
+  """Running the common prefix once samples the same tokens with the same log-probs."""
+  _, _, model, _ = qwen
+  runs = []
+  for spm in (0, 32):
+    s = _sampler(**{**SHARED_BASE, "shared_prefix_min": spm}, temperature=0.7,
+                 max_new_tokens=12, ignore_eos=True, decode_attention=attention)
+    runs.append(s.generate(model, SHARED, key=jax.random.key(6)))
+    assert s.last_timing["shared_prefix"] == spm
+  np.testing.assert_array_equal(runs[0].completion_ids, runs[1].completion_ids)
+  np.testing.assert_allclose(runs[0].logprobs, runs[1].logprobs, atol=1e-5)
+
+
+def test_shared_prefix_same_on_8_devices_as_on_1(qwen):
+  path, _, model1, _ = qwen
+  mesh8 = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  model8, _ = load_hf(path, mesh=mesh8)
+  s1, s8 = _sampler(**SHARED_BASE), Sampler(_sampler(**SHARED_BASE).config, mesh=mesh8, pad_id=0)
+  r1 = s1.generate(model1, SHARED, key=jax.random.key(0))
+  r8 = s8.generate(model8, SHARED, key=jax.random.key(0))
+  assert s8.last_timing["shared_prefix"] == 32
+  np.testing.assert_array_equal(r1.completion_ids, r8.completion_ids)
+  np.testing.assert_allclose(r1.logprobs, r8.logprobs, atol=1e-5)
 
 
 def _first_token_probs(model, prompt, temperature):

@@ -28,7 +28,8 @@ def make_sampler(cfg, tokenizer, mesh, mcfg, *, n: int, temperature: float, max_
   return Sampler(SamplerConfig(
       max_prompt_len=ro.max_prompt_len, max_new_tokens=max_new_tokens, temperature=temperature,
       top_p=ro.top_p, top_k=ro.top_k, n=n, truncate_prompt_left=ro.truncate_prompt_left,
-      prompt_len_buckets=tuple(ro.prompt_buckets), compute_dtype=ro.compute_dtype),
+      prompt_len_buckets=tuple(ro.prompt_buckets), compute_dtype=ro.compute_dtype,
+      shared_prefix_min=ro.shared_prefix_min),
       tokenizer, mesh=mesh, model_eos_ids=mcfg.eos_token_ids)
 
 

@@ -11,6 +11,8 @@ so both are plain batched matmuls over (B, KVH) and their gradients need no tran
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -33,15 +35,15 @@ def _group_queries(q_btnd, kvh: int):
   return (q_btnd * (dh ** -0.5)).reshape(b, t, kvh, h // kvh, dh).transpose(0, 2, 3, 1, 4)
 
 
-def joint_softmax(s1, s2):
-  """softmax over the concatenation of s1's and s2's last axes, returned as the two parts
-  (attention over two key sets, e.g. a shared prompt and a row's own tokens, without
+def joint_softmax(*scores):
+  """softmax over the concatenation of the score arrays' last axes, returned as the parts
+  (attention over several key sets, e.g. a shared prompt and a row's own tokens, without
   concatenating them)."""
-  m = jax.lax.stop_gradient(jnp.maximum(jnp.max(s1, -1, keepdims=True),
-                                        jnp.max(s2, -1, keepdims=True)))
-  e1, e2 = jnp.exp(s1 - m), jnp.exp(s2 - m)
-  z = jnp.sum(e1, -1, keepdims=True) + jnp.sum(e2, -1, keepdims=True)
-  return e1 / z, e2 / z
+  m = jax.lax.stop_gradient(functools.reduce(
+      jnp.maximum, [jnp.max(s, -1, keepdims=True) for s in scores]))
+  es = [jnp.exp(s - m) for s in scores]
+  z = sum(jnp.sum(e, -1, keepdims=True) for e in es)
+  return tuple(e / z for e in es)
 
 
 def attend_heads_major(q_btnd, k_bksd, v_bksd, mask_bts, compute_dtype):
