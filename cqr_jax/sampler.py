@@ -67,7 +67,8 @@ class SamplerConfig:
     multiple of 16 tokens and leaving every prompt at least one token of its own, and each
     prompt's remainder attends to it (sampler_kv.prefill `shared`); decode steps read its cache
     once for all rows. Only when the rounded prefix has at least this many tokens; 0 = off.
-    Same tokens as without it, and the same compiled shapes per prompt bucket.
+    Same tokens as without it. The prompt pass keeps the bucket's width; each distinct prefix
+    length compiles its own program (one per template in a run).
   cast_params: with a bfloat16 compute dtype, cast the floating parameters to bfloat16 once per
     call inside the program (a temporary half-size copy): each decode step then reads half the
     bytes and skips a per-matmul cast. No effect with float32 compute.
@@ -199,7 +200,7 @@ def shared_prefix_layout(ids_bp: np.ndarray, mask_bp: np.ndarray, num_prompts: i
   a run compiles few shapes) and kept below the shortest prompt's length. If S >= `min_tokens`
   (> 0), returns ([B, P] ids, mask, S): every row's first S columns hold the prefix (valid, in
   padding rows too), the other P - S each prompt's remaining tokens, left-padded. Otherwise
-  (ids_bp, mask_bp, 0). The width stays the prompt bucket P, so no new shapes compile."""
+  (ids_bp, mask_bp, 0). The width stays the prompt bucket P."""
   rows = [ids_bp[i][mask_bp[i]] for i in range(num_prompts)]
   shortest = min(len(r) for r in rows)
   if min_tokens <= 0 or len(rows) < 2 or shortest <= min_tokens:

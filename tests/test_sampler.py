@@ -171,11 +171,13 @@ def test_shared_prefix_sampling_equals_plain(qwen, attention):
   np.testing.assert_allclose(runs[0].logprobs, runs[1].logprobs, atol=1e-5)
 
 
-def test_shared_prefix_same_on_8_devices_as_on_1(qwen):
+@pytest.mark.parametrize("scan", [False, True])
+def test_shared_prefix_same_on_8_devices_as_on_1(qwen, scan):
   path, _, model1, _ = qwen
   mesh8 = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-  model8, _ = load_hf(path, mesh=mesh8)
-  s1, s8 = _sampler(**SHARED_BASE), Sampler(_sampler(**SHARED_BASE).config, mesh=mesh8, pad_id=0)
+  model8, _ = load_hf(path, mesh=mesh8, scan_layers=scan)
+  s1 = _sampler(**SHARED_BASE)
+  s8 = Sampler(_sampler(**SHARED_BASE, scan_layers=scan).config, mesh=mesh8, pad_id=0)
   r1 = s1.generate(model1, SHARED, key=jax.random.key(0))
   r8 = s8.generate(model8, SHARED, key=jax.random.key(0))
   assert s8.last_timing["shared_prefix"] == 32
