@@ -123,20 +123,17 @@ def prefill(model, tokens_bp, positions_bp, mask_bp, compute_dtype, cache_dtype,
   s = shared
   cos, sin = model._rope(positions_bp[:, s:])
   own_bqq = jnp.tril(jnp.ones((p - s, p - s), bool))[None] & mask_bp[:, None, s:]
-  if s:
-    cos_p, sin_p = model._rope(positions_bp[:1, :s])
-    mask_pss = jnp.tril(jnp.ones((s, s), bool))[None]
 
-  def attend(layer, x_bqd, cos, sin, kv_prefix):
-    """One block's attention + MLP over x; kv_prefix: the prefix's heads-major (k, v) or None.
+  def attend(layer, x_bqd, cos, sin, mask, kv_prefix):
+    """One block's attention + MLP over x, keys masked by `mask` [B, Q, Q]; kv_prefix: the
+    prefix's heads-major (k, v), which every query also sees, or None.
     Returns (x, (k, v)) with k, v [B, KVH, Q, Dh] in the projection's dtype."""
     q, k, v = layer.attn.qkv(layer.attn_norm(x_bqd), cos, sin, cdt)
     if kv_prefix is None:
-      mask = mask_pss if s else own_bqq  # with a prefix, this is the prefix's own run
       o = attend_heads_major(q, heads_major(k), heads_major(v), mask, cdt)
     else:
       kp, vp = kv_prefix
-      o = attend_shared_prefix(q, kp, vp, k, v, jnp.ones((1, s), bool), own_bqq, b, cdt)
+      o = attend_shared_prefix(q, kp, vp, k, v, jnp.ones((1, s), bool), mask, b, cdt)
     x_bqd = x_bqd + layer.attn.o_proj(o, cdt)
     return x_bqd + layer.mlp(layer.mlp_norm(x_bqd), cdt), (heads_major(k), heads_major(v))
 
@@ -148,25 +145,28 @@ def prefill(model, tokens_bp, positions_bp, mask_bp, compute_dtype, cache_dtype,
       cache["shared_v"] = kv_prefix[1][..., 0, :, :, :].astype(cache_dtype)
     return cache
 
-  def run(x, cos, sin, kv_prefix):
+  def run(x, cos, sin, mask, kv_prefix):
     """The blocks over x ([1, S, D] prefix or [B, Q, D] rows) -> (x, per-layer (k, v) or, with
     `scan`, (k, v) stacked on [L])."""
     if scan:
-      return scan_blocks(model.layers, lambda layer, x, kvp: attend(layer, x, cos, sin, kvp),
-                         x, kv_prefix)
+      return scan_blocks(model.layers,
+                         lambda layer, x, kvp: attend(layer, x, cos, sin, mask, kvp), x, kv_prefix)
     kvs = []
     for i, layer in enumerate(model.layers):
-      x, kv = attend(layer, x, cos, sin, None if kv_prefix is None else kv_prefix[i])
+      x, kv = attend(layer, x, cos, sin, mask, None if kv_prefix is None else kv_prefix[i])
       kvs.append(kv)
     return x, kvs
 
-  kv_prefix = run(model.embed(tokens_bp[:1, :s]), cos_p, sin_p, None)[1] if s else None
-  x_bqd, kv = run(model.embed(tokens_bp[:, s:]), cos, sin, kv_prefix)
+  kv_prefix = None
+  if s:
+    cos_p, sin_p = model._rope(positions_bp[:1, :s])
+    kv_prefix = run(model.embed(tokens_bp[:1, :s]), cos_p, sin_p,
+                    jnp.tril(jnp.ones((s, s), bool))[None], None)[1]
+  x_bqd, kv = run(model.embed(tokens_bp[:, s:]), cos, sin, own_bqq, kv_prefix)
   if scan:
     cache = cache_of(kv_prefix, kv)
   else:
-    cache = [cache_of(None if kv_prefix is None else kvp, kvl)
-             for kvp, kvl in zip(kv_prefix or [None] * len(kv), kv)]
+    cache = [cache_of(kvp, kvl) for kvp, kvl in zip(kv_prefix or [None] * len(kv), kv)]
   logits_b1v = model.logits(model.final_norm(x_bqd[:, -1:]), compute_dtype=compute_dtype)
   return logits_b1v[:, 0].astype(jnp.float32), cache
 
