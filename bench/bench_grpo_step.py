@@ -126,7 +126,8 @@ class OursStep:
       policy = nnx.merge(self.graphdef, self.state.params, self.rest)
       prompt_ids = [self.prompts.token_ids(t, self.tokenizer) for t in turns]
       roll = self.sampler.generate(policy, prompt_ids, key=sample_key, n=g.n)
-    batch = rollout_batch.assemble(roll, mesh, g.micro_batch, pack=g.pack_completions)
+    batch = rollout_batch.assemble(roll, mesh, g.micro_batch, pack=g.pack_completions,
+                                   shared_prefix_min=g.shared_prefix_min)
     with timer("reference"):
       ref_lp = self.ref_logprobs(self.ref_params, batch)
     with timer("reward"):
@@ -142,9 +143,12 @@ class OursStep:
       um = jax.device_get(um)
     split = timer.split()
     lengths = roll.completion_lengths
+    prefix = int(batch["prefix"].shape[0]) if "prefix" in batch else 0
     return {**split, "tokens": float(np.sum(lengths)), "response_len": float(np.mean(lengths)),
             "prompt_len": float(np.mean([len(p) for p in prompt_ids])),
-            "seq_len": int(batch["prompt"].shape[1] + batch["completion"].shape[2]),
+            "seq_len": int(prefix + batch["prompt"].shape[1] + batch["completion"].shape[2]),
+            "prefix_len": prefix, "packed_rows": sum(p["packed"].shape[1] * p["packed"].shape[0]
+                                                     for p in batch.get("packs", [])),
             "time/parse": self.reward.parse_s, "time/rank": self.reward.rank_s,
             "reward_mean": float(np.mean(reward)), "format_pass": float(np.mean(ok)),
             "gen_steps": self.sampler.last_timing.get("steps", 0.0)}
@@ -323,8 +327,8 @@ def main(argv=None):
     t = time.perf_counter()
     m = ours(batches[i], i)
     m["wall"] = time.perf_counter() - t
-    # A packed update compiles once per rows-per-group count (at most n shapes a run), so a
-    # timed step whose responses are longer than the warm-up's compiles again.
+    # A packed update and reference pass compile once per micro-batch row count (at most n
+    # shapes a prompt bucket), so a timed step meeting a new count compiles again.
     m["time/compile"] = sum(compile_events)
     ours_ms.append(m)
     print(f"ours step {i}: " + ", ".join(f"{k}={v:.2f}" for k, v in m.items()
@@ -433,7 +437,13 @@ def report(args, argv, ours_ms, trl_ms, check_ms, trl_note, load_s, worst_reward
                f"ours setup (model load, BM25 index) {load_s:.1f} s.")
   lines.append(f"- Mean prompt length ours {med_o['prompt_len']:.0f} tokens"
                + (f", TRL {median_of(trl_ms)['prompt_len']:.0f}" if trl_ms else "")
-               + f"; ours' padded training sequence {med_o['seq_len']:.0f} tokens.")
+               + f"; ours' padded training sequence {med_o['seq_len']:.0f} tokens, of which "
+               f"the first {med_o['prefix_len']:.0f} (the prompts' common prefix) run once a "
+               f"step in the reference pass and update; completions packed in "
+               f"{med_o['packed_rows']:.0f} rows of {args.max_new} slots (median) for "
+               f"{args.prompts * args.n} completions.")
+  lines.append(f"- Host memory: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')} "
+               f"(cqr_jax.host_memory; both sides).")
   text = "\n".join(lines) + "\n"
   print(text)
   if args.out:
@@ -442,4 +452,6 @@ def report(args, argv, ours_ms, trl_ms, check_ms, trl_note, load_s, worst_reward
 
 
 if __name__ == "__main__":
+  from cqr_jax.host_memory import ensure_huge_pages
+  ensure_huge_pages()  # both sides run in this process with the same allocator settings
   main(sys.argv[1:])

@@ -360,4 +360,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  from cqr_jax.host_memory import ensure_huge_pages
+  ensure_huge_pages()  # both sides run in this process with the same allocator settings
   main(sys.argv[1:])

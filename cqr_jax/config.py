@@ -147,8 +147,13 @@ class GRPOSection:
   max_nonfinite: int = 3      # K non-finite losses in a row stop the run
   train_top_layers: int = 0   # as sft.train_top_layers
   # The update and reference pass run over each group's completions packed end to end (no
-  # padding between them) rather than one padded row each (train/rollout_batch.pack_groups).
+  # padding between them) rather than one padded row each, in as many rows as each micro-batch
+  # needs (train/rollout_batch.pack_groups; one compile per row count).
   pack_completions: bool = True
+  # With packing: a prefix that every prompt of a step starts with (the template's instructions),
+  # if at least this long (rounded down to a multiple of 16), runs once a step in the update and
+  # reference pass rather than once a group (train/rollout_batch.assemble). 0 = off.
+  shared_prefix_min: int = 64
   seed: int = 1
   log_samples: int = 2
   loss: GRPOLossConfig = dataclasses.field(default_factory=GRPOLossConfig)

@@ -50,6 +50,9 @@ def _fields_epilog() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+  if argv is None:  # the process's own entry point (not a call from Python)
+    from cqr_jax.host_memory import ensure_huge_pages
+    ensure_huge_pages()
   argv = sys.argv[1:] if argv is None else argv
   parser = argparse.ArgumentParser(
       prog="cqr-jax", description="ConvSearch-R1 in JAX: conversational query rewriting with "

@@ -135,7 +135,8 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
       prompt_ids = [prompts.token_ids(t, tokenizer) for t in turns]
       roll = sampler.generate(policy, prompt_ids, key=sample_key, n=g.n)
     # Each prompt's samples in groups that share one prompt forward in the update.
-    batch = rollout_batch.assemble(roll, mesh, g.micro_batch, pack=g.pack_completions)
+    batch = rollout_batch.assemble(roll, mesh, g.micro_batch, pack=g.pack_completions,
+                                   shared_prefix_min=g.shared_prefix_min)
     with timer("reference"):  # async dispatch: runs while the host computes the rewards
       ref_lp = ref_logprobs(ref_params, batch) if use_ref else None
     with timer("reward"):

@@ -32,6 +32,16 @@ def place(x: np.ndarray, mesh) -> jax.Array:
   return jax.make_array_from_process_local_data(sharding, x[rows], x.shape)
 
 
+def place_replicated(x: np.ndarray, mesh) -> jax.Array:
+  """Puts a host array, identical on every process, on every device of the mesh."""
+  if mesh is None:
+    return jax.device_put(x)
+  sharding = NamedSharding(mesh, P())
+  if jax.process_count() == 1:
+    return jax.device_put(x, sharding)
+  return jax.make_array_from_process_local_data(sharding, x, x.shape)
+
+
 def group_size(n: int, micro_batch: int, data_parallel: int = 1) -> int:
   """Completions per prompt forward in the GRPO update: the largest divisor m of n such that a
   micro-batch of `micro_batch` completions holds whole groups, as many as a multiple of the
@@ -43,30 +53,69 @@ def group_size(n: int, micro_batch: int, data_parallel: int = 1) -> int:
   return 1
 
 
-def assemble(roll, mesh, micro_batch: int, pack: bool = False) -> dict:
+def assemble(roll, mesh, micro_batch: int, pack: bool = False,
+             shared_prefix_min: int = 0) -> dict:
   """The grouped GRPO batch (train.steps.make_grpo_update) of rollouts with n samples a prompt:
   the n samples of a prompt are split into groups of m = `group_size(...)`, each group one row:
   prompt, prompt_mask [G, Lp] (left-padded); completion, completion_mask [G, m, Lc], the mask
   marking response tokens up to and including the first EOS (method.md 4.5). G = rows / m; the
   group of row-major rollout r is r // m (so reshape per-rollout values [rows] to [G, m]).
-  With `pack`, also each group's completions packed end to end (`pack_groups`): the model then
-  runs over those slots instead of m padded rows."""
+  With `pack`, also "packs": per micro-batch (`micro_groups`), its groups' completions packed end
+  to end (`pack_groups`) in as many rows as that micro-batch needs; the model then runs over
+  those slots instead of m padded rows, one compiled shape per row count. With `pack` and
+  `shared_prefix_min` > 0, when the prompts share a prefix of at least that many tokens
+  (`cqr_jax.sampler.shared_prefix_layout`: rounded down to a multiple of 16), also "prefix" [S]
+  (replicated), and the prompts hold only what follows it [G, Lp - S], left-padded: the update
+  runs the prefix once a step rather than once a group."""
   rows = len(roll.finish_reasons)
   m = group_size(roll.n, micro_batch, sharding.data_parallel_size(mesh))
   lc = roll.completion_ids.shape[1]
   batch = {"prompt": roll.prompt_ids[:rows:m], "prompt_mask": roll.prompt_mask[:rows:m] > 0,
            "completion": roll.completion_ids[:rows].reshape(-1, m, lc),
            "completion_mask": roll.completion_mask[:rows].reshape(-1, m, lc) > 0}
+
+  def as_device(v):
+    return place(np.asarray(v, np.int32 if v.dtype.kind in "iu" else bool), mesh)
+
+  prefix = None
+  if pack and shared_prefix_min > 0:
+    from cqr_jax.sampler import shared_prefix_layout
+    ids, mask, s = shared_prefix_layout(batch["prompt"], batch["prompt_mask"],
+                                        len(batch["prompt"]), shared_prefix_min, 0)
+    if s:
+      prefix, batch["prompt"], batch["prompt_mask"] = ids[0, :s], ids[:, s:], mask[:, s:]
+  out = {k: as_device(v) for k, v in batch.items()}
+  if prefix is not None:
+    out["prefix"] = place_replicated(prefix.astype(np.int32), mesh)
   if pack:
-    batch.update(pack_groups(batch["completion"], batch["completion_mask"]))
-  return {k: place(np.asarray(v, np.int32 if v.dtype.kind in "iu" else bool), mesh)
-          for k, v in batch.items()}
+    out["packs"] = [{k: as_device(v) for k, v in pack_groups(batch["completion"][g],
+                                                             batch["completion_mask"][g]).items()}
+                    for g in micro_groups(len(batch["completion"]), m, micro_batch)]
+  return out
+
+
+def num_micro(groups: int, m: int, micro_batch: int) -> int:
+  """Micro-batches of a grouped batch of `groups` x m completions: `micro_batch` completions
+  each, whole groups."""
+  if micro_batch % m or (groups * m) % micro_batch:
+    raise ValueError(f"a grouped batch of {groups} x {m} completions cannot be cut into "
+                     f"micro-batches of {micro_batch} (see rollout_batch.group_size)")
+  return max(groups * m // micro_batch, 1)
+
+
+def micro_groups(groups: int, m: int, micro_batch: int) -> list[np.ndarray]:
+  """The groups of each micro-batch: micro-batch i holds groups i, i + M, i + 2M, ... (strided,
+  as train.steps splits a batch: a batch sharded over the data devices in contiguous blocks then
+  keeps every micro-batch spread over all devices)."""
+  n = num_micro(groups, m, micro_batch)
+  return [np.arange(i, groups, n) for i in range(n)]
 
 
 def pack_groups(completion_gmc: np.ndarray, mask_gmc: np.ndarray) -> dict[str, np.ndarray]:
   """Each group's m completions (their masked tokens, a prefix of each row) laid end to end in
   k rows of Lc slots, k = ceil(longest group's token count / Lc), the same k for every group
-  (so at most m shapes compile): `Decoder.packed_completion_logprobs`' inputs.
+  (one micro-batch's groups: the update compiles once per k): `Decoder.packed_completion_logprobs`'
+  inputs.
 
   Returns packed [G, k, Lc] (tokens, 0 in empty slots), packed_segment [G, k, Lc] (the
   completion 0..m-1 a slot holds, -1 if empty), packed_offset [G, k, Lc] (the token's index in

@@ -26,6 +26,7 @@ from cqr_jax import partial_training
 from cqr_jax.compile_options import compiler_options
 from cqr_jax.objectives import grpo as grpo_obj
 from cqr_jax.objectives import sft as sft_obj
+from train import rollout_batch
 
 
 @jax.tree_util.register_dataclass
@@ -71,22 +72,28 @@ def _target_logprobs(graphdef, rest, params, tokens_bl, mask_bl, temperature, wi
 
 
 def _completion_logprobs(graphdef, rest, params, mb, temperature, with_entropy,
-                         top_layers: int = 0):
+                         top_layers: int = 0, common=None):
   """Log-probs (and entropies) of a grouped batch's completions, [G*m, Lc]: each group's prompt
   runs once for its m completions (Decoder.completion_logprobs), over the completions packed end
   to end if the batch has them (rollout_batch.pack_groups; Decoder.packed_completion_logprobs).
-  `top_layers`: as in `_policy`."""
+  `top_layers`: as in `_policy`; `common`: the keys of the prefix before every prompt
+  (`_prefix_kv`; packed batches only)."""
   model, frozen = _policy(graphdef, rest, params, top_layers)
   g, m, lc = mb["completion"].shape
   if "packed" in mb:
     return model.packed_completion_logprobs(
         mb["prompt"], mb["prompt_mask"], mb["packed"], mb["packed_segment"], mb["packed_offset"],
         mb["packed_unpack"], temperature=temperature, with_entropy=with_entropy,
-        frozen_layers=frozen)
+        frozen_layers=frozen, common=common)
   return model.completion_logprobs(
       mb["prompt"], mb["prompt_mask"], mb["completion"].reshape(g * m, lc),
       mb["completion_mask"].reshape(g * m, lc), m, temperature=temperature,
       with_entropy=with_entropy, frozen_layers=frozen)
+
+
+def _prefix_kv(graphdef, rest, params, prefix_s, top_layers: int = 0):
+  """Decoder.prefix_kv of a batch's "prefix" (rollout_batch.assemble) under `params`."""
+  return _policy(graphdef, rest, params, top_layers)[0].prefix_kv(prefix_s)
 
 
 def _split_micro(x, n_micro: int, mesh=None):
@@ -112,20 +119,33 @@ def _merge_micro(x):
 def _num_micro(batch: dict, micro_batch: int) -> int:
   """Micro-batches of a grouped batch: `micro_batch` completions each, whole groups."""
   g, m = batch["completion"].shape[:2]
-  if micro_batch % m or (g * m) % micro_batch:
-    raise ValueError(f"a grouped batch of {g} x {m} completions cannot be cut into micro-batches "
-                     f"of {micro_batch} (see rollout_batch.group_size)")
-  return max(g * m // micro_batch, 1)
+  return rollout_batch.num_micro(g, m, micro_batch)
+
+
+def _micro_slice(x, i, n_micro: int, mesh=None):
+  """Micro-batch `i` (a traced index) of `_split_micro(x, n_micro)`: rows i, i + M, ..."""
+  out = _split_micro(x, n_micro, mesh)
+  return jax.lax.dynamic_index_in_dim(out, i, axis=0, keepdims=False)
+
+
+def _packed_micro(batch: dict, pack: dict, i, n_micro: int, mesh=None) -> dict:
+  """Micro-batch `i` of a batch whose completions are packed per micro-batch (`pack`:
+  rollout_batch.assemble's "packs"[i]): its rows of the [G, ...] arrays, with its packing."""
+  rows = {k: _micro_slice(v, i, n_micro, mesh) for k, v in batch.items() if k != "packs"}
+  return {**rows, **pack}
 
 
 def make_logprob_fn(graphdef, rest, *, temperature: float, micro_batch: int,
                     mesh=None) -> Callable:
   """Jitted `(params, grouped batch) -> logp [G, m, Lc]` of the completions, in micro-batches of
-  `micro_batch` completions (the reference pass; batch layout: rollout_batch.assemble)."""
+  `micro_batch` completions (the reference pass; batch layout: rollout_batch.assemble). A batch
+  with "packs" runs one call per micro-batch, each over its own packed rows (one compile per row
+  count); otherwise one scan over the micro-batches."""
+  drop = ("adv", "ref_logp", "old_logp")
 
   @functools.partial(jax.jit, compiler_options=compiler_options())
   def logprobs(params, batch):
-    batch = {k: v for k, v in batch.items() if k not in ("adv", "ref_logp", "old_logp")}
+    batch = {k: v for k, v in batch.items() if k not in drop}
     n_micro = _num_micro(batch, micro_batch)
 
     def one(_, mb):
@@ -135,7 +155,24 @@ def make_logprob_fn(graphdef, rest, *, temperature: float, micro_batch: int,
     _, out = jax.lax.scan(one, None, jax.tree.map(lambda x: _split_micro(x, n_micro, mesh), batch))
     return _merge_micro(out)
 
-  return logprobs
+  @functools.partial(jax.jit, compiler_options=compiler_options())
+  def packed_one(params, batch, pack, i, common):
+    mb = _packed_micro(batch, pack, i, _num_micro(batch, micro_batch), mesh)
+    lp = _completion_logprobs(graphdef, rest, params, mb, temperature, False, common=common)
+    return lp.reshape(mb["completion"].shape)
+
+  merge = jax.jit(lambda outs: _merge_micro(jnp.stack(outs)))
+  prefix_kv = jax.jit(functools.partial(_prefix_kv, graphdef, rest))
+
+  def call(params, batch):
+    if "packs" not in batch:
+      return logprobs(params, batch)
+    common = prefix_kv(params, batch["prefix"]) if "prefix" in batch else None
+    rows = {k: v for k, v in batch.items() if k not in drop + ("packs", "prefix")}
+    return merge([packed_one(params, rows, pack, jnp.int32(i), common)
+                  for i, pack in enumerate(batch["packs"])])
+
+  return call
 
 
 def _accumulate(loss_and_grad, params, micro_xs, scale_fn: Callable, merge: Callable):
@@ -198,14 +235,16 @@ def make_grpo_update(graphdef, rest, tx, loss_cfg, *, temperature: float,
   prompt_mask [G, Lp] (left-padded); completion, completion_mask [G, m, Lc] (mask: response
   tokens up to and including the first EOS); adv [G, m]; ref_logp [G, m, Lc] (absent: no KL
   term, for kl_coef 0); optionally old_logp [G, m, Lc] (else the detached current log-probs:
-  with one update per batch the policy is exactly on-policy, method.md 4.7); optionally the
-  completions packed (packed, packed_segment, packed_offset [G, k, Lc], packed_unpack [G, m, Lc]:
-  rollout_batch.pack_groups), which the forward then runs over instead. Micro-batches hold
+  with one update per batch the policy is exactly on-policy, method.md 4.7); optionally "packs":
+  per micro-batch its completions packed (packed, packed_segment, packed_offset [G/M, k, Lc],
+  packed_unpack [G/M, m, Lc]: rollout_batch.pack_groups), which its forward then runs over
+  instead, k rows as that micro-batch needs (one compile per k). Micro-batches hold
   `micro_batch` completions, whole groups. `top_layers` > 0: only the top blocks train (pair it
   with `partial_training.mask_optimizer(tx, top_layers)`).
   """
-  def loss_fn(params, mb):
-    logp, ent = _completion_logprobs(graphdef, rest, params, mb, temperature, True, top_layers)
+  def loss_fn(params, mb, common=None):
+    logp, ent = _completion_logprobs(graphdef, rest, params, mb, temperature, True, top_layers,
+                                     common)
     flat = lambda k: mb[k].reshape(logp.shape) if k in mb else None  # noqa: E731
     old = flat("old_logp") if "old_logp" in mb else jax.lax.stop_gradient(logp)
     s, c, metrics = grpo_obj.grpo_loss(logp, old, flat("ref_logp"), ent, mb["adv"].reshape(-1),
@@ -213,13 +252,18 @@ def make_grpo_update(graphdef, rest, tx, loss_cfg, *, temperature: float,
     return s, (c, metrics)
 
   loss_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+  packed_loss_and_grad = jax.value_and_grad(loss_fn, argnums=(0, 2), has_aux=True)
+
+  def step_total(batch, n_micro):
+    lc = batch["completion"].shape[-1]
+    masks = _split_micro(batch["completion_mask"], n_micro, mesh)
+    return jnp.sum(jax.vmap(lambda m: grpo_obj.aggregation_count(m.reshape(-1, lc), loss_cfg))(
+        masks))
 
   def update(state: TrainState, batch: dict):
     n_micro = _num_micro(batch, micro_batch)
     micro = jax.tree.map(lambda x: _split_micro(x, n_micro, mesh), batch)
-    lc = batch["completion"].shape[-1]
-    total = jnp.sum(jax.vmap(lambda m: grpo_obj.aggregation_count(m.reshape(-1, lc), loss_cfg))(
-        micro["completion_mask"]))
+    total = step_total(batch, n_micro)
     scale = lambda c: grpo_obj.accumulation_scale(loss_cfg, c, n_micro, total)  # noqa: E731
     loss, grads, _, raw = _accumulate(loss_and_grad, state.params, micro, scale,
                                       grpo_obj.merge_metrics)
@@ -227,7 +271,55 @@ def make_grpo_update(graphdef, rest, tx, loss_cfg, *, temperature: float,
     return new_state, {"loss": loss, "grad_norm": gnorm, "finite": finite,
                        **grpo_obj.finalize_metrics(raw)}
 
-  return jit_state_step(update)
+  def packed_micro_step(params, common, grads, batch, pack, i):
+    """grads + micro-batch i's scaled gradient (`_accumulate`'s term), its scaled loss, metrics.
+    grads = (parameters', the common prefix keys' (`_prefix_kv`) or None)."""
+    n_micro = _num_micro(batch, micro_batch)
+    mb = _packed_micro(batch, pack, i, n_micro, mesh)
+    (s, (c, metrics)), g = packed_loss_and_grad(params, mb, common)
+    w = grpo_obj.accumulation_scale(loss_cfg, c, n_micro, step_total(batch, n_micro))
+    return jax.tree.map(lambda a, b: a + b * w, grads, g), s * w, metrics
+
+  def packed_finish(state: TrainState, acc):
+    """The optimizer step on the summed gradient; the prefix keys' gradient goes back through
+    the prefix's forward (run again here: S tokens) into the parameters'."""
+    (grads, d_common), losses, raws, prefix = acc
+    if prefix is not None:
+      _, pull = jax.vjp(lambda p: _prefix_kv(graphdef, rest, p, prefix, top_layers),
+                        state.params)
+      grads = jax.tree.map(jnp.add, grads, pull(d_common)[0])
+    loss = functools.reduce(jnp.add, losses)
+    new_state, gnorm, finite = _apply(tx, state, grads, loss)
+    return new_state, {"loss": loss, "grad_norm": gnorm, "finite": finite,
+                       **grpo_obj.reduce_metrics(raws)}
+
+  scanned, finish, jitted = jit_state_step(update), jit_state_step(packed_finish), {}
+
+  def call(state: TrainState, batch: dict):
+    """One scan over the micro-batches; with "packs", one call per micro-batch instead (each
+    over its own packed rows), the gradient summed in place, then the optimizer step."""
+    if "packs" not in batch:
+      return scanned(state, batch)
+    if not jitted:  # the gradient sum keeps the parameters' shardings
+      shardings = jax.tree.map(lambda x: x.sharding, state.params)
+      jitted["prefix"] = jax.jit(functools.partial(_prefix_kv, graphdef, rest,
+                                                   top_layers=top_layers))
+      jitted["zeros"] = jax.jit(lambda t: jax.tree.map(jnp.zeros_like, t),
+                                out_shardings=(shardings, None))
+      jitted["micro"] = jax.jit(packed_micro_step, donate_argnums=(2,),
+                                out_shardings=((shardings, None), None, None),
+                                compiler_options=compiler_options())
+    prefix = batch.get("prefix")
+    common = None if prefix is None else jitted["prefix"](state.params, prefix)
+    rows = {k: v for k, v in batch.items() if k not in ("packs", "prefix")}
+    grads, losses, raws = jitted["zeros"]((state.params, common)), [], []
+    for i, pack in enumerate(batch["packs"]):
+      grads, s, raw = jitted["micro"](state.params, common, grads, rows, pack, jnp.int32(i))
+      losses.append(s)
+      raws.append(raw)
+    return finish(state, (grads, losses, raws, prefix))
+
+  return call
 
 
 def make_sft_update(graphdef, rest, tx, *, micro_batch: int, mesh=None,

@@ -65,7 +65,7 @@ def attend(q_btnd, k_bskd, v_bskd, mask_bts, compute_dtype):
 
 
 def attend_shared_prefix(qc_rcnd, kp_pksd, vp_pksd, kc_rckd, vc_rckd, prompt_mask_ps,
-                         own_mask_rcs, n: int, compute_dtype):
+                         own_mask_rcs, n: int, compute_dtype, common=None):
   """Completion rows [R = P * n, Lc] (row r continues prompt r // n) attending to their prompt's
   keys [P, KVH, Lp, Dh] (valid where prompt_mask_ps) and to their own, one softmax over both
   -> [R, Lc, H * Dh] float32. A prompt's keys meet the queries of all its n rows in one matmul:
@@ -73,7 +73,8 @@ def attend_shared_prefix(qc_rcnd, kp_pksd, vp_pksd, kc_rckd, vc_rckd, prompt_mas
 
   own_mask_rcs [R, Lc, Lc]: a row sees its own keys. [R, Lc, 2 * Lc]: a row sees the previous
   row's keys of the same prompt, then its own (packed completions that run over a row boundary;
-  the first row of a prompt has no previous row)."""
+  the first row of a prompt has no previous row). `common` (k, v) [KVH, S, Dh]: keys every row
+  also sees, before its prompt's (a prefix all P prompts share), in the same softmax."""
   r, lc, h, dh = qc_rcnd.shape
   p, kvh, lp, _ = kp_pksd.shape
   g = h // kvh
@@ -93,9 +94,14 @@ def attend_shared_prefix(qc_rcnd, kp_pksd, vp_pksd, kc_rckd, vc_rckd, prompt_mas
   sp = jnp.where(prompt_mask_ps[:, None, None], sp, NEG_INF).reshape(p, kvh, n, g * lc, lp)
   so = mm(q_pknqd, own(kc_rckd), compute_dtype, "pknqd,pknsd->pknqs").reshape(p, kvh, n, g, lc, ls)
   so = jnp.where(own_mask_rcs.reshape(p, 1, n, 1, lc, ls), so, NEG_INF)
-  pp, po = joint_softmax(sp, so.reshape(p, kvh, n, g * lc, ls))
+  parts = [sp, so.reshape(p, kvh, n, g * lc, ls)]
+  if common is not None:
+    parts.append(mm(q_pknqd, common[0], compute_dtype, "pknqd,ksd->pknqs"))
+  pp, po, *px = joint_softmax(*parts)
   o = mm(pp.reshape(p, kvh, n * g * lc, lp), vp_pksd, compute_dtype, "pkqs,pksd->pkqd")
   o = o.reshape(p, kvh, n, g * lc, dh) + mm(po, own(vc_rckd), compute_dtype, "pknqs,pknsd->pknqd")
+  if common is not None:
+    o = o + mm(px[0], common[1], compute_dtype, "pknqs,ksd->pknqd")
   return o.reshape(p, kvh, n, g, lc, dh).transpose(0, 2, 4, 1, 3, 5).reshape(r, lc, h * dh)
 
 
@@ -125,19 +131,34 @@ class Attention(nnx.Module):
     return self.o_proj(attend(q, k, v, mask_btt, compute_dtype), compute_dtype)
 
   def shared_prefix(self, xp_bpd, xc_bcd, rope_p, rope_c, mask_bpp, prompt_mask_bp, own_mask_bcs,
-                    n: int, compute_dtype):
+                    n: int, compute_dtype, common=None):
     """Prompts [P, Lp, D] and their completions [P*n, Lc, D] (row r continues prompt r // n):
     the prompts attend among themselves (mask_bpp); completion row r attends to prompt r // n's
     real tokens (prompt_mask_bp [P, Lp]), then to its own (own_mask_bcs [P*n, Lc, Lc], or
     [P*n, Lc, 2 * Lc] with the previous row's keys first: attend_shared_prefix). Each prompt is
-    projected once, not n times."""
+    projected once, not n times. `common` (k, v) [KVH, S, Dh]: the keys of a prefix that comes
+    before every prompt (`prefix_kv`), seen by all queries."""
     qp, kp, vp = self.qkv(xp_bpd, *rope_p, compute_dtype)
     qc, kc, vc = self.qkv(xc_bcd, *rope_c, compute_dtype)
+    if common is None:
+      out_p = attend_heads_major(qp, heads_major(kp), heads_major(vp), mask_bpp, compute_dtype)
+    else:  # the P prompts as the rows of one "prompt", the common prefix
+      out_p = attend_shared_prefix(qp, common[0][None], common[1][None], kp, vp,
+                                   jnp.ones((1, common[0].shape[1]), bool), mask_bpp,
+                                   qp.shape[0], compute_dtype)
     kp, vp = heads_major(kp), heads_major(vp)
-    out_p = attend_heads_major(qp, kp, vp, mask_bpp, compute_dtype)
     out_c = attend_shared_prefix(qc, kp, vp, kc, vc, prompt_mask_bp, own_mask_bcs, n,
-                                 compute_dtype)
+                                 compute_dtype, common)
     return self.o_proj(out_p, compute_dtype), self.o_proj(out_c, compute_dtype)
+
+  def prefix_kv(self, x_1sd, cos, sin, compute_dtype):
+    """Causal self-attention over one sequence [1, S, D] -> (output [1, S, D], its keys and
+    values heads-major [KVH, S, Dh]): a common prefix's keys for `shared_prefix`'s `common`."""
+    q, k, v = self.qkv(x_1sd, cos, sin, compute_dtype)
+    k, v = heads_major(k), heads_major(v)
+    s = x_1sd.shape[1]
+    out = attend_heads_major(q, k, v, jnp.tril(jnp.ones((s, s), bool))[None], compute_dtype)
+    return self.o_proj(out, compute_dtype), (k[0], v[0])
 
   def decode(self, x_btd, cos_btd, sin_btd, layer_cache, cache_index, mask_bts, compute_dtype):
     """Writes the T new keys/values at slots [cache_index, cache_index + T), attends over the

@@ -64,15 +64,21 @@ class Block(nnx.Module):
     x_btd = x_btd + self.attn(self.attn_norm(x_btd), cos_btd, sin_btd, mask_btt, compute_dtype)
     return x_btd + self.mlp(self.mlp_norm(x_btd), compute_dtype)
 
-  def shared_prefix(self, x, rope_p, rope_c, masks, n, compute_dtype):
+  def shared_prefix(self, x, rope_p, rope_c, masks, n, compute_dtype, common=None):
     """`x` = (prompts [P, Lp, D], completions [P*n, Lc, D]); `masks` = (mask_bpp, prompt_mask_bp,
-    own_mask_bcs): see Attention.shared_prefix."""
+    own_mask_bcs); `common`: this layer's prefix keys/values: see Attention.shared_prefix."""
     xp_bpd, xc_bcd = x
     ap_bpd, ac_bcd = self.attn.shared_prefix(self.attn_norm(xp_bpd), self.attn_norm(xc_bcd), rope_p,
-                                             rope_c, *masks, n, compute_dtype)
+                                             rope_c, *masks, n, compute_dtype, common)
     xp_bpd, xc_bcd = xp_bpd + ap_bpd, xc_bcd + ac_bcd
     return (xp_bpd + self.mlp(self.mlp_norm(xp_bpd), compute_dtype),
             xc_bcd + self.mlp(self.mlp_norm(xc_bcd), compute_dtype))
+
+  def prefix_kv(self, x_1sd, cos, sin, compute_dtype):
+    """The block over one causal sequence [1, S, D] -> (x, its (k, v) [KVH, S, Dh])."""
+    a_1sd, kv = self.attn.prefix_kv(self.attn_norm(x_1sd), cos, sin, compute_dtype)
+    x_1sd = x_1sd + a_1sd
+    return x_1sd + self.mlp(self.mlp_norm(x_1sd), compute_dtype), kv
 
   def decode(self, x_btd, cos_btd, sin_btd, layer_cache, cache_index, mask_bts, compute_dtype):
     a_btd, layer_cache = self.attn.decode(self.attn_norm(x_btd), cos_btd, sin_btd, layer_cache,
@@ -146,25 +152,29 @@ class Decoder(nnx.Module):
     causal_tt = jnp.tril(jnp.ones((t, t), bool))
     mask_btt = causal_tt[None] & (mask_bt[:, None, :] > 0)
     cos, sin = self._rope(positions_bt)
-    x_btd = self._run_blocks(lambda layer, x: layer(x, cos, sin, mask_btt, cdt),
+    x_btd = self._run_blocks(lambda layer, x, _: layer(x, cos, sin, mask_btt, cdt),
                              self.embed(tokens_bt), frozen_layers)
     return self.final_norm(x_btd)
 
-  def _run_blocks(self, apply, x, frozen_layers: int = 0):
-    """x -> apply(block, x) through the blocks: one lax.scan (config.scan_layers) or unrolled;
-    the config's remat on each trainable block, none on the bottom `frozen_layers`."""
+  def _run_blocks(self, apply, x, frozen_layers: int = 0, xs=None):
+    """x -> apply(block, x, xs_l) through the blocks: one lax.scan (config.scan_layers) or
+    unrolled; the config's remat on each trainable block, none on the bottom `frozen_layers`.
+    `xs`: per-layer inputs stacked on a leading [L] axis (xs_l = layer l's slice), or None."""
     remat = self.config.remat
+    take = lambda lo, hi: None if xs is None else jax.tree.map(lambda a: a[lo:hi], xs)  # noqa: E731
     if self.config.scan_layers:
-      body = lambda layer, x, _: (apply(layer, x), None)  # noqa: E731
+      body = lambda layer, x, xs_l: (apply(layer, x, xs_l), None)  # noqa: E731
       if frozen_layers:
-        x, _ = scan_blocks(self.layers[:frozen_layers], body, x)
-      x, _ = scan_blocks(self.layers[frozen_layers:], body, x, remat=remat)
+        x, _ = scan_blocks(self.layers[:frozen_layers], body, x, take(0, frozen_layers))
+      x, _ = scan_blocks(self.layers[frozen_layers:], body, x, take(frozen_layers, None),
+                         remat=remat)
       return x
     for i, layer in enumerate(self.layers):
+      xs_l = None if xs is None else jax.tree.map(lambda a: a[i], xs)  # noqa: B023
       if remat == "none" or i < frozen_layers:
-        x = apply(layer, x)
+        x = apply(layer, x, xs_l)
       else:
-        x = _remat_layer(layer, apply, x, remat)
+        x = _remat_layer(layer, apply, x, xs_l, remat)
     return x
 
   def shared_prefix_hidden(self, prompt_bp, prompt_mask_bp, completion_bc, completion_mask_bc,
@@ -180,23 +190,43 @@ class Decoder(nnx.Module):
     return self._shared_prefix_run(prompt_bp, prompt_mask_bp, completion_bc, offset_bc, own_bcc,
                                    n, compute_dtype, frozen_layers)
 
+  def prefix_kv(self, prefix_s, *, compute_dtype=None):
+    """The keys and values of a prefix that every prompt of a `packed_completion_logprobs` call
+    starts with (a template's instructions): (k, v), each [L, KVH, S, Dh] float32, of the tokens
+    prefix_s [S] at positions 0..S-1. No remat: S tokens once."""
+    cdt = self._cdt(compute_dtype)
+    s = prefix_s.shape[0]
+    cos, sin = self._rope(jnp.arange(s, dtype=jnp.int32)[None])
+    x = self.embed(prefix_s[None])
+    if self.config.scan_layers:
+      _, kv = scan_blocks(self.layers, lambda layer, x, _: layer.prefix_kv(x, cos, sin, cdt), x)
+      return kv
+    kvs = []
+    for layer in self.layers:
+      x, kv = layer.prefix_kv(x, cos, sin, cdt)
+      kvs.append(kv)
+    return tuple(jnp.stack([kv[i] for kv in kvs]) for i in range(2))
+
   def _shared_prefix_run(self, prompt_bp, prompt_mask_bp, completion_bc, offset_bc, own_mask_bcs,
-                         n, compute_dtype, frozen_layers):
+                         n, compute_dtype, frozen_layers, common=None):
     """The blocks over prompts [P, Lp] and completion rows [P*n, Lc] whose token t sits at
     position (prompt length + offset_bc[r, t]) and sees the row keys own_mask_bcs allows
-    (Attention.shared_prefix) -> final-normed (hp [P, Lp, D], hc [P*n, Lc, D])."""
+    (Attention.shared_prefix) -> final-normed (hp [P, Lp, D], hc [P*n, Lc, D]). `common`:
+    `prefix_kv` of S tokens before every prompt (positions then start at S)."""
     cdt = self._cdt(compute_dtype)
     lp = prompt_bp.shape[1]
+    s = 0 if common is None else common[0].shape[2]
     prompt_mask_bp = prompt_mask_bp > 0
-    pos_bp = jnp.maximum(jnp.cumsum(prompt_mask_bp.astype(jnp.int32), axis=-1) - 1, 0)
-    start_b = jnp.repeat(jnp.sum(prompt_mask_bp, axis=-1, dtype=jnp.int32), n)
+    pos_bp = s + jnp.maximum(jnp.cumsum(prompt_mask_bp.astype(jnp.int32), axis=-1) - 1, 0)
+    start_b = s + jnp.repeat(jnp.sum(prompt_mask_bp, axis=-1, dtype=jnp.int32), n)
     pos_bc = start_b[:, None] + offset_bc
     mask_bpp = jnp.tril(jnp.ones((lp, lp), bool))[None] & prompt_mask_bp[:, None, :]
     rope_p, rope_c = self._rope(pos_bp), self._rope(pos_bc)
     masks = (mask_bpp, prompt_mask_bp, own_mask_bcs)
     x = (self.embed(prompt_bp), self.embed(completion_bc))
     xp_bpd, xc_bcd = self._run_blocks(
-        lambda layer, x: layer.shared_prefix(x, rope_p, rope_c, masks, n, cdt), x, frozen_layers)
+        lambda layer, x, kv: layer.shared_prefix(x, rope_p, rope_c, masks, n, cdt, kv), x,
+        frozen_layers, common)
     return self.final_norm(xp_bpd), self.final_norm(xc_bcd)
 
   def logits(self, h_btd, *, compute_dtype=None) -> jax.Array:
@@ -249,7 +279,7 @@ class Decoder(nnx.Module):
   def packed_completion_logprobs(self, prompt_bp, prompt_mask_bp, packed_bkc, segment_bkc,
                                  offset_bkc, unpack_bmc, *, temperature: float = 1.0,
                                  chunk_size: int = 128, with_entropy: bool = False,
-                                 compute_dtype=None, frozen_layers: int = 0):
+                                 compute_dtype=None, frozen_layers: int = 0, common=None):
     """`completion_logprobs` of P prompts' m completions each, packed end to end (no padding
     between them) in k rows of Lc slots per prompt (train/rollout_batch.pack_groups).
 
@@ -258,7 +288,8 @@ class Decoder(nnx.Module):
     (0..k*Lc-1) of completion j's token t (any slot past its end: masked by the caller). A
     completion holds at most Lc tokens, so it spans at most two consecutive rows: a row attends to
     its prompt, the previous row and itself, masked to the query's own completion. The LM head
-    runs over the k * Lc packed slots rather than m * Lc padded ones.
+    runs over the k * Lc packed slots rather than m * Lc padded ones. `common`: `prefix_kv` of a
+    prefix that comes before every prompt (the prompts then hold only what follows it).
     Returns log-probs [P*m, Lc] (and entropies), laid out as `completion_logprobs`'."""
     p, k, lc = packed_bkc.shape
     m = unpack_bmc.shape[1]
@@ -269,7 +300,7 @@ class Decoder(nnx.Module):
     own = (seg_keys[:, :, None, :] == seg_q[..., None]) & causal_cs & (seg_q[..., None] >= 0)
     hp_bpd, hc_bcd = self._shared_prefix_run(
         prompt_bp, prompt_mask_bp, packed_bkc.reshape(p * k, lc), offset_bkc.reshape(p * k, lc),
-        own.reshape(p * k, lc, 2 * lc), k, compute_dtype, frozen_layers)
+        own.reshape(p * k, lc, 2 * lc), k, compute_dtype, frozen_layers, common)
     # The state that predicts slot s: the prompt's last one at a completion's first token, else
     # slot s - 1 (the same completion's previous token).
     hc_bsd = hc_bcd.reshape(p, k * lc, -1)
@@ -339,15 +370,16 @@ def scan_blocks(layers, body, carry, xs=None, *, remat: str = "none"):
   return jax.lax.scan(step, carry, (stacked, xs))
 
 
-def _remat_layer(layer: Block, apply, x, remat: str):
-  """apply(block, x) under jax.checkpoint (policy by name), via a pure function of its state."""
+def _remat_layer(layer: Block, apply, x, xs_l, remat: str):
+  """apply(block, x, xs_l) under jax.checkpoint (policy by name), via a pure function of its
+  state."""
   graphdef, state = nnx.split(layer)
 
   @functools.partial(jax.checkpoint, policy=_remat_policy(remat))
-  def run(state, x):
-    return apply(nnx.merge(graphdef, state), x)
+  def run(state, x, xs_l):
+    return apply(nnx.merge(graphdef, state), x, xs_l)
 
-  return run(state, x)
+  return run(state, x, xs_l)
 
 
 def chunked_logprobs(h_btd, w_vd, targets_bt, *, temperature=1.0, chunk_size=128,

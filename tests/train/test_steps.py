@@ -1,6 +1,8 @@
 """The jitted GRPO/SFT updates: exact micro-batch accumulation over grouped (prefix-shared) batches,
 and 8 devices == 1 device."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,16 +20,33 @@ CFG = ModelConfig(family="qwen2", vocab_size=97, hidden_size=32, intermediate_si
                   tie_word_embeddings=False, bos_token_id=None, eos_token_id=1)
 
 
-def make_batch(seed=0, prompts=4, n=2, mesh=None, micro_batch=2, pack=False):
+def with_common_head(roll, head_len: int, seed: int):
+  """The rollouts with the same `head_len` random tokens before every prompt (re-left-padded)."""
+  head = np.random.default_rng(seed).integers(2, CFG.vocab_size, head_len).astype(np.int32)
+  width = roll.prompt_ids.shape[1] + head_len
+  ids = np.zeros((len(roll.prompt_ids), width), np.int32)
+  mask = np.zeros((len(roll.prompt_ids), width), bool)
+  for i, (row, m) in enumerate(zip(roll.prompt_ids, roll.prompt_mask)):
+    real = np.concatenate([head, row[m]])
+    ids[i, width - len(real):], mask[i, width - len(real):] = real, True
+  return dataclasses.replace(roll, prompt_ids=ids, prompt_mask=mask)
+
+
+def make_batch(seed=0, prompts=4, n=2, mesh=None, micro_batch=2, pack=False, shared=0):
   """(rollouts, flat rows, grouped batch): the grouped batch is rollout_batch.assemble's (with
-  `pack`, the completions also packed), with per-rollout reference log-probs [G, m, Lc] and
-  advantages [G, m]."""
+  `pack`, the completions also packed; with `shared`, every prompt starts with the same
+  `shared` + 3 tokens, of which the first `shared` run once), with per-rollout reference
+  log-probs [G, m, Lc] and advantages [G, m]."""
   roll = random_rollouts(seed, CFG.vocab_size, prompts, n)
+  if shared:
+    roll = with_common_head(roll, shared + 3, seed + 200)
   rng = np.random.default_rng(seed + 100)
   rows = len(roll.finish_reasons)
   ref = rng.normal(-3.0, 0.5, roll.completion_ids.shape).astype(np.float32)
   adv = rng.normal(size=rows).astype(np.float32)
-  batch = rollout_batch.assemble(roll, mesh, micro_batch, pack=pack)
+  batch = rollout_batch.assemble(roll, mesh, micro_batch, pack=pack, shared_prefix_min=shared)
+  if shared:
+    assert batch["prefix"].shape == (shared,)
   g, m, lc = batch["completion"].shape
   batch["ref_logp"] = rollout_batch.place(ref.reshape(g, m, lc), mesh)
   batch["adv"] = rollout_batch.place(adv.reshape(g, m), mesh)
@@ -38,14 +57,14 @@ def make_batch(seed=0, prompts=4, n=2, mesh=None, micro_batch=2, pack=False):
 
 
 def run_update(mesh, micro_batch, loss_cfg=grpo_obj.GRPOLossConfig(), cfg=CFG, seed=1,
-               drop=()):
+               drop=(), pack=False, shared=0):
   model = sharding.create_model(cfg, mesh, seed=0)
   graphdef, params, rest = steps.split_model(model)
   tx = optax.sgd(1.0)  # params - grads: compares the gradients (Adam's first step is ~sign(g))
   state = steps.init_state(params, tx)
   update = steps.make_grpo_update(graphdef, rest, tx, loss_cfg, temperature=0.7,
                                   micro_batch=micro_batch, mesh=mesh)
-  _, _, batch = make_batch(seed, mesh=mesh, micro_batch=micro_batch)
+  _, _, batch = make_batch(seed, mesh=mesh, micro_batch=micro_batch, pack=pack, shared=shared)
   state, m = update(state, {k: v for k, v in batch.items() if k not in drop})
   return jax.device_get(state.params), jax.device_get(m), batch["completion"].shape
 
@@ -58,19 +77,24 @@ def test_group_size():
   assert rollout_batch.group_size(6, 4) == 2
 
 
-@pytest.mark.parametrize("aggregation,scan,pack", [
-    ("token_mean", False, False), ("token_mean", True, False), ("seq_mean_token_mean", True, False),
-    ("token_mean", False, True), ("seq_mean_token_mean", True, True)])
-def test_micro_batches_equal_the_formula(aggregation, scan, pack):
+@pytest.mark.parametrize("aggregation,scan,pack,shared", [
+    ("token_mean", False, False, 0), ("token_mean", True, False, 0),
+    ("seq_mean_token_mean", True, False, 0), ("token_mean", False, True, 0),
+    ("seq_mean_token_mean", True, True, 0), ("token_mean", False, True, 16),
+    ("seq_mean_token_mean", True, True, 16)])
+def test_micro_batches_equal_the_formula(aggregation, scan, pack, shared):
   """The grouped update (each prompt's forward shared by its samples, 4 micro-batches of one
   group) gives the gradient of combine_microbatches' step loss computed here from flat rows
-  prompt ++ completion, layer by layer: prefix sharing, packed completions, the scanned blocks
-  (remat on) and the response-only LM head change nothing."""
+  prompt ++ completion, layer by layer: prefix sharing, packed completions, the step's common
+  prompt prefix run once (its keys' gradient summed over the micro-batches, then through its
+  forward), the scanned blocks (remat on) and the response-only LM head change nothing."""
   cfg = grpo_obj.GRPOLossConfig(aggregation=aggregation)
   mesh = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
-  roll, flat, batch = make_batch(mesh=mesh, micro_batch=2, pack=pack)
-  if pack:  # some group's completions run over a packed row's end
-    assert batch["packed"].shape[1] == 2 and (batch["packed_segment"][:, 0, -1] >= 0).any()
+  roll, flat, batch = make_batch(mesh=mesh, micro_batch=2, pack=pack, shared=shared)
+  if pack:  # micro-batches packed in different row counts; some completion crosses a row's end
+    assert sorted({p["packed"].shape[1] for p in batch["packs"]}) == [1, 2]
+    assert any((p["packed_segment"][:, 0, -1] >= 0).any() for p in batch["packs"]
+               if p["packed"].shape[1] == 2)
   assert batch["completion"].shape[:2] == (4, 2)  # groups of both samples of a prompt
   model = sharding.create_model(CFG, mesh, seed=0)
   graphdef, params, rest = steps.split_model(model)
@@ -103,12 +127,13 @@ def test_micro_batches_equal_the_formula(aggregation, scan, pack):
     np.testing.assert_allclose(g, w, rtol=2e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("pack", [False, True])
-def test_reference_pass_equals_flat_rows(pack):
-  """make_logprob_fn on the grouped batch (padded or packed completions) = the model's log-probs
-  of each completion token on the flat row prompt ++ completion (f32)."""
+@pytest.mark.parametrize("pack,shared", [(False, 0), (True, 0), (True, 16)])
+def test_reference_pass_equals_flat_rows(pack, shared):
+  """make_logprob_fn on the grouped batch (padded or packed completions, the common prompt
+  prefix run once or not) = the model's log-probs of each completion token on the flat row
+  prompt ++ completion (f32)."""
   mesh = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
-  roll, flat, batch = make_batch(seed=5, mesh=mesh, micro_batch=4, pack=pack)
+  roll, flat, batch = make_batch(seed=5, mesh=mesh, micro_batch=4, pack=pack, shared=shared)
   model = sharding.create_model(CFG, mesh, seed=0)
   graphdef, params, rest = steps.split_model(model)
   got = steps.make_logprob_fn(graphdef, rest, temperature=0.7, micro_batch=4)(params, batch)
@@ -119,17 +144,20 @@ def test_reference_pass_equals_flat_rows(pack):
                              np.where(roll.completion_mask, want, 0), rtol=1e-5, atol=1e-5)
 
 
-def test_eight_devices_equal_one_device():
+@pytest.mark.parametrize("pack,shared", [(False, 0), (True, 16)])
+def test_eight_devices_equal_one_device(pack, shared):
   """On the (2, 2, 2) mesh, micro-batches of 4 completions spread one per data-parallel device
   (groups of 1: no prefix sharing); on one device the 2 samples of a prompt share its forward.
   Same update either way (a global token mean, which does not depend on which completions
-  share a micro-batch)."""
+  share a micro-batch), with the completions padded (one scan) or packed (a call per
+  micro-batch) and the prompts' common prefix run once a step."""
   cfg = CFG.replace(scan_layers=True, remat="full")
   loss_cfg = grpo_obj.GRPOLossConfig(aggregation="token_sum_global")
   one = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
   eight = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
-  p1, m1, shape1 = run_update(one, micro_batch=4, cfg=cfg, loss_cfg=loss_cfg)
-  p8, m8, shape8 = run_update(eight, micro_batch=4, cfg=cfg, loss_cfg=loss_cfg)
+  kw = dict(micro_batch=4, cfg=cfg, loss_cfg=loss_cfg, pack=pack, shared=shared)
+  p1, m1, shape1 = run_update(one, **kw)
+  p8, m8, shape8 = run_update(eight, **kw)
   assert shape1[:2] == (4, 2) and shape8[:2] == (8, 1)
   np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-4)
