@@ -161,7 +161,10 @@ class Decoder(nnx.Module):
     unrolled; the config's remat on each trainable block, none on the bottom `frozen_layers`.
     `xs`: per-layer inputs stacked on a leading [L] axis (xs_l = layer l's slice), or None."""
     remat = self.config.remat
-    take = lambda lo, hi: None if xs is None else jax.tree.map(lambda a: a[lo:hi], xs)  # noqa: E731
+
+    def take(lo, hi):
+      return None if xs is None else jax.tree.map(lambda a: a[lo:hi], xs)
+
     if self.config.scan_layers:
       body = lambda layer, x, xs_l: (apply(layer, x, xs_l), None)  # noqa: E731
       if frozen_layers:

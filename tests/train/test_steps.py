@@ -155,7 +155,7 @@ def test_eight_devices_equal_one_device(pack, shared):
   loss_cfg = grpo_obj.GRPOLossConfig(aggregation="token_sum_global")
   one = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
   eight = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
-  kw = dict(micro_batch=4, cfg=cfg, loss_cfg=loss_cfg, pack=pack, shared=shared)
+  kw = {"micro_batch": 4, "cfg": cfg, "loss_cfg": loss_cfg, "pack": pack, "shared": shared}
   p1, m1, shape1 = run_update(one, **kw)
   p8, m8, shape8 = run_update(eight, **kw)
   assert shape1[:2] == (4, 2) and shape8[:2] == (8, 1)
