@@ -1,11 +1,16 @@
-"""The SFT update on SmolLM2-135M under compute dtypes, remat policies and LM-head extents.
+"""The SFT update on SmolLM2-135M under compute dtypes, remat policies, LM-head extents and a
+common prefix run once.
 
 One jitted `train.steps.make_sft_update` step (AdamW) on B rows of L tokens whose last R are the
 response (left-padded layout, as train/sft.py builds them), for each setting in turn in one
 process: first call (compile + step) and the best of `--steps` steady-state steps. Used to pick
 the CPU presets' `model.compute_dtype` / `model.remat` (BENCHMARKS.md, "Choices measured").
+A setting's optional fourth field S: the rows share their first S tokens, which run once per
+micro-batch ("prefix", as train/sft.py passes it when `sft.shared_prefix_min` allows).
 
     python bench/bench_sft_update.py --settings bfloat16:full:all,float32:dots_with_no_batch_dims_saveable:response
+    python bench/bench_sft_update.py --length 464 --settings \
+      float32:dots_with_no_batch_dims_saveable:response:0,float32:dots_with_no_batch_dims_saveable:response:144
 """
 
 from __future__ import annotations
@@ -23,7 +28,11 @@ from train import steps
 
 
 def run(setting: str, batch: dict, response: int, n_steps: int) -> tuple[float, float]:
-  dtype, remat, head = setting.split(":")
+  dtype, remat, head, *prefix = setting.split(":")
+  s = int(prefix[0]) if prefix else 0
+  if s:
+    batch = {"tokens": batch["tokens"][:, s:], "mask": batch["mask"][:, s:],
+             "loss_mask": batch["loss_mask"][:, s:], "prefix": batch["tokens"][0, :s]}
   model, _ = load_gguf(smollm2_gguf_path(), param_dtype="float32", compute_dtype=dtype,
                        remat=remat, scan_layers=True)
   graphdef, params, rest = steps.split_model(model)
@@ -48,7 +57,8 @@ def main():
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--settings", default="bfloat16:full:all,bfloat16:full:response,"
                  "float32:dots_with_no_batch_dims_saveable:response",
-                 help="comma-separated dtype:remat:head (head = all | response)")
+                 help="comma-separated dtype:remat:head[:S] (head = all | response; S: the "
+                 "rows' common prefix run once, default 0)")
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--length", type=int, default=352)
   p.add_argument("--response", type=int, default=64)
@@ -58,9 +68,10 @@ def main():
   b, length = args.batch, args.length
   loss_mask = np.zeros((b, length), bool)
   loss_mask[:, length - args.response:] = True
-  batch = {"tokens": rng.integers(0, 49152, (b, length)).astype(np.int32),
-           "mask": np.ones((b, length), bool), "loss_mask": loss_mask}
-  print(f"| setting (dtype:remat:LM head) | first call s | steady step s |  ({b} x {length}, "
+  tokens = rng.integers(0, 49152, (b, length)).astype(np.int32)
+  tokens[:, :length - args.response - 1] = tokens[0, :length - args.response - 1]  # one prompt
+  batch = {"tokens": tokens, "mask": np.ones((b, length), bool), "loss_mask": loss_mask}
+  print(f"| setting (dtype:remat:LM head[:prefix]) | first call s | steady step s |  ({b} x {length}, "
         f"response {args.response}, jax {jax.__version__})")
   for setting in args.settings.split(","):
     first, best = run(setting, batch, args.response, args.steps)

@@ -4,10 +4,10 @@ import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ORDER = ["forward", "sampler", "sampler_avx2", "sampler_weights_first_avx2",
-         "sampler_shared_prefix_avx2",
+         "sampler_shared_prefix_avx2", "sampler_session16_avx2",
          "update", "update_avx2", "grpo_step",
          "grpo_step_avx2", "grpo_step_shared_prefix_avx2", "grpo_step_packed_prefix_avx2",
-         "compile", "bm25", "dense", "export", "data", "memory_plan"]
+         "sft_update_prefix_avx2", "compile", "bm25", "dense", "export", "data", "memory_plan"]
 
 
 def main() -> None:

@@ -119,6 +119,10 @@ class SFTSection:
   allow_empty: bool = False  # zero kept samples: continue from the initial model (RL-only ablation)
   # > 0: train only the top N blocks + final norm (cqr_jax.partial_training); 0 = all (paper).
   train_top_layers: int = 0
+  # A prefix that every example starts with (the template's instructions), if at least this
+  # long (rounded down to a multiple of 16), runs once per micro-batch rather than once per row
+  # (train/sft.py shared_prefix_len). 0 = off.
+  shared_prefix_min: int = 64
 
 
 @dataclasses.dataclass(frozen=True)

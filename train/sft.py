@@ -2,7 +2,9 @@
 
 Each example is the chat-templated zero-shot prompt followed by `<think>..</think>\\n<rewrite>..
 </rewrite>` and EOS; the loss covers the response and EOS only. AdamW (0.9, 0.95), weight decay
-0.01, 10% linear warm-up then cosine to 0, clip 1.0; checkpoints every epoch and resume.
+0.01, 10% linear warm-up then cosine to 0, clip 1.0; checkpoints every epoch and resume. The
+tokens all examples start with (the template's instructions) run once per micro-batch
+(`shared_prefix_len`).
 """
 
 from __future__ import annotations
@@ -52,6 +54,26 @@ def sft_batches(examples, batch_size: int, seed: int, epoch: int):
   order = np.random.default_rng([seed, epoch]).permutation(len(examples))
   for b in range(len(examples) // batch_size):
     yield [examples[i] for i in order[b * batch_size:(b + 1) * batch_size]]
+
+
+def shared_prefix_len(examples, min_tokens: int) -> int:
+  """S, the tokens that every example starts with and that the update runs once per micro-batch
+  instead of once per row (steps.make_sft_update's "prefix"; the template's instructions): their
+  common prefix, cut before the input of every example's first loss target (a row's first token
+  predicts nothing), rounded down to a multiple of 16 so runs compile few shapes. 0 when that
+  is under `min_tokens`, when `min_tokens` <= 0 or for a single example."""
+  from cqr_jax.sampler import SHARED_PREFIX_MULTIPLE
+  if min_tokens <= 0 or len(examples) < 2:
+    return 0
+  cap = min(lm.index(1) for _, lm in examples) - 1
+  first = np.asarray(examples[0][0][:cap])
+  common = len(first)
+  for ids, _ in examples[1:]:
+    n = min(common, len(ids))
+    same = np.asarray(ids[:n]) == first[:n]
+    common = n if same.all() else int(np.argmin(same))
+  s = common // SHARED_PREFIX_MULTIPLE * SHARED_PREFIX_MULTIPLE
+  return s if s >= min_tokens else 0
 
 
 def train_sft(cfg: cfglib.RunConfig, model=None, mcfg=None):
@@ -104,19 +126,29 @@ def train_sft(cfg: cfglib.RunConfig, model=None, mcfg=None):
   from tqdm.auto import tqdm
   done = int(state.step)
   bar = tqdm(total=total, initial=done, desc="sft", disable=not common.is_main())
-  # One padded length for the whole run: one compiled update.
+  # One padded length for the whole run: one compiled update. The examples' common prefix
+  # (`shared_prefix_len`) runs once per micro-batch; the rows hold what follows it.
   length = rollout_batch.bucket_length(max(len(ids) for ids, _ in examples), 16)
+  shared = shared_prefix_len(examples, s.shared_prefix_min)
+  prefix = None
+  if shared:
+    log.info("SFT: the %d examples share a %d-token prefix, run once per micro-batch",
+             len(examples), shared)
+    prefix = rollout_batch.place_replicated(np.asarray(examples[0][0][:shared], np.int32), mesh)
   step = 0
   for epoch in range(s.epochs):
     for batch in sft_batches(examples, batch_size, s.seed, epoch):
       step += 1
       if step <= done:
         continue
-      tokens = rollout_batch.pad_left([ids for ids, _ in batch], length, pad)
-      mask = rollout_batch.pad_left([[1] * len(ids) for ids, _ in batch], length, 0)
-      lmask = rollout_batch.pad_left([lm for _, lm in batch], length, 0)
+      tokens = rollout_batch.pad_left([ids[shared:] for ids, _ in batch], length - shared, pad)
+      mask = rollout_batch.pad_left([[1] * (len(ids) - shared) for ids, _ in batch],
+                                    length - shared, 0)
+      lmask = rollout_batch.pad_left([lm[shared:] for _, lm in batch], length - shared, 0)
       b = {k: rollout_batch.place(v, mesh) for k, v in
            (("tokens", tokens), ("mask", mask.astype(bool)), ("loss_mask", lmask.astype(bool)))}
+      if prefix is not None:
+        b["prefix"] = prefix
       state, m = update(state, b)
       m = {k: float(v) for k, v in jax.device_get(m).items()}
       m["epoch"] = epoch

@@ -57,18 +57,23 @@ def _policy(graphdef, rest, params, top_layers: int):
 
 
 def _target_logprobs(graphdef, rest, params, tokens_bl, mask_bl, temperature, with_entropy,
-                     tail: int | None = None, top_layers: int = 0):
+                     tail: int | None = None, top_layers: int = 0, prefix_s=None):
   """log softmax(logits / T) at each next token: [B, L-1] (and entropy [B, L-1]).
 
   With `tail`, only the last `tail` targets go through the LM head; the other entries are 0
   (they must be masked out of every loss). The trunk still runs over the whole sequence.
-  `top_layers`: as in `_policy`.
+  `top_layers`: as in `_policy`. `prefix_s` [S]: tokens before every row (left-padded rows
+  then hold only what follows them), run once (`Decoder.prefix_kv`) and attended to by all
+  positions; a row's first token is not a target (its state lies in the prefix).
   """
   model, frozen = _policy(graphdef, rest, params, top_layers)
+  common, s = None, 0
+  if prefix_s is not None:
+    common, s = model.prefix_kv(prefix_s), prefix_s.shape[0]
   inputs, targets = tokens_bl[:, :-1], tokens_bl[:, 1:]
-  return model.token_logprobs(inputs, positions_from_mask(mask_bl)[:, :-1], mask_bl[:, :-1],
+  return model.token_logprobs(inputs, s + positions_from_mask(mask_bl)[:, :-1], mask_bl[:, :-1],
                               targets, temperature=temperature, with_entropy=with_entropy,
-                              last=tail, frozen_layers=frozen)
+                              last=tail, frozen_layers=frozen, common=common)
 
 
 def _completion_logprobs(graphdef, rest, params, mb, temperature, with_entropy,
@@ -327,17 +332,21 @@ def make_sft_update(graphdef, rest, tx, *, micro_batch: int, mesh=None,
   """Jitted SFT update (method.md 3.3-3.4): CE on response tokens + EOS, token mean per
   micro-batch averaged over micro-batches (verl's per-rank mean), one optimizer step.
   `response_len`: every loss target lies in the last that many columns (left-padded rows), so
-  the LM head runs there only. `top_layers` as in `make_grpo_update`."""
+  the LM head runs there only. `top_layers` as in `make_grpo_update`. A batch with "prefix"
+  [S] (replicated): tokens before every row, which then holds only what follows them
+  (train/sft.py `shared_prefix_len`); the prefix runs once per micro-batch instead of once
+  per row, its gradient flowing back through that forward."""
 
-  def loss_fn(params, mb):
+  def loss_fn(params, mb, prefix_s=None):
     logp = _target_logprobs(graphdef, rest, params, mb["tokens"], mb["mask"], 1.0, False,
-                            response_len, top_layers)
+                            response_len, top_layers, prefix_s)
     s, c = sft_obj.sft_loss(logp, mb["loss_mask"][:, 1:])
     return s, (c, {})
 
-  loss_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
-
   def update(state: TrainState, batch: dict):
+    batch = dict(batch)
+    prefix = batch.pop("prefix", None)
+    loss_and_grad = jax.value_and_grad(lambda p, mb: loss_fn(p, mb, prefix), has_aux=True)
     n_micro = max(batch["tokens"].shape[0] // micro_batch, 1)
     micro = jax.tree.map(lambda x: _split_micro(x, n_micro, mesh), batch)
     scale = lambda c: 1.0 / (jnp.maximum(c, 1.0) * n_micro)  # noqa: E731

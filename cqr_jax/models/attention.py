@@ -105,6 +105,17 @@ def attend_shared_prefix(qc_rcnd, kp_pksd, vp_pksd, kc_rckd, vc_rckd, prompt_mas
   return o.reshape(p, kvh, n, g, lc, dh).transpose(0, 2, 4, 1, 3, 5).reshape(r, lc, h * dh)
 
 
+def _attend_rows(q_btnd, k_btkd, v_btkd, mask_btt, compute_dtype, common=None):
+  """Rows attending among themselves (mask_btt) and, with `common` (k, v) [KVH, S, Dh], also to
+  a prefix before all of them, in one softmax: the B rows as the n samples of one "prompt",
+  the prefix (attend_shared_prefix). -> [B, T, H * Dh] float32."""
+  if common is None:
+    return attend(q_btnd, k_btkd, v_btkd, mask_btt, compute_dtype)
+  return attend_shared_prefix(q_btnd, common[0][None], common[1][None], k_btkd, v_btkd,
+                              jnp.ones((1, common[0].shape[1]), bool), mask_btt, q_btnd.shape[0],
+                              compute_dtype)
+
+
 class Attention(nnx.Module):
   """q kernel [D, H*Dh] ("embed", "q_heads"); k/v [D, KVH*Dh] ("embed", "kv_heads");
   o [H*Dh, D] ("q_heads", "embed")."""
@@ -125,10 +136,12 @@ class Attention(nnx.Module):
     v = self.v_proj(x_btd, compute_dtype).reshape(b, t, self.num_kv_heads, self.head_dim)
     return apply_rope(q, cos_btd, sin_btd), apply_rope(k, cos_btd, sin_btd), v
 
-  def __call__(self, x_btd, cos_btd, sin_btd, mask_btt, compute_dtype):
-    """Full-sequence attention; mask_btt[b, t, s] says whether query t may see key s."""
+  def __call__(self, x_btd, cos_btd, sin_btd, mask_btt, compute_dtype, common=None):
+    """Full-sequence attention; mask_btt[b, t, s] says whether query t may see key s. `common`
+    (k, v) [KVH, S, Dh]: the keys of a prefix before every row (`prefix_kv`), seen by all
+    queries in the same softmax."""
     q, k, v = self.qkv(x_btd, cos_btd, sin_btd, compute_dtype)
-    return self.o_proj(attend(q, k, v, mask_btt, compute_dtype), compute_dtype)
+    return self.o_proj(_attend_rows(q, k, v, mask_btt, compute_dtype, common), compute_dtype)
 
   def shared_prefix(self, xp_bpd, xc_bcd, rope_p, rope_c, mask_bpp, prompt_mask_bp, own_mask_bcs,
                     n: int, compute_dtype, common=None):
@@ -140,12 +153,7 @@ class Attention(nnx.Module):
     before every prompt (`prefix_kv`), seen by all queries."""
     qp, kp, vp = self.qkv(xp_bpd, *rope_p, compute_dtype)
     qc, kc, vc = self.qkv(xc_bcd, *rope_c, compute_dtype)
-    if common is None:
-      out_p = attend_heads_major(qp, heads_major(kp), heads_major(vp), mask_bpp, compute_dtype)
-    else:  # the P prompts as the rows of one "prompt", the common prefix
-      out_p = attend_shared_prefix(qp, common[0][None], common[1][None], kp, vp,
-                                   jnp.ones((1, common[0].shape[1]), bool), mask_bpp,
-                                   qp.shape[0], compute_dtype)
+    out_p = _attend_rows(qp, kp, vp, mask_bpp, compute_dtype, common)
     kp, vp = heads_major(kp), heads_major(vp)
     out_c = attend_shared_prefix(qc, kp, vp, kc, vc, prompt_mask_bp, own_mask_bcs, n,
                                  compute_dtype, common)

@@ -60,8 +60,9 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
     self.mlp = MLP(kernels)
 
-  def __call__(self, x_btd, cos_btd, sin_btd, mask_btt, compute_dtype):
-    x_btd = x_btd + self.attn(self.attn_norm(x_btd), cos_btd, sin_btd, mask_btt, compute_dtype)
+  def __call__(self, x_btd, cos_btd, sin_btd, mask_btt, compute_dtype, common=None):
+    x_btd = x_btd + self.attn(self.attn_norm(x_btd), cos_btd, sin_btd, mask_btt, compute_dtype,
+                              common)
     return x_btd + self.mlp(self.mlp_norm(x_btd), compute_dtype)
 
   def shared_prefix(self, x, rope_p, rope_c, masks, n, compute_dtype, common=None):
@@ -141,19 +142,21 @@ class Decoder(nnx.Module):
 
   # ------------------------------------------------------------------ full-sequence forward
   def hidden(self, tokens_bt, positions_bt, mask_bt, *, compute_dtype=None,
-             frozen_layers: int = 0) -> jax.Array:
+             frozen_layers: int = 0, common=None) -> jax.Array:
     """Final-normed hidden states [B, T, D] (float32); causal + padding attention.
 
     `frozen_layers`: the bottom blocks whose parameters (and the embeddings) the caller holds
     fixed with stop_gradient (cqr_jax.partial_training); they run as their own scan without
-    remat, so differentiating the output touches the blocks above them only."""
+    remat, so differentiating the output touches the blocks above them only. `common`:
+    `prefix_kv` of S tokens before every row, which all positions also attend to (the caller's
+    positions then start at S)."""
     cdt = self._cdt(compute_dtype)
     t = tokens_bt.shape[1]
     causal_tt = jnp.tril(jnp.ones((t, t), bool))
     mask_btt = causal_tt[None] & (mask_bt[:, None, :] > 0)
     cos, sin = self._rope(positions_bt)
-    x_btd = self._run_blocks(lambda layer, x, _: layer(x, cos, sin, mask_btt, cdt),
-                             self.embed(tokens_bt), frozen_layers)
+    x_btd = self._run_blocks(lambda layer, x, kv: layer(x, cos, sin, mask_btt, cdt, kv),
+                             self.embed(tokens_bt), frozen_layers, common)
     return self.final_norm(x_btd)
 
   def _run_blocks(self, apply, x, frozen_layers: int = 0, xs=None):
@@ -194,8 +197,9 @@ class Decoder(nnx.Module):
                                    n, compute_dtype, frozen_layers)
 
   def prefix_kv(self, prefix_s, *, compute_dtype=None):
-    """The keys and values of a prefix that every prompt of a `packed_completion_logprobs` call
-    starts with (a template's instructions): (k, v), each [L, KVH, S, Dh] float32, of the tokens
+    """The keys and values of a prefix that every prompt of a `packed_completion_logprobs` call,
+    or every row of a `hidden` call, starts with (a template's instructions): (k, v), each
+    [L, KVH, S, Dh] float32, of the tokens
     prefix_s [S] at positions 0..S-1. No remat: S tokens once."""
     cdt = self._cdt(compute_dtype)
     s = prefix_s.shape[0]
@@ -244,15 +248,15 @@ class Decoder(nnx.Module):
   def token_logprobs(self, tokens_bt, positions_bt, mask_bt, targets_bt, *,
                      temperature: float = 1.0, chunk_size: int = 128,
                      with_entropy: bool = False, compute_dtype=None, last: int | None = None,
-                     frozen_layers: int = 0):
+                     frozen_layers: int = 0, common=None):
     """log_softmax(logits / temperature)[targets] per token, [B, T] float32 (and the entropy of
     that distribution if `with_entropy`). The LM head runs over `chunk_size` positions at a time
     inside a rematerialised lax.scan, so [B, T, V] logits never exist (forward or backward).
     Values at padding positions are meaningless: multiply by the mask. With `last`, only the last
     that many positions go through the LM head (e.g. a rollout's completion); the others are 0.
-    `frozen_layers`: as in `hidden`."""
+    `frozen_layers`, `common`: as in `hidden`."""
     h_btd = self.hidden(tokens_bt, positions_bt, mask_bt, compute_dtype=compute_dtype,
-                        frozen_layers=frozen_layers)
+                        frozen_layers=frozen_layers, common=common)
     t = tokens_bt.shape[1]
     last = t if last is None else min(last, t)
     out = chunked_logprobs(h_btd[:, t - last:], self.lm_head_vd(), targets_bt[:, t - last:],
