@@ -142,8 +142,9 @@ def ours_runner(model, tok, prompts, name, batch, new):
   def pre():  # the same compiled program, stopped after one step
     return s.generate(model, prompts, key=jax.random.key(2), max_new_tokens=1)
   ids, mask, _ = s.prepare(prompts)
-  shared = shared_prefix_layout(ids, mask, len(prompts), cfg.shared_prefix_min, s.pad_id)[2]
-  layout = (f"{shared} once + {len(prompts)} x {ids.shape[1] - shared}" if shared
+  run_ids, _, shared = shared_prefix_layout(ids, mask, len(prompts), cfg.shared_prefix_min,
+                                            s.pad_id)
+  layout = (f"{shared} once + {len(prompts)} x {run_ids.shape[1] - shared}" if shared
             else f"{len(prompts)} x {ids.shape[1]}")
   return full, pre, (ids.shape[1], layout)
 
@@ -276,7 +277,8 @@ def main(argv=None):
       "",
       "Prompt pass = the tokens the prefill runs: the prompts' common prefix once (rounded down "
       "to a multiple of 16, `SamplerConfig.shared_prefix_min`) + each prompt's remainder, "
-      "left-padded to the prompt bucket less the prefix; or every prompt padded whole.",
+      "left-padded to the smallest of 16, 32, 64, 128, 160, ... (up to the prompt bucket less "
+      "the prefix) that holds the longest; or every prompt padded whole.",
       "",
       "| setting | batch | prompt pass | compile s | steady s | prefill s | tok/s | "
       f"decode-only tok/s | vs transformers {hf_short} | decode limit tok/s | decode / limit |",

@@ -198,9 +198,11 @@ def shared_prefix_layout(ids_bp: np.ndarray, mask_bp: np.ndarray, num_prompts: i
 
   The common prefix's length S is rounded down to a multiple of SHARED_PREFIX_MULTIPLE (so that
   a run compiles few shapes) and kept below the shortest prompt's length. If S >= `min_tokens`
-  (> 0), returns ([B, P] ids, mask, S): every row's first S columns hold the prefix (valid, in
-  padding rows too), the other P - S each prompt's remaining tokens, left-padded. Otherwise
-  (ids_bp, mask_bp, 0). The width stays the prompt bucket P."""
+  (> 0), returns ([B, S + W] ids, mask, S): every row's first S columns hold the prefix (valid,
+  in padding rows too), the other W each prompt's remaining tokens, left-padded, W the smallest
+  of the buckets up to P - S (`_default_buckets(P - S)`: 16, 32, 64, 128, 160, ..., P - S) that
+  holds the longest remainder; for one template and prompt bucket P, a handful of widths.
+  Otherwise (ids_bp, mask_bp, 0)."""
   rows = [ids_bp[i][mask_bp[i]] for i in range(num_prompts)]
   shortest = min(len(r) for r in rows)
   if min_tokens <= 0 or len(rows) < 2 or shortest <= min_tokens:
@@ -211,11 +213,13 @@ def shared_prefix_layout(ids_bp: np.ndarray, mask_bp: np.ndarray, num_prompts: i
   s = min(common, shortest - 1) // SHARED_PREFIX_MULTIPLE * SHARED_PREFIX_MULTIPLE
   if s < min_tokens:
     return ids_bp, mask_bp, 0
-  ids, mask = np.full_like(ids_bp, pad_id), np.zeros_like(mask_bp)
+  width = s + bucket(max(len(r) for r in rows) - s, _default_buckets(ids_bp.shape[1] - s),
+                     "prompt remainder")
+  ids = np.full((ids_bp.shape[0], width), pad_id, ids_bp.dtype)
+  mask = np.zeros((ids_bp.shape[0], width), bool)
   ids[:, :s], mask[:, :s] = rows[0][:s], True
-  p = ids.shape[1]
   for i, r in enumerate(rows):
-    ids[i, p - (len(r) - s):], mask[i, p - (len(r) - s):] = r[s:], True
+    ids[i, width - (len(r) - s):], mask[i, width - (len(r) - s):] = r[s:], True
   return ids, mask, s
 
 

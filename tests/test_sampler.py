@@ -117,7 +117,9 @@ def test_generic_decode_path_matches_fast_path(qwen, monkeypatch):
 # the first 32 once (SamplerConfig.shared_prefix_min 32; 40 rounded down to a multiple of 16).
 _HEAD = [int(t) for t in np.random.default_rng(7).integers(3, 500, 40)]
 SHARED = [_HEAD + [5, 17, 33], _HEAD + [7, 90, 62, 11, 45, 23, 67, 30, 99, 12, 8], _HEAD + [4] * 6]
-SHARED_BASE = dict(max_prompt_len=64, shared_prefix_min=32)
+# Prompts padded to 80: the 32-token prefix, then remainders of up to 19 tokens in 32 columns
+# (shared_prefix_layout's width, not 80 - 32).
+SHARED_BASE = dict(max_prompt_len=80, prompt_len_buckets=(80,), shared_prefix_min=32)
 
 
 def test_shared_prefix_layout():
@@ -139,6 +141,17 @@ def test_shared_prefix_layout():
     # The prefix is rounded down to the multiple and ends before the shortest prompt's end.
     same = np.tile(ids[2], (2, 1)), np.tile(mask[2], (2, 1))
     assert shared_prefix_layout(*same, 2, 2, pad_id=0)[2] == 6
+  # The remainders' width: the smallest of 16, 32, ..., P - S holding the longest remainder.
+  head = list(range(1, 33))
+  for longest, width in [(10, 16), (16, 16), (17, 32), (33, 48), (46, 48)]:
+    ids, mask = np.zeros((3, 80), np.int32), np.zeros((3, 80), bool)
+    for i, p in enumerate([head + [40] * 3, head + [50] * longest]):
+      ids[i, 80 - len(p):], mask[i, 80 - len(p):] = p, True
+    out, m, s = shared_prefix_layout(ids, mask, 2, 16, pad_id=0)
+    assert s == 32 and out.shape == m.shape == (3, 32 + width), (longest, out.shape)
+    np.testing.assert_array_equal(out[0][m[0]], head + [40] * 3)
+    np.testing.assert_array_equal(out[1][m[1]], head + [50] * longest)
+    np.testing.assert_array_equal(m[:, -1], [True, True, False])  # left-padded remainders
 
 
 @pytest.mark.parametrize("family,scan,attention", [
@@ -150,6 +163,8 @@ def test_shared_prefix_greedy_matches_transformers_generate(family, scan, attent
   s = _sampler(**SHARED_BASE, decode_attention=attention, scan_layers=scan)
   r = s.generate(model, SHARED, key=jax.random.key(0))
   assert s.last_timing["shared_prefix"] == 32
+  ids, mask, _ = s.prepare(SHARED)
+  assert ids.shape[1] == 80 and shared_prefix_layout(ids, mask, 3, 32, 0)[0].shape[1] == 64
   want = _hf_greedy(hf, SHARED, 16, EOS)
   assert [r.completion_tokens(3 * i) for i in range(len(SHARED))] == want
   # The returned prompts are the plain left-padded ones, whatever the prompt pass ran over.

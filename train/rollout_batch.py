@@ -65,8 +65,9 @@ def assemble(roll, mesh, micro_batch: int, pack: bool = False,
   those slots instead of m padded rows, one compiled shape per row count. With `pack` and
   `shared_prefix_min` > 0, when the prompts share a prefix of at least that many tokens
   (`cqr_jax.sampler.shared_prefix_layout`: rounded down to a multiple of 16), also "prefix" [S]
-  (replicated), and the prompts hold only what follows it [G, Lp - S], left-padded: the update
-  runs the prefix once a step rather than once a group."""
+  (replicated), and the prompts hold only what follows it [G, W], left-padded (W <= Lp - S:
+  `shared_prefix_layout`'s remainder width): the update runs the prefix once a step rather
+  than once a group."""
   rows = len(roll.finish_reasons)
   m = group_size(roll.n, micro_batch, sharding.data_parallel_size(mesh))
   lc = roll.completion_ids.shape[1]
