@@ -192,7 +192,7 @@ SHARED_PREFIX_MULTIPLE = 16
 
 
 def shared_prefix_layout(ids_bp: np.ndarray, mask_bp: np.ndarray, num_prompts: int,
-                         min_tokens: int, pad_id: int):
+                         min_tokens: int, pad_id: int, trim: bool = True):
   """The prompt pass's input when the first `num_prompts` of the left-padded prompts [B, P]
   share a prefix.
 
@@ -202,7 +202,8 @@ def shared_prefix_layout(ids_bp: np.ndarray, mask_bp: np.ndarray, num_prompts: i
   in padding rows too), the other W each prompt's remaining tokens, left-padded, W the smallest
   of the buckets up to P - S (`_default_buckets(P - S)`: 16, 32, 64, 128, 160, ..., P - S) that
   holds the longest remainder; for one template and prompt bucket P, a handful of widths.
-  Otherwise (ids_bp, mask_bp, 0)."""
+  `trim=False`: W = P - S, one width per prompt bucket (the GRPO batch: its update and
+  reference pass compile per row count already). Otherwise (ids_bp, mask_bp, 0)."""
   rows = [ids_bp[i][mask_bp[i]] for i in range(num_prompts)]
   shortest = min(len(r) for r in rows)
   if min_tokens <= 0 or len(rows) < 2 or shortest <= min_tokens:
@@ -213,8 +214,10 @@ def shared_prefix_layout(ids_bp: np.ndarray, mask_bp: np.ndarray, num_prompts: i
   s = min(common, shortest - 1) // SHARED_PREFIX_MULTIPLE * SHARED_PREFIX_MULTIPLE
   if s < min_tokens:
     return ids_bp, mask_bp, 0
-  width = s + bucket(max(len(r) for r in rows) - s, _default_buckets(ids_bp.shape[1] - s),
-                     "prompt remainder")
+  width = ids_bp.shape[1]
+  if trim:
+    width = s + bucket(max(len(r) for r in rows) - s, _default_buckets(width - s),
+                       "prompt remainder")
   ids = np.full((ids_bp.shape[0], width), pad_id, ids_bp.dtype)
   mask = np.zeros((ids_bp.shape[0], width), bool)
   ids[:, :s], mask[:, :s] = rows[0][:s], True

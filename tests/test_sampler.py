@@ -152,6 +152,10 @@ def test_shared_prefix_layout():
     np.testing.assert_array_equal(out[0][m[0]], head + [40] * 3)
     np.testing.assert_array_equal(out[1][m[1]], head + [50] * longest)
     np.testing.assert_array_equal(m[:, -1], [True, True, False])  # left-padded remainders
+    kept, kept_m, _ = shared_prefix_layout(ids, mask, 2, 16, pad_id=0, trim=False)
+    assert kept.shape == (3, 80)  # the bucket's width (the GRPO batch's layout)
+    np.testing.assert_array_equal(kept[:, -width:], out[:, 32:])
+    np.testing.assert_array_equal(kept_m[:, 32:-width], False)
 
 
 @pytest.mark.parametrize("family,scan,attention", [

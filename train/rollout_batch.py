@@ -65,9 +65,9 @@ def assemble(roll, mesh, micro_batch: int, pack: bool = False,
   those slots instead of m padded rows, one compiled shape per row count. With `pack` and
   `shared_prefix_min` > 0, when the prompts share a prefix of at least that many tokens
   (`cqr_jax.sampler.shared_prefix_layout`: rounded down to a multiple of 16), also "prefix" [S]
-  (replicated), and the prompts hold only what follows it [G, W], left-padded (W <= Lp - S:
-  `shared_prefix_layout`'s remainder width): the update runs the prefix once a step rather
-  than once a group."""
+  (replicated), and the prompts hold only what follows it [G, Lp - S], left-padded (the
+  bucket's width, not the sampler's trimmed one: a width per step would multiply the compiled
+  (width, row count) pairs): the update runs the prefix once a step rather than once a group."""
   rows = len(roll.finish_reasons)
   m = group_size(roll.n, micro_batch, sharding.data_parallel_size(mesh))
   lc = roll.completion_ids.shape[1]
@@ -82,7 +82,8 @@ def assemble(roll, mesh, micro_batch: int, pack: bool = False,
   if pack and shared_prefix_min > 0:
     from cqr_jax.sampler import shared_prefix_layout
     ids, mask, s = shared_prefix_layout(batch["prompt"], batch["prompt_mask"],
-                                        len(batch["prompt"]), shared_prefix_min, 0)
+                                        len(batch["prompt"]), shared_prefix_min, 0,
+                                        trim=False)
     if s:
       prefix, batch["prompt"], batch["prompt_mask"] = ids[0, :s], ids[:, s:], mask[:, s:]
   out = {k: as_device(v) for k, v in batch.items()}

@@ -45,8 +45,9 @@ def make_batch(seed=0, prompts=4, n=2, mesh=None, micro_batch=2, pack=False, sha
   ref = rng.normal(-3.0, 0.5, roll.completion_ids.shape).astype(np.float32)
   adv = rng.normal(size=rows).astype(np.float32)
   batch = rollout_batch.assemble(roll, mesh, micro_batch, pack=pack, shared_prefix_min=shared)
-  if shared:
+  if shared:  # the prompts keep the bucket's width less the prefix (one width a bucket)
     assert batch["prefix"].shape == (shared,)
+    assert batch["prompt"].shape[1] == roll.prompt_ids.shape[1] - shared
   g, m, lc = batch["completion"].shape
   batch["ref_logp"] = rollout_batch.place(ref.reshape(g, m, lc), mesh)
   batch["adv"] = rollout_batch.place(adv.reshape(g, m), mesh)
