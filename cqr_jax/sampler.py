@@ -191,6 +191,14 @@ def bucket(length: int, buckets: Sequence[int], what: str) -> int:
 SHARED_PREFIX_MULTIPLE = 16
 
 
+def _remainder_width(longest: int, cap: int, smallest: int = 16) -> int:
+  """The smallest power of two >= `longest` (at least `smallest`), capped at `cap`."""
+  width = smallest
+  while width < longest:
+    width *= 2
+  return min(width, cap)
+
+
 def shared_prefix_layout(ids_bp: np.ndarray, mask_bp: np.ndarray, num_prompts: int,
                          min_tokens: int, pad_id: int, trim: bool = True):
   """The prompt pass's input when the first `num_prompts` of the left-padded prompts [B, P]
@@ -200,10 +208,12 @@ def shared_prefix_layout(ids_bp: np.ndarray, mask_bp: np.ndarray, num_prompts: i
   a run compiles few shapes) and kept below the shortest prompt's length. If S >= `min_tokens`
   (> 0), returns ([B, S + W] ids, mask, S): every row's first S columns hold the prefix (valid,
   in padding rows too), the other W each prompt's remaining tokens, left-padded, W the smallest
-  of the buckets up to P - S (`_default_buckets(P - S)`: 16, 32, 64, 128, 160, ..., P - S) that
-  holds the longest remainder; for one template and prompt bucket P, a handful of widths.
-  `trim=False`: W = P - S, one width per prompt bucket (the GRPO batch: its update and
-  reference pass compile per row count already). Otherwise (ids_bp, mask_bp, 0)."""
+  of 16, 32, 64, ... (powers of two), capped at P - S, that holds the longest remainder. Powers
+  of two rather than the prompt buckets' finer steps: W changes only when it at least halves or
+  reaches the cap, so steps whose prompts differ a little (remainders of 150 and 170 tokens in
+  bucket P - S = 176) share one compiled shape. `trim=False`: W = P - S, one width per prompt
+  bucket (the GRPO batch: its update and reference pass compile per row count already).
+  Otherwise (ids_bp, mask_bp, 0)."""
   rows = [ids_bp[i][mask_bp[i]] for i in range(num_prompts)]
   shortest = min(len(r) for r in rows)
   if min_tokens <= 0 or len(rows) < 2 or shortest <= min_tokens:
@@ -216,8 +226,7 @@ def shared_prefix_layout(ids_bp: np.ndarray, mask_bp: np.ndarray, num_prompts: i
     return ids_bp, mask_bp, 0
   width = ids_bp.shape[1]
   if trim:
-    width = s + bucket(max(len(r) for r in rows) - s, _default_buckets(width - s),
-                       "prompt remainder")
+    width = s + _remainder_width(max(len(r) for r in rows) - s, width - s)
   ids = np.full((ids_bp.shape[0], width), pad_id, ids_bp.dtype)
   mask = np.zeros((ids_bp.shape[0], width), bool)
   ids[:, :s], mask[:, :s] = rows[0][:s], True

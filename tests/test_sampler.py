@@ -141,19 +141,22 @@ def test_shared_prefix_layout():
     # The prefix is rounded down to the multiple and ends before the shortest prompt's end.
     same = np.tile(ids[2], (2, 1)), np.tile(mask[2], (2, 1))
     assert shared_prefix_layout(*same, 2, 2, pad_id=0)[2] == 6
-  # The remainders' width: the smallest of 16, 32, ..., P - S holding the longest remainder.
+  # The remainders' width: the smallest power of two >= 16 holding the longest remainder,
+  # capped at P - S (here 48, then 176: remainders of 129 and 170 tokens share 176, not 160).
   head = list(range(1, 33))
-  for longest, width in [(10, 16), (16, 16), (17, 32), (33, 48), (46, 48)]:
-    ids, mask = np.zeros((3, 80), np.int32), np.zeros((3, 80), bool)
+  for p_len, longest, width in [(80, 10, 16), (80, 16, 16), (80, 17, 32), (80, 33, 48),
+                                (80, 46, 48), (208, 100, 128), (208, 128, 128), (208, 129, 176),
+                                (208, 170, 176)]:
+    ids, mask = np.zeros((3, p_len), np.int32), np.zeros((3, p_len), bool)
     for i, p in enumerate([head + [40] * 3, head + [50] * longest]):
-      ids[i, 80 - len(p):], mask[i, 80 - len(p):] = p, True
+      ids[i, p_len - len(p):], mask[i, p_len - len(p):] = p, True
     out, m, s = shared_prefix_layout(ids, mask, 2, 16, pad_id=0)
     assert s == 32 and out.shape == m.shape == (3, 32 + width), (longest, out.shape)
     np.testing.assert_array_equal(out[0][m[0]], head + [40] * 3)
     np.testing.assert_array_equal(out[1][m[1]], head + [50] * longest)
     np.testing.assert_array_equal(m[:, -1], [True, True, False])  # left-padded remainders
     kept, kept_m, _ = shared_prefix_layout(ids, mask, 2, 16, pad_id=0, trim=False)
-    assert kept.shape == (3, 80)  # the bucket's width (the GRPO batch's layout)
+    assert kept.shape == (3, p_len)  # the bucket's width (the GRPO batch's layout)
     np.testing.assert_array_equal(kept[:, -width:], out[:, 32:])
     np.testing.assert_array_equal(kept_m[:, 32:-width], False)
 
