@@ -209,9 +209,9 @@ def shared_prefix_layout(ids_bp: np.ndarray, mask_bp: np.ndarray, num_prompts: i
   (> 0), returns ([B, S + W] ids, mask, S): every row's first S columns hold the prefix (valid,
   in padding rows too), the other W each prompt's remaining tokens, left-padded, W the smallest
   of 16, 32, 64, ... (powers of two), capped at P - S, that holds the longest remainder. Powers
-  of two rather than the prompt buckets' finer steps: W changes only when it at least halves or
-  reaches the cap, so steps whose prompts differ a little (remainders of 150 and 170 tokens in
-  bucket P - S = 176) share one compiled shape. `trim=False`: W = P - S, one width per prompt
+  of two rather than the prompt buckets' finer steps: W moves only when the longest remainder
+  crosses a power of two, so steps whose prompts differ a little (remainders of 150 and 170
+  tokens in bucket P - S = 176) share one compiled shape. `trim=False`: W = P - S, one width per prompt
   bucket (the GRPO batch: its update and reference pass compile per row count already).
   Otherwise (ids_bp, mask_bp, 0)."""
   rows = [ids_bp[i][mask_bp[i]] for i in range(num_prompts)]
