@@ -151,7 +151,8 @@ class OursStep:
                                                      for p in batch.get("packs", [])),
             "time/parse": self.reward.parse_s, "time/rank": self.reward.rank_s,
             "reward_mean": float(np.mean(reward)), "format_pass": float(np.mean(ok)),
-            "gen_steps": self.sampler.last_timing.get("steps", 0.0)}
+            "gen_steps": self.sampler.last_timing.get("steps", 0.0),
+            "gen_rows_end": self.sampler.last_timing.get("decode_rows_end", 0.0)}
 
 
 def full_reward_seconds(reward: RankReward, turns, n: int, repeats: int = 5) -> float:
@@ -411,7 +412,8 @@ def report(args, argv, ours_ms, trl_ms, check_ms, trl_note, load_s, worst_reward
         if i < len(trl_ms) else ""
     lines.append(f"- step {i}{' (warm-up)' if i == 0 else ''}: ours {m['time/total']:.1f} s "
                  f"(of which jax compiling {m['time/compile']:.1f} s; response "
-                 f"{m['response_len']:.0f}, {m['gen_steps']:.0f} decode steps){t}")
+                 f"{m['response_len']:.0f}, {m['gen_steps']:.0f} decode steps, the last at "
+                 f"{m['gen_rows_end']:.0f} of {args.prompts * args.n} rows){t}")
   lines.append("")
   reward_share = med_o["time/reward"] / med_o["time/total"]
   lines.append(f"- Reward (parse {med_o['time/parse'] * 1e3:.0f} ms + BM25 rank "

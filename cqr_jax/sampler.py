@@ -4,9 +4,11 @@ One jitted program per (prompt bucket, generation bucket, batch) shape: prefill 
 left-padded prompts (once per prompt, not per sample), the KV cache repeated n times
 (prompt-major: sample row i * n + j is sample j of prompt i), then a `lax.while_loop` of
 single-token decode steps that updates the cache in place and stops early once every row has
-emitted an EOS. The model's parameters are passed as its current `nnx.State` (no copy; the
-trainer updates them every step) and the graph definition is static. Sampling settings
-(temperature, top-p value, EOS ids) are traced, so changing them does not recompile.
+emitted an EOS. On CPU the loop also sheds finished rows (SamplerConfig.compact_rows): it goes
+on in fewer rows once enough have ended. The model's parameters are passed as its current
+`nnx.State` (no copy; the trainer updates them every step) and the graph definition is static.
+Sampling settings (temperature, top-p value, EOS ids) are traced, so changing them does not
+recompile.
 
 Stop strings are found on the host after generation (they do not end the device loop; EOS does).
 Log-probs are log softmax(logits / T) at the sampled token (T = 1 for greedy), method.md 4.5.
@@ -72,6 +74,16 @@ class SamplerConfig:
   cast_params: with a bfloat16 compute dtype, cast the floating parameters to bfloat16 once per
     call inside the program (a temporary half-size copy): each decode step then reads half the
     bytes and skips a per-matmul cast. No effect with float32 compute.
+  compact_rows: once few enough of a call's rows are unfinished, the decode loop goes on in
+    fewer rows (the unfinished ones, gathered with their caches): 64 rows -> 48, 32, 24, 16 down
+    to `compact_min_rows` (`compaction_stages`; multiples of the mesh's data x fsdp size). Each
+    row computes what it would without it (same caches and random draws); matmuls over fewer
+    rows may round differently in the last bit, which can flip a near-tie draw. Pays where a
+    decode step's cost grows with its rows (CPU: 64 -> 16 rows of SmolLM2 cut a step from ~300
+    to ~100 ms) and responses end at very different lengths (GRPO); each stage adds a decode
+    loop to the compiled program (~6 s on CPU). None = on CPU, off elsewhere (there a step at
+    these row counts costs about the same: weight reads). Off with `ignore_eos` and for
+    one-token calls (no row finishes early).
   """
   max_prompt_len: int = 1536
   max_new_tokens: int = 1024
@@ -94,6 +106,8 @@ class SamplerConfig:
   decode_weights_first: bool | None = None
   shared_prefix_min: int = 64
   cast_params: bool = True
+  compact_rows: bool | None = None
+  compact_min_rows: int = 16
 
   def __post_init__(self):
     if self.max_prompt_len < 1:
@@ -102,6 +116,9 @@ class SamplerConfig:
       raise ValueError(f"SamplerConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
     if self.n < 1:
       raise ValueError(f"SamplerConfig.n must be >= 1, got {self.n}")
+    if self.compact_min_rows < 1:
+      raise ValueError(f"SamplerConfig.compact_min_rows must be >= 1, got "
+                       f"{self.compact_min_rows}")
     if self.shared_prefix_min < 0:
       raise ValueError(f"SamplerConfig.shared_prefix_min must be >= 0, got "
                        f"{self.shared_prefix_min}")
@@ -211,8 +228,9 @@ def shared_prefix_layout(ids_bp: np.ndarray, mask_bp: np.ndarray, num_prompts: i
   of 16, 32, 64, ... (powers of two), capped at P - S, that holds the longest remainder. Powers
   of two rather than the prompt buckets' finer steps: W moves only when the longest remainder
   crosses a power of two, so steps whose prompts differ a little (remainders of 150 and 170
-  tokens in bucket P - S = 176) share one compiled shape. `trim=False`: W = P - S, one width per prompt
-  bucket (the GRPO batch: its update and reference pass compile per row count already).
+  tokens in bucket P - S = 176) share one compiled shape. `trim=False`: W = P - S, one width
+  per prompt bucket (the GRPO batch: its update and reference pass compile per row count
+  already).
   Otherwise (ids_bp, mask_bp, 0)."""
   rows = [ids_bp[i][mask_bp[i]] for i in range(num_prompts)]
   shortest = min(len(r) for r in rows)
@@ -321,18 +339,37 @@ def _cast_floats(state, dtype):
   return jax.tree.map(cast, state)
 
 
+def compaction_stages(rows: int, min_rows: int, multiple: int) -> tuple[int, ...]:
+  """The row counts a call's decode loop runs at: `rows`, then each smaller count of the form
+  2^k or 3 * 2^k (48, 32, 24, 16, 12, 8, ...) that is a multiple of `multiple` (the mesh's
+  data-parallel size) and at least `min_rows` (0 = `rows` only). Steps of 3/4 and 2/3 keep a
+  stage's padding (finished rows kept to fill it) under a third of its rows."""
+  if min_rows <= 0:
+    return (rows,)
+  ladder = {c for k in range(rows.bit_length()) for c in (1 << k, 3 << k)}
+  return (rows, *sorted((c for c in ladder if min_rows <= c < rows and c % multiple == 0),
+                        reverse=True))
+
+
 def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_steps,
                       temperature, top_p, eos_e, *, n: int, gen_len: int, top_k: int,
                       pad_id: int, cache_dtype, compute_dtype, prefill_dtype, param_dtype,
-                      attention, scan, weights_first, shared, batch_spec):
-  """Prefill + decode loop. temperature, top_p (None = off) and the eos ids eos_e [E] (-1 =
+                      attention, scan, weights_first, shared, batch_spec, stages):
+  """Prefill + decode loops. temperature, top_p (None = off) and the eos ids eos_e [E] (-1 =
   unused slot) are traced. Returns tokens [B*n, G], logprobs [B*n, G], lengths [B*n],
-  eos_hit [B*n], steps run."""
+  eos_hit [B*n], steps run, and the row count of the last stage that ran a step.
+
+  `stages` (row counts, the first B * n) and `weights_first` (one flag per stage): the decode
+  loop runs at stages[0] rows until at most stages[1] rows are unfinished, then keeps those
+  (and finished ones to fill up) in stages[1] rows, and so on: finished rows stop costing
+  matmuls. The kept rows' caches are gathered (each gets its own copy of its prompt's slots);
+  each row keeps its own random draws (`uniform_b`), so the tokens are those of one loop."""
   if param_dtype is not None:
     state = _cast_floats(state, param_dtype)
   model = nnx.merge(graphdef, state)
-  b, p = prompt_ids_bp.shape
-  rows = b * n
+  rows = prompt_ids_bp.shape[0] * n
+  if not sampler_kv.fast_path_ok(model):
+    stages = stages[:1]
 
   def constrain(x):
     if batch_spec is None:
@@ -341,41 +378,74 @@ def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_s
                                                     * (x.ndim - 1)))
     return jax.lax.with_sharding_constraint(x, spec)
 
-  prefill, decode = sampler_kv.make_steps(
-      model, n=n, gen_len=gen_len, cache_dtype=cache_dtype, prefill_dtype=prefill_dtype,
-      compute_dtype=compute_dtype, attention=attention, scan=scan, weights_first=weights_first,
-      shared=shared, constrain=constrain)
+  steps_kw = dict(gen_len=gen_len, cache_dtype=cache_dtype, prefill_dtype=prefill_dtype,
+                  compute_dtype=compute_dtype, attention=attention, scan=scan, shared=shared,
+                  constrain=constrain)
+  prefill, decode = sampler_kv.make_steps(model, n=n, weights_first=weights_first[0],
+                                          **steps_kw)
   mask_bp = prompt_mask_bp.astype(bool)
   positions_bp = jnp.maximum(jnp.cumsum(mask_bp, axis=-1) - 1, 0).astype(jnp.int32)
   logits_rv, cache = prefill(prompt_ids_bp, positions_bp, mask_bp)
   next_pos_r = jnp.repeat(positions_bp[:, -1] + 1, n, axis=0)
 
-  def cond(c):
-    i, done_r = c[0], c[6]
-    return (i < max_steps) & ~jnp.all(done_r)
+  def run(decode, floor, c):
+    """Decode steps while some row is unfinished, more than `floor` of them, and steps are
+    left. c[1] holds the rows' indices among all B * n (None = all, in order)."""
+    def cond(c):
+      i, done_r = c[0], c[-2]
+      return (i < max_steps) & (jnp.sum(~done_r) > floor)
 
-  def body(c):
-    i, cache, logits_rv, tokens_rg, logp_rg, length_r, done_r, eos_r = c
-    tok_r, lp_r = sampling_ops.select_tokens(jax.random.fold_in(key, i), logits_rv,
-                                             temperature, top_k=top_k, top_p=top_p)
-    tok_r = jnp.where(done_r, pad_id, tok_r)
-    lp_r = jnp.where(done_r, 0.0, lp_r)
-    tokens_rg = jax.lax.dynamic_update_slice(tokens_rg, tok_r[:, None], (0, i))
-    logp_rg = jax.lax.dynamic_update_slice(logp_rg, lp_r[:, None], (0, i))
-    length_r = length_r + (~done_r).astype(jnp.int32)
-    hit_r = ~done_r & jnp.any(tok_r[:, None] == eos_e[None, :], axis=-1)
-    eos_r, done_r = eos_r | hit_r, done_r | hit_r
-    logits_rv, cache = decode(tok_r, next_pos_r + i, cache, i)
-    return i + 1, cache, logits_rv, tokens_rg, logp_rg, length_r, done_r, eos_r
+    def body(c):
+      i, idx_k, pos_k, logits_kv, cache, tokens_rg, logp_rg, length_r, done_r, eos_r = c
+      sub = (lambda x: x) if idx_k is None else (lambda x: x[idx_k])
+      uniform_k = sub(jax.random.uniform(jax.random.fold_in(key, i), (rows,), jnp.float32))
+      tok_k, lp_k = sampling_ops.select_tokens(None, logits_kv, temperature, top_k=top_k,
+                                               top_p=top_p, uniform_b=uniform_k)
+      done_k = sub(done_r)
+      tok_k = jnp.where(done_k, pad_id, tok_k)
+      lp_k = jnp.where(done_k, 0.0, lp_k)
+      hit_k = ~done_k & jnp.any(tok_k[:, None] == eos_e[None, :], axis=-1)
+      if idx_k is None:
+        tokens_rg = jax.lax.dynamic_update_slice(tokens_rg, tok_k[:, None], (0, i))
+        logp_rg = jax.lax.dynamic_update_slice(logp_rg, lp_k[:, None], (0, i))
+        length_r = length_r + (~done_k).astype(jnp.int32)
+        eos_r, done_r = eos_r | hit_k, done_r | hit_k
+      else:
+        tokens_rg = tokens_rg.at[idx_k, i].set(tok_k)
+        logp_rg = logp_rg.at[idx_k, i].set(lp_k)
+        length_r = length_r.at[idx_k].add((~done_k).astype(jnp.int32))
+        eos_r = eos_r.at[idx_k].set(eos_r[idx_k] | hit_k)
+        done_r = done_r.at[idx_k].set(done_k | hit_k)
+      logits_kv, cache = decode(tok_k, pos_k + i, cache, i)
+      return i + 1, idx_k, pos_k, logits_kv, cache, tokens_rg, logp_rg, length_r, done_r, eos_r
+    return jax.lax.while_loop(cond, body, c)
 
-  init = (jnp.int32(0), cache, constrain(logits_rv),
-          constrain(jnp.full((rows, gen_len), pad_id, jnp.int32)),
-          constrain(jnp.zeros((rows, gen_len), jnp.float32)),
-          constrain(jnp.zeros((rows,), jnp.int32)),
-          constrain(jnp.repeat(~mask_bp[:, -1], n, axis=0)),  # padding rows start done
-          constrain(jnp.zeros((rows,), bool)))
-  steps, _, _, tokens_rg, logp_rg, length_r, _, eos_r = jax.lax.while_loop(cond, body, init)
-  return tokens_rg, logp_rg, length_r, eos_r, steps
+  c = (jnp.int32(0), None, next_pos_r, constrain(logits_rv), cache,
+       constrain(jnp.full((rows, gen_len), pad_id, jnp.int32)),
+       constrain(jnp.zeros((rows, gen_len), jnp.float32)),
+       constrain(jnp.zeros((rows,), jnp.int32)),
+       constrain(jnp.repeat(~mask_bp[:, -1], n, axis=0)),  # padding rows start done
+       constrain(jnp.zeros((rows,), bool)))
+  rows_end = rows
+  for k, r_k in enumerate(stages):
+    if k:  # keep r_k rows, the unfinished first; each gets its own copy of its prompt's slots
+      prompt_cache, _, prompt_mask_bq = cache  # stage 0's: one copy per prompt
+      i, idx, pos, logits, (_, gen_cache, _), *full = c
+      done = full[3] if idx is None else full[3][idx]
+      order = jnp.argsort(done, stable=True)[:r_k]
+      idx = order if idx is None else idx[order]
+      gen_cache = jax.tree.map(constrain, sampler_kv.take_rows(gen_cache, order, scan))
+      kept_cache = (sampler_kv._constrain_rows(
+          sampler_kv.take_rows(prompt_cache, idx // n, scan), constrain),
+          gen_cache, constrain(prompt_mask_bq[idx // n]))
+      c = (i, idx, constrain(pos[order]), constrain(logits[order]), kept_cache, *full)
+      decode = sampler_kv.make_steps(model, n=1, weights_first=weights_first[k], **steps_kw)[1]
+    floor = stages[k + 1] if k + 1 < len(stages) else 0
+    runs = (c[0] < max_steps) & (jnp.sum(~c[-2]) > floor)
+    rows_end = jnp.where(runs, r_k, rows_end)
+    c = run(decode, floor, c)
+  steps, *_, tokens_rg, logp_rg, length_r, _, eos_r = c
+  return tokens_rg, logp_rg, length_r, eos_r, steps, jnp.int32(rows_end)
 
 
 # Number of times the generation program was traced (each is a compilation): tests and the
@@ -395,7 +465,7 @@ def jitted_program():
                  static_argnames=("n", "gen_len", "top_k", "pad_id", "cache_dtype",
                                   "compute_dtype", "prefill_dtype", "param_dtype",
                                   "attention", "scan", "weights_first", "shared",
-                                  "batch_spec"),
+                                  "batch_spec", "stages"),
                  compiler_options=compiler_options())
 
 
@@ -533,9 +603,15 @@ class Sampler:
               attention=cfg.decode_attention or ("reduce" if on_cpu else "matmul"),
               scan=(cfg.scan_layers if cfg.scan_layers is not None
                     else not on_cpu and bool(getattr(mcfg, "scan_layers", False))),
-              weights_first=(cfg.decode_weights_first if cfg.decode_weights_first is not None
-                             else on_cpu and ids_bp.shape[0] * n <= 32),
               batch_spec=None if self.mesh is None else ("data", "fsdp"))
+    compact = cfg.compact_rows if cfg.compact_rows is not None else on_cpu
+    compact = compact and bool(self.eos_ids_for(mcfg)) and gen_len > 1
+    kw["stages"] = compaction_stages(ids_bp.shape[0] * int(n),
+                                     cfg.compact_min_rows if compact else 0,
+                                     self.data_parallel_size)
+    kw["weights_first"] = tuple(
+        cfg.decode_weights_first if cfg.decode_weights_first is not None else on_cpu and r <= 32
+        for r in kw["stages"])
     run_ids, run_mask, kw["shared"] = shared_prefix_layout(
         ids_bp, mask_bp, num_prompts, cfg.shared_prefix_min, self.pad_id)
     traces = TRACE_COUNT[0]
@@ -549,7 +625,7 @@ class Sampler:
                              jnp.float32(temperature),
                              None if top_p >= 1.0 else jnp.float32(top_p), jnp.asarray(eos_e),
                              **kw)
-      tokens, logps, lengths, eos_hit, steps = _to_host(out)
+      tokens, logps, lengths, eos_hit, steps, rows_end = _to_host(out)
     compiled = TRACE_COUNT[0] > traces
     if compiled:
       self.num_compiles += 1
@@ -558,7 +634,8 @@ class Sampler:
                     "n=%d); a run should only compile a few", run_ids.shape, kw["shared"],
                     gen_len, n)
     self.last_timing = {"seconds": time.perf_counter() - t0, "compiled": float(compiled),
-                        "steps": float(steps), "shared_prefix": float(kw["shared"])}
+                        "steps": float(steps), "shared_prefix": float(kw["shared"]),
+                        "decode_rows_end": float(rows_end)}
     return self._finish(ids_bp, mask_bp, truncated, num_prompts, int(n), max_new,
                         np.asarray(tokens), np.asarray(logps), np.asarray(lengths),
                         np.asarray(eos_hit))

@@ -178,6 +178,18 @@ def _constrain_rows(prompt_cache, constrain):
   return one(prompt_cache) if isinstance(prompt_cache, dict) else list(map(one, prompt_cache))
 
 
+def take_rows(cache, idx_r, scan: bool):
+  """The cache entries' rows `idx_r` [R'] (axis 0, or 1 under a stacked [L] with `scan`); the
+  common prefix's "shared_" entries (one copy for all rows) are kept as they are. On the prompt
+  cache with prompt indices, this gives each kept row its own copy of its prompt's slots."""
+  axis = 1 if scan else 0
+
+  def one(d):
+    return {k: x if k.startswith("shared_") else jnp.take(x, idx_r, axis=axis)
+            for k, x in d.items()}
+  return one(cache) if isinstance(cache, dict) else list(map(one, cache))
+
+
 def init_gen_cache(cfg, rows: int, gen_len: int, dtype, attention: str, scan: bool):
   """Zeroed generation cache: per layer {"k", "v"} [R, KVH, G, Dh] ("k" [R, KVH, Dh, G] when
   `gen_k_slots_last(attention)`), or one dict of those stacked on a leading [L] with `scan`."""

@@ -67,9 +67,12 @@ def _last_true(m_bn: jax.Array) -> jax.Array:
   return n - 1 - jnp.argmax(m_bn[:, ::-1], axis=-1)
 
 
-def inverse_cdf_sample(key: jax.Array, w_bv: jax.Array) -> jax.Array:
+def inverse_cdf_sample(key: jax.Array, w_bv: jax.Array, uniform_b: jax.Array | None = None
+                       ) -> jax.Array:
   """One index per row with probability w / sum(w) (w >= 0, some w > 0 per row): [B] int32.
 
+  uniform_b: the rows' draws in [0, 1) (default `jax.random.uniform(key, (B,))`); a caller that
+  drops finished rows passes the draws of the rows it keeps, so each row's stream stays the same.
   Never returns an index whose weight is 0 (float rounding in the cumulative sums included).
   """
   b, v = w_bv.shape
@@ -79,7 +82,9 @@ def inverse_cdf_sample(key: jax.Array, w_bv: jax.Array) -> jax.Array:
   cdf_bn = jnp.cumsum(mass_bn, axis=-1)
   pos_bn = mass_bn > 0
   total_b = jnp.max(jnp.where(pos_bn, cdf_bn, 0.0), axis=-1)
-  u_b = 1.0 - jax.random.uniform(key, (b,), jnp.float32)  # (0, 1]: never picks a 0-weight head
+  if uniform_b is None:
+    uniform_b = jax.random.uniform(key, (b,), jnp.float32)
+  u_b = 1.0 - uniform_b  # (0, 1]: never picks a 0-weight head
   x_b = u_b * total_b
   hit_bn = (cdf_bn >= x_b[:, None]) & pos_bn
   blk_b = jnp.where(jnp.any(hit_bn, -1), jnp.argmax(hit_bn, -1), _last_true(pos_bn))
@@ -94,7 +99,8 @@ def inverse_cdf_sample(key: jax.Array, w_bv: jax.Array) -> jax.Array:
 
 
 def select_tokens(key: jax.Array, logits_bv: jax.Array, temperature, *, top_k: int = 0,
-                  top_p=None) -> tuple[jax.Array, jax.Array]:
+                  top_p=None, uniform_b: jax.Array | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
   """Picks one token per row.
 
   Args:
@@ -102,6 +108,8 @@ def select_tokens(key: jax.Array, logits_bv: jax.Array, temperature, *, top_k: i
     logits_bv: [B, V] raw model logits.
     temperature: Python float or traced scalar; 0 = greedy.
     top_k: static; 0 = off. top_p: float / traced scalar, or None = off.
+    uniform_b: [B] draws in [0, 1) to sample with instead of drawing from `key`
+      (`inverse_cdf_sample`).
   Returns:
     tokens_b [B] int32, logprobs_b [B] f32 = log softmax(logits / T)[token] (T = 1 if greedy).
   """
@@ -118,6 +126,6 @@ def select_tokens(key: jax.Array, logits_bv: jax.Array, temperature, *, top_k: i
   else:
     keep_bv = kept_mask(z_bv, top_k=top_k, top_p=top_p)
     w_bv = e_bv if keep_bv is None else jnp.where(keep_bv, e_bv, 0.0)
-    tokens_b = jnp.where(t > 0, inverse_cdf_sample(key, w_bv), greedy_b)
+    tokens_b = jnp.where(t > 0, inverse_cdf_sample(key, w_bv, uniform_b), greedy_b)
   logprobs_b = jnp.take_along_axis(z_bv, tokens_b[:, None], axis=-1)[:, 0] - lse_b
   return tokens_b, logprobs_b

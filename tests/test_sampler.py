@@ -15,6 +15,7 @@ from cqr_jax.sampler import (
   Sampler,
   SamplerConfig,
   bucket,
+  compaction_stages,
   find_stop,
   shared_prefix_layout,
 )
@@ -337,6 +338,60 @@ def test_eos_mask_and_early_exit(qwen):
   assert s.last_timing["steps"] == first + 1  # the loop stopped once every row was done
 
 
+# EOS ids for finished-row compaction: a fifth of the tiny vocabulary ends a row, so rows of a
+# 16-token call end at many different steps.
+MANY_EOS = tuple(range(3, 512, 5))
+
+
+@pytest.mark.parametrize("scan,attention,spm", [(False, None, 0), (True, "matmul", 32)])
+def test_compacted_decode_equals_all_rows(qwen, scan, attention, spm):
+  """Dropping finished rows mid-call (12 rows -> 8, 6, 4, 3, 2) samples the same tokens with the
+  same log-probs as running every row to the end: each kept row keeps its caches, its prompt's
+  slots and its random draws."""
+  path, _, model, _ = qwen
+  if scan:
+    model, _ = load_hf(path, mesh=make_mesh(MeshConfig(), jax.devices()[:1]), scan_layers=True)
+  runs, samplers = [], []
+  for compact in (False, True):
+    s = _sampler(**{**SHARED_BASE, "shared_prefix_min": spm}, temperature=0.7, eos_ids=MANY_EOS,
+                 compact_rows=compact, compact_min_rows=2, scan_layers=scan,
+                 decode_attention=attention)
+    runs.append(s.generate(model, SHARED, key=jax.random.key(11)))
+    samplers.append(s)
+  full, compacted = runs
+  lengths = full.completion_lengths
+  assert len(set(lengths[:9].tolist())) >= 4 and lengths.max() > 8  # rows end at many steps
+  assert samplers[0].last_timing["decode_rows_end"] == 12
+  assert samplers[1].last_timing["decode_rows_end"] < 12  # the loop did drop rows
+  np.testing.assert_array_equal(full.completion_ids, compacted.completion_ids)
+  np.testing.assert_array_equal(full.completion_mask, compacted.completion_mask)
+  assert full.finish_reasons == compacted.finish_reasons
+  np.testing.assert_allclose(full.logprobs, compacted.logprobs, atol=1e-5)
+
+
+def test_compacted_decode_same_on_8_devices_as_on_1(qwen):
+  """The kept rows are gathered across the data x fsdp shards (4 here: 12 rows -> 8 -> 4)."""
+  path, _, model1, _ = qwen
+  mesh8 = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+  model8, _ = load_hf(path, mesh=mesh8)
+  cfg = _sampler(temperature=0.7, eos_ids=MANY_EOS, compact_rows=True,
+                 compact_min_rows=2).config
+  s1, s8 = Sampler(cfg, pad_id=0), Sampler(cfg, mesh=mesh8, pad_id=0)
+  r1 = s1.generate(model1, PROMPTS, key=jax.random.key(3))
+  r8 = s8.generate(model8, PROMPTS, key=jax.random.key(3))
+  assert s8.last_timing["decode_rows_end"] in (4, 8)
+  np.testing.assert_array_equal(r1.completion_ids, r8.completion_ids)
+  np.testing.assert_allclose(r1.logprobs, r8.logprobs, atol=1e-5)
+
+
+def test_compaction_stages():
+  assert compaction_stages(64, 16, 1) == (64, 48, 32, 24, 16)
+  assert compaction_stages(64, 0, 1) == (64,)
+  assert compaction_stages(12, 2, 4) == (12, 8, 4)  # multiples of the data-parallel size
+  assert compaction_stages(40, 8, 1) == (40, 32, 24, 16, 12, 8)
+  assert compaction_stages(16, 16, 1) == (16,)
+
+
 def test_prompt_param_updates_seen_without_recompile(qwen):
   _, _, model, _ = qwen
   s = _sampler(prompt_len_buckets=(16, 32))
@@ -422,6 +477,8 @@ def test_bad_config_errors():
     SamplerConfig(temperature=-1.0)
   with pytest.raises(ValueError, match="prompt_len_buckets"):
     SamplerConfig(prompt_len_buckets=(64, 32))
+  with pytest.raises(ValueError, match="compact_min_rows"):
+    SamplerConfig(compact_min_rows=0)
   with pytest.raises(ValueError, match="decode_attention='einsum'"):
     SamplerConfig(decode_attention="einsum")
 
