@@ -81,7 +81,7 @@ class SamplerConfig:
     rows may round differently in the last bit, which can flip a near-tie draw. Pays where a
     decode step's cost grows with its rows (CPU: 64 -> 16 rows of SmolLM2 cut a step from ~300
     to ~100 ms) and responses end at very different lengths (GRPO); each stage adds a decode
-    loop to the compiled program (~6 s on CPU). None = on CPU, off elsewhere (there a step at
+    loop to the compiled program (~8 s on CPU). None = on CPU, off elsewhere (there a step at
     these row counts costs about the same: weight reads). Off with `ignore_eos` and for
     one-token calls (no row finishes early).
   """
@@ -435,7 +435,7 @@ def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_s
       order = jnp.argsort(done, stable=True)[:r_k]
       idx = order if idx is None else idx[order]
       gen_cache = jax.tree.map(constrain, sampler_kv.take_rows(gen_cache, order, scan))
-      kept_cache = (sampler_kv._constrain_rows(
+      kept_cache = (sampler_kv.constrain_rows(
           sampler_kv.take_rows(prompt_cache, idx // n, scan), constrain),
           gen_cache, constrain(prompt_mask_bq[idx // n]))
       c = (i, idx, constrain(pos[order]), constrain(logits[order]), kept_cache, *full)

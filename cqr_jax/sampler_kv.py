@@ -171,7 +171,7 @@ def prefill(model, tokens_bp, positions_bp, mask_bp, compute_dtype, cache_dtype,
   return logits_b1v[:, 0].astype(jnp.float32), cache
 
 
-def _constrain_rows(prompt_cache, constrain):
+def constrain_rows(prompt_cache, constrain):
   """`constrain` on the per-row prompt cache entries; the common prefix's stays replicated."""
   def one(d):
     return {k: x if k.startswith("shared_") else constrain(x) for k, x in d.items()}
@@ -287,7 +287,7 @@ def make_steps(model, *, n: int, gen_len: int, cache_dtype, prefill_dtype, compu
       rows = tokens_bp.shape[0] * n
       gc = init_gen_cache(model.config, rows, gen_len, cache_dt, attention, scan)
       # Rows are sharded like the batch; the common prefix (one copy) is replicated.
-      pc = _constrain_rows(pc, constrain)
+      pc = constrain_rows(pc, constrain)
       state = (pc, jax.tree.map(constrain, gc), mask_bp[:, shared:])
       return jnp.repeat(logits_bv, n, axis=0), state
 
