@@ -430,15 +430,16 @@ def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_s
   for k, r_k in enumerate(stages):
     if k:  # keep r_k rows, the unfinished first; each gets its own copy of its prompt's slots
       prompt_cache, _, prompt_mask_bq = cache  # stage 0's: one copy per prompt
-      i, idx, pos, logits, (_, gen_cache, _), *full = c
-      done = full[3] if idx is None else full[3][idx]
-      order = jnp.argsort(done, stable=True)[:r_k]
+      i, idx, pos, logits, (_, gen_cache, _), *outputs = c
+      done_r = outputs[-2]
+      order = jnp.argsort(done_r if idx is None else done_r[idx], stable=True)[:r_k]
       idx = order if idx is None else idx[order]
-      gen_cache = jax.tree.map(constrain, sampler_kv.take_rows(gen_cache, order, scan))
-      kept_cache = (sampler_kv.constrain_rows(
-          sampler_kv.take_rows(prompt_cache, idx // n, scan), constrain),
-          gen_cache, constrain(prompt_mask_bq[idx // n]))
-      c = (i, idx, constrain(pos[order]), constrain(logits[order]), kept_cache, *full)
+      kept_cache = (
+          sampler_kv.constrain_rows(sampler_kv.take_rows(prompt_cache, idx // n, scan),
+                                    constrain),
+          jax.tree.map(constrain, sampler_kv.take_rows(gen_cache, order, scan)),
+          constrain(prompt_mask_bq[idx // n]))
+      c = (i, idx, constrain(pos[order]), constrain(logits[order]), kept_cache, *outputs)
       decode = sampler_kv.make_steps(model, n=1, weights_first=weights_first[k], **steps_kw)[1]
     floor = stages[k + 1] if k + 1 < len(stages) else 0
     runs = (c[0] < max_steps) & (jnp.sum(~c[-2]) > floor)
@@ -604,8 +605,9 @@ class Sampler:
               scan=(cfg.scan_layers if cfg.scan_layers is not None
                     else not on_cpu and bool(getattr(mcfg, "scan_layers", False))),
               batch_spec=None if self.mesh is None else ("data", "fsdp"))
+    eos_ids = self.eos_ids_for(mcfg)
     compact = cfg.compact_rows if cfg.compact_rows is not None else on_cpu
-    compact = compact and bool(self.eos_ids_for(mcfg)) and gen_len > 1
+    compact = compact and bool(eos_ids) and gen_len > 1
     kw["stages"] = compaction_stages(ids_bp.shape[0] * int(n),
                                      cfg.compact_min_rows if compact else 0,
                                      self.data_parallel_size)
@@ -618,7 +620,6 @@ class Sampler:
     t0 = time.perf_counter()
     with self._mesh_ctx():
       ids_in, mask_in = self._place(run_ids), self._place(run_mask)
-      eos_ids = self.eos_ids_for(mcfg)
       eos_e = np.full((max(8, len(eos_ids)),), -1, np.int32)
       eos_e[:len(eos_ids)] = eos_ids
       out = jitted_program()(graphdef, state, ids_in, mask_in, key, jnp.int32(max_new),

@@ -171,23 +171,24 @@ def prefill(model, tokens_bp, positions_bp, mask_bp, compute_dtype, cache_dtype,
   return logits_b1v[:, 0].astype(jnp.float32), cache
 
 
+def map_rows(cache, fn):
+  """`fn` on each per-row cache entry (per layer, or stacked); the common prefix's "shared_"
+  entries (one copy for all rows) are kept as they are."""
+  def one(d):
+    return {k: x if k.startswith("shared_") else fn(x) for k, x in d.items()}
+  return one(cache) if isinstance(cache, dict) else list(map(one, cache))
+
+
 def constrain_rows(prompt_cache, constrain):
   """`constrain` on the per-row prompt cache entries; the common prefix's stays replicated."""
-  def one(d):
-    return {k: x if k.startswith("shared_") else constrain(x) for k, x in d.items()}
-  return one(prompt_cache) if isinstance(prompt_cache, dict) else list(map(one, prompt_cache))
+  return map_rows(prompt_cache, constrain)
 
 
 def take_rows(cache, idx_r, scan: bool):
-  """The cache entries' rows `idx_r` [R'] (axis 0, or 1 under a stacked [L] with `scan`); the
-  common prefix's "shared_" entries (one copy for all rows) are kept as they are. On the prompt
-  cache with prompt indices, this gives each kept row its own copy of its prompt's slots."""
-  axis = 1 if scan else 0
-
-  def one(d):
-    return {k: x if k.startswith("shared_") else jnp.take(x, idx_r, axis=axis)
-            for k, x in d.items()}
-  return one(cache) if isinstance(cache, dict) else list(map(one, cache))
+  """The cache entries' rows `idx_r` [R'] (axis 0, or 1 under a stacked [L] with `scan`), the
+  common prefix's kept whole. On the prompt cache with prompt indices, this gives each kept row
+  its own copy of its prompt's slots."""
+  return map_rows(cache, lambda x: jnp.take(x, idx_r, axis=1 if scan else 0))
 
 
 def init_gen_cache(cfg, rows: int, gen_len: int, dtype, attention: str, scan: bool):
