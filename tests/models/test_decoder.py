@@ -121,7 +121,8 @@ def test_chunked_token_logprobs_equal_full_log_softmax():
 
 
 def test_chunked_logprob_gradients_equal_full():
-  """Gradients through the chunked path, with each remat setting, equal the plain computation's."""
+  """Gradients of log-probs and entropies through the chunked path, with each remat setting (which
+  the LM-head chunks follow), equal the plain computation's."""
   graphdef, state = nnx.split(Decoder(_tiny(), rngs=nnx.Rngs(3)))
   rng = np.random.default_rng(3)
   tokens, positions, mask = padded_batch(rng, 96, 2, 9, "right")
@@ -130,7 +131,8 @@ def test_chunked_logprob_gradients_equal_full():
   def plain(state):
     m = nnx.merge(graphdef, state)
     lp = jax.nn.log_softmax(m(tokens, positions, mask), -1)
-    return (jnp.take_along_axis(lp, targets[..., None], -1)[..., 0] * mask).sum()
+    ent = -jnp.sum(jnp.exp(lp) * lp, -1)
+    return ((jnp.take_along_axis(lp, targets[..., None], -1)[..., 0] + 0.3 * ent) * mask).sum()
 
   ref = jax.jit(jax.grad(plain))(state)
   for remat in ("none", "full", "dots_saveable"):
@@ -138,7 +140,9 @@ def test_chunked_logprob_gradients_equal_full():
 
     def chunked(state, gd=gd):
       m = nnx.merge(gd, state)
-      return (m.token_logprobs(tokens, positions, mask, targets, chunk_size=4) * mask).sum()
+      lp, ent = m.token_logprobs(tokens, positions, mask, targets, chunk_size=4,
+                                 with_entropy=True)
+      return ((lp + 0.3 * ent) * mask).sum()
 
     grads = jax.jit(jax.grad(chunked))(state)
     diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), grads, ref))
