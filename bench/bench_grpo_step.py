@@ -328,8 +328,8 @@ def main(argv=None):
     t = time.perf_counter()
     m = ours(batches[i], i)
     m["wall"] = time.perf_counter() - t
-    # A packed update and reference pass compile once per micro-batch row count (at most n
-    # shapes a prompt bucket), so a timed step meeting a new count compiles again.
+    # A packed update and reference pass compile once per micro-batch row count, so a timed
+    # step meeting a new count compiles again.
     m["time/compile"] = sum(compile_events)
     ours_ms.append(m)
     print(f"ours step {i}: " + ", ".join(f"{k}={v:.2f}" for k, v in m.items()
@@ -448,9 +448,9 @@ def report(args, argv, ours_ms, trl_ms, check_ms, trl_note, load_s, worst_reward
                + (f", TRL {median_of(trl_ms)['prompt_len']:.0f}" if trl_ms else "")
                + f"; ours' padded training sequence {med_o['seq_len']:.0f} tokens, of which "
                f"the first {med_o['prefix_len']:.0f} (the prompts' common prefix) run once a "
-               f"step in the reference pass and update; completions packed in "
-               f"{med_o['packed_rows']:.0f} rows of {args.max_new} slots (median) for "
-               f"{args.prompts * args.n} completions.")
+               f"step in the reference pass and update; the rest of each prompt and its "
+               f"completions packed in {med_o['packed_rows']:.0f} rows of {args.max_new} slots "
+               f"(median) for {args.prompts} prompts x {args.n} completions.")
   lines.append(f"- Host memory: GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '(unset)')} "
                f"(cqr_jax.host_memory; both sides).")
   text = "\n".join(lines) + "\n"

@@ -150,9 +150,10 @@ class GRPOSection:
   keep_checkpoints: int = 3
   max_nonfinite: int = 3      # K non-finite losses in a row stop the run
   train_top_layers: int = 0   # as sft.train_top_layers
-  # The update and reference pass run over each group's completions packed end to end (no
-  # padding between them) rather than one padded row each, in as many rows as each micro-batch
-  # needs (train/rollout_batch.pack_groups; one compile per row count).
+  # The update and reference pass run over each group's prompt and completions packed end to end
+  # (no padding between them) rather than a left-padded prompt and one padded row a completion,
+  # in as many rows as each micro-batch needs (train/rollout_batch.pack_groups; one compile per
+  # row count).
   pack_completions: bool = True
   # With packing: a prefix that every prompt of a step starts with (the template's instructions),
   # if at least this long (rounded down to a multiple of 16), runs once a step in the update and

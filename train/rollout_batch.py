@@ -60,9 +60,10 @@ def assemble(roll, mesh, micro_batch: int, pack: bool = False,
   prompt, prompt_mask [G, Lp] (left-padded); completion, completion_mask [G, m, Lc], the mask
   marking response tokens up to and including the first EOS (method.md 4.5). G = rows / m; the
   group of row-major rollout r is r // m (so reshape per-rollout values [rows] to [G, m]).
-  With `pack`, also "packs": per micro-batch (`micro_groups`), its groups' completions packed end
-  to end (`pack_groups`) in as many rows as that micro-batch needs; the model then runs over
-  those slots instead of m padded rows, one compiled shape per row count. With `pack` and
+  With `pack`, also "packs": per micro-batch (`micro_groups`), each of its groups' prompt and
+  completions packed end to end (`pack_groups`) in as many rows as that micro-batch needs; the
+  model then runs over those slots instead of the left-padded prompt and m padded rows, one
+  compiled shape per row count. With `pack` and
   `shared_prefix_min` > 0, when the prompts share a prefix of at least that many tokens
   (`cqr_jax.sampler.shared_prefix_layout`: rounded down to a multiple of 16), also "prefix" [S]
   (replicated), and the prompts hold only what follows it [G, Lp - S], left-padded (the
@@ -90,8 +91,8 @@ def assemble(roll, mesh, micro_batch: int, pack: bool = False,
   if prefix is not None:
     out["prefix"] = place_replicated(prefix.astype(np.int32), mesh)
   if pack:
-    out["packs"] = [{k: as_device(v) for k, v in pack_groups(batch["completion"][g],
-                                                             batch["completion_mask"][g]).items()}
+    parts = ("prompt", "prompt_mask", "completion", "completion_mask")
+    out["packs"] = [{k: as_device(v) for k, v in pack_groups(*(batch[p][g] for p in parts)).items()}
                     for g in micro_groups(len(batch["completion"]), m, micro_batch)]
   return out
 
@@ -113,36 +114,50 @@ def micro_groups(groups: int, m: int, micro_batch: int) -> list[np.ndarray]:
   return [np.arange(i, groups, n) for i in range(n)]
 
 
-def pack_groups(completion_gmc: np.ndarray, mask_gmc: np.ndarray) -> dict[str, np.ndarray]:
-  """Each group's m completions (their masked tokens, a prefix of each row) laid end to end in
-  k rows of Lc slots, k = ceil(longest group's token count / Lc), the same k for every group
-  (one micro-batch's groups: the update compiles once per k): `Decoder.packed_completion_logprobs`'
-  inputs.
+def pack_groups(prompt_gp: np.ndarray, prompt_mask_gp: np.ndarray, completion_gmc: np.ndarray,
+                mask_gmc: np.ndarray) -> dict[str, np.ndarray]:
+  """Each group's prompt (its real tokens) then its m completions (their masked tokens, a prefix
+  of each row) laid end to end in k rows of Lc slots, k = ceil(the longest group's token count /
+  Lc), the same k for every group (one micro-batch's groups: the update and the reference pass
+  compile once per k): `Decoder.packed_completion_logprobs`' inputs. Only the last row's tail is
+  empty: the prompt's left padding and the completions' right padding are gone.
 
-  Returns packed [G, k, Lc] (tokens, 0 in empty slots), packed_segment [G, k, Lc] (the
-  completion 0..m-1 a slot holds, -1 if empty), packed_offset [G, k, Lc] (the token's index in
-  its completion) and packed_unpack [G, m, Lc] (slot of completion j's token t in the group's
-  k * Lc slots; 0 past its end)."""
+  Returns packed [G, k, Lc] (tokens, 0 in empty slots); packed_segment [G, k, Lc] (the
+  completion 0..m-1 a slot holds, m for the prompt, -1 if empty); packed_position [G, k, Lc]
+  (0, 1, .. through the prompt, then prompt length + the token's index in its completion);
+  packed_source [G, k, Lc] (the slot whose output predicts the slot's token: the prompt's last
+  for a completion's first token, else the slot before); packed_unpack [G, m, Lc] (slot of
+  completion j's token t in the group's k * Lc slots; 0 past its end)."""
   g, m, lc = completion_gmc.shape
   lengths_gm = mask_gmc.sum(-1)
   if np.any(mask_gmc != (np.arange(lc) < lengths_gm[..., None])):
     raise ValueError("pack_groups: every completion_mask row must be a prefix of ones")
-  k = max(1, -(-int(lengths_gm.sum(-1).max()) // lc))
-  tokens = np.zeros((g, k * lc), np.int32)
-  segment = np.full((g, k * lc), -1, np.int32)
-  offset = np.zeros((g, k * lc), np.int32)
+  prompts = [row[mask] for row, mask in zip(prompt_gp, np.asarray(prompt_mask_gp, bool))]
+  if min(len(r) for r in prompts) == 0:
+    raise ValueError("pack_groups: every group needs at least one real prompt token")
+  longest = max(len(r) + int(n) for r, n in zip(prompts, lengths_gm.sum(-1)))
+  slots = max(1, -(-longest // lc)) * lc
+  tokens = np.zeros((g, slots), np.int32)
+  segment = np.full((g, slots), -1, np.int32)
+  position = np.zeros((g, slots), np.int32)
+  source = np.zeros((g, slots), np.int32)
   unpack = np.zeros((g, m, lc), np.int32)
-  starts_gm = np.cumsum(lengths_gm, axis=-1) - lengths_gm
-  for i in range(g):
+  for i, prompt in enumerate(prompts):
+    lp = len(prompt)
+    tokens[i, :lp], segment[i, :lp], position[i, :lp] = prompt, m, np.arange(lp)
+    source[i, 1:lp] = np.arange(lp - 1)
+    start = lp
     for j in range(m):
-      n, s = int(lengths_gm[i, j]), int(starts_gm[i, j])
-      tokens[i, s:s + n] = completion_gmc[i, j, :n]
-      segment[i, s:s + n] = j
-      offset[i, s:s + n] = np.arange(n)
-      unpack[i, j, :n] = np.arange(s, s + n)
-  shape = (g, k, lc)
+      span = np.arange(start, start + int(lengths_gm[i, j]))
+      tokens[i, span], segment[i, span] = completion_gmc[i, j, :len(span)], j
+      position[i, span] = lp + np.arange(len(span))
+      source[i, span] = np.concatenate([[lp - 1], span[:-1]])
+      unpack[i, j, :len(span)] = span
+      start += len(span)
+  shape = (g, slots // lc, lc)
   return {"packed": tokens.reshape(shape), "packed_segment": segment.reshape(shape),
-          "packed_offset": offset.reshape(shape), "packed_unpack": unpack}
+          "packed_position": position.reshape(shape), "packed_source": source.reshape(shape),
+          "packed_unpack": unpack}
 
 
 def pad_left(seqs: list[list[int]], length: int, pad_id: int) -> np.ndarray:

@@ -79,17 +79,18 @@ def _target_logprobs(graphdef, rest, params, tokens_bl, mask_bl, temperature, wi
 def _completion_logprobs(graphdef, rest, params, mb, temperature, with_entropy,
                          top_layers: int = 0, common=None):
   """Log-probs (and entropies) of a grouped batch's completions, [G*m, Lc]: each group's prompt
-  runs once for its m completions (Decoder.completion_logprobs), over the completions packed end
-  to end if the batch has them (rollout_batch.pack_groups; Decoder.packed_completion_logprobs).
+  runs once for its m completions (Decoder.completion_logprobs), or, if the batch has them, over
+  the prompt's real tokens and the completions packed end to end (rollout_batch.pack_groups;
+  Decoder.packed_completion_logprobs; the prompt's width bounds the slots it may take).
   `top_layers`: as in `_policy`; `common`: the keys of the prefix before every prompt
   (`_prefix_kv`; packed batches only)."""
   model, frozen = _policy(graphdef, rest, params, top_layers)
   g, m, lc = mb["completion"].shape
   if "packed" in mb:
     return model.packed_completion_logprobs(
-        mb["prompt"], mb["prompt_mask"], mb["packed"], mb["packed_segment"], mb["packed_offset"],
-        mb["packed_unpack"], temperature=temperature, with_entropy=with_entropy,
-        frozen_layers=frozen, common=common)
+        mb["packed"], mb["packed_segment"], mb["packed_position"], mb["packed_source"],
+        mb["packed_unpack"], prompt_width=mb["prompt"].shape[1],
+        temperature=temperature, with_entropy=with_entropy, frozen_layers=frozen, common=common)
   return model.completion_logprobs(
       mb["prompt"], mb["prompt_mask"], mb["completion"].reshape(g * m, lc),
       mb["completion_mask"].reshape(g * m, lc), m, temperature=temperature,
@@ -241,9 +242,10 @@ def make_grpo_update(graphdef, rest, tx, loss_cfg, *, temperature: float,
   tokens up to and including the first EOS); adv [G, m]; ref_logp [G, m, Lc] (absent: no KL
   term, for kl_coef 0); optionally old_logp [G, m, Lc] (else the detached current log-probs:
   with one update per batch the policy is exactly on-policy, method.md 4.7); optionally "packs":
-  per micro-batch its completions packed (packed, packed_segment, packed_offset [G/M, k, Lc],
-  packed_unpack [G/M, m, Lc]: rollout_batch.pack_groups), which its forward then runs over
-  instead, k rows as that micro-batch needs (one compile per k). Micro-batches hold
+  per micro-batch its groups' prompts and completions packed (packed, packed_segment,
+  packed_position, packed_source [G/M, k, Lc], packed_unpack [G/M, m, Lc]:
+  rollout_batch.pack_groups), which its forward then runs over instead, k rows as that
+  micro-batch needs (one compile per k). Micro-batches hold
   `micro_batch` completions, whole groups. `top_layers` > 0: only the top blocks train (pair it
   with `partial_training.mask_optimizer(tx, top_layers)`).
   """

@@ -6,7 +6,11 @@ by a large negative number, so a row with no visible key stays finite.
 
 The products run head-major: queries as [B, KVH, G * T, Dh] against keys/values [B, KVH, S, Dh],
 so both are plain batched matmuls over (B, KVH) and their gradients need no transposes of the
-[.., T, S] scores (XLA:CPU, SmolLM2 shapes at 8 x 384: fwd+bwd 345 -> 270 ms a layer).
+[.., T, S] scores (XLA:CPU, SmolLM2 shapes at 8 x 384: fwd+bwd 345 -> 270 ms a layer). Training
+attention runs one softmax over one key set per row (key sets such as a prompt's and a row's own
+are concatenated, not combined part by part) with its own backward rule (`_softmax_attention`);
+the sampler's decode step, which must not copy a shared prefix's keys per row, combines parts
+(`joint_softmax`).
 """
 
 from __future__ import annotations
@@ -46,15 +50,55 @@ def joint_softmax(*scores):
   return tuple(e / z for e in es)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _softmax_attention(q_bkqd, k_bksd, v_bksd, mask_bts, groups: int, compute_dtype):
+  """softmax(q k^T, masked) v over head-major grouped queries q [B, KVH, G * T, Dh] (scaled),
+  keys/values [B, KVH, S, Dh], mask_bts [B, T, S] shared by the G query heads of a kv head
+  -> [B, KVH, G * T, Dh] float32.
+
+  Its own backward (the softmax rule dS = P * (dP - rowsum(dO * O))): fewer passes over the
+  [.., T, S] scores than differentiating the masked softmax op by op (XLA:CPU, the GRPO
+  benchmark's packed rows: attention forward + backward ~15% faster)."""
+  return _softmax_attention_fwd(q_bkqd, k_bksd, v_bksd, mask_bts, groups, compute_dtype)[0]
+
+
+def _masked(x_bkqs, mask_bts, groups, fill):
+  b, kvh, q, s = x_bkqs.shape
+  x = x_bkqs.reshape(b, kvh, groups, q // groups, s)
+  return jnp.where(mask_bts[:, None, None], x, fill).reshape(b, kvh, q, s)
+
+
+def _softmax_attention_fwd(q_bkqd, k_bksd, v_bksd, mask_bts, groups, compute_dtype):
+  s_bkqs = _masked(mm(q_bkqd, k_bksd, compute_dtype, "bkqd,bksd->bkqs"), mask_bts, groups,
+                   NEG_INF)
+  p_bkqs = jnp.exp(s_bkqs - jnp.max(s_bkqs, -1, keepdims=True))
+  p_bkqs = p_bkqs / jnp.sum(p_bkqs, -1, keepdims=True)
+  o_bkqd = mm(p_bkqs, v_bksd, compute_dtype, "bkqs,bksd->bkqd")
+  return o_bkqd, (q_bkqd, k_bksd, v_bksd, mask_bts, p_bkqs, o_bkqd)
+
+
+def _softmax_attention_bwd(groups, compute_dtype, res, do_bkqd):
+  q_bkqd, k_bksd, v_bksd, mask_bts, p_bkqs, o_bkqd = res
+  dv_bksd = mm(p_bkqs, do_bkqd, compute_dtype, "bkqs,bkqd->bksd")
+  dp_bkqs = mm(do_bkqd, v_bksd, compute_dtype, "bkqd,bksd->bkqs")
+  ds_bkqs = p_bkqs * (dp_bkqs - jnp.sum(do_bkqd * o_bkqd, -1, keepdims=True))
+  ds_bkqs = _masked(ds_bkqs, mask_bts, groups, 0.0)  # a row with no visible key: no gradient
+  dq_bkqd = mm(ds_bkqs, k_bksd, compute_dtype, "bkqs,bksd->bkqd")
+  dk_bksd = mm(ds_bkqs, q_bkqd, compute_dtype, "bkqs,bkqd->bksd")
+  return (dq_bkqd.astype(q_bkqd.dtype), dk_bksd.astype(k_bksd.dtype),
+          dv_bksd.astype(v_bksd.dtype), None)
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
+
+
 def attend_heads_major(q_btnd, k_bksd, v_bksd, mask_bts, compute_dtype):
   """softmax(q k^T / sqrt(Dh), masked) v with head-major keys/values [B, KVH, S, Dh]
   -> [B, T, H * Dh] float32."""
   b, t, h, dh = q_btnd.shape
-  kvh, s = k_bksd.shape[1], k_bksd.shape[2]
+  kvh = k_bksd.shape[1]
   q_bkqd = _group_queries(q_btnd, kvh).reshape(b, kvh, h // kvh * t, dh)
-  s_bkgts = mm(q_bkqd, k_bksd, compute_dtype, "bkqd,bksd->bkqs").reshape(b, kvh, h // kvh, t, s)
-  p_bkgts = jax.nn.softmax(jnp.where(mask_bts[:, None, None], s_bkgts, NEG_INF), axis=-1)
-  o_bkqd = mm(p_bkgts.reshape(b, kvh, h // kvh * t, s), v_bksd, compute_dtype, "bkqs,bksd->bkqd")
+  o_bkqd = _softmax_attention(q_bkqd, k_bksd, v_bksd, mask_bts, h // kvh, compute_dtype)
   return o_bkqd.reshape(b, kvh, h // kvh, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h * dh)
 
 
@@ -68,41 +112,57 @@ def attend_shared_prefix(qc_rcnd, kp_pksd, vp_pksd, kc_rckd, vc_rckd, prompt_mas
                          own_mask_rcs, n: int, compute_dtype, common=None):
   """Completion rows [R = P * n, Lc] (row r continues prompt r // n) attending to their prompt's
   keys [P, KVH, Lp, Dh] (valid where prompt_mask_ps) and to their own, one softmax over both
-  -> [R, Lc, H * Dh] float32. A prompt's keys meet the queries of all its n rows in one matmul:
-  they are never repeated n times.
+  -> [R, Lc, H * Dh] float32. The prompt is projected once for its n rows; each row's key set
+  is its prompt's keys then its own (a copy of [Lp, Dh] per kv head: small beside the row's
+  [G * Lc, Lp] scores), so one batched product and one softmax serve all key sets.
 
-  own_mask_rcs [R, Lc, Lc]: a row sees its own keys. [R, Lc, 2 * Lc]: a row sees the previous
-  row's keys of the same prompt, then its own (packed completions that run over a row boundary;
-  the first row of a prompt has no previous row). `common` (k, v) [KVH, S, Dh]: keys every row
-  also sees, before its prompt's (a prefix all P prompts share), in the same softmax."""
-  r, lc, h, dh = qc_rcnd.shape
-  p, kvh, lp, _ = kp_pksd.shape
-  g = h // kvh
-  ls = own_mask_rcs.shape[-1]
-  # [R, Lc, KVH, G, Dh] -> [P, KVH, n, G * Lc, Dh]: grouped by prompt, then kv head.
-  q = _group_queries(qc_rcnd, kvh).reshape(p, n, kvh, g, lc, dh).transpose(0, 2, 1, 3, 4, 5)
-  q_pknqd = q.reshape(p, kvh, n, g * lc, dh)
+  own_mask_rcs [R, Lc, Lc]: which of its own keys a row's query sees. `common` (k, v)
+  [KVH, S, Dh]: keys every row also sees, before its prompt's (a prefix all P prompts share),
+  in the same softmax."""
+  r, lc = qc_rcnd.shape[:2]
+  lp = kp_pksd.shape[2]
 
-  def own(x_rckd):  # -> [P, KVH, n, Ls, Dh]
-    x = x_rckd.reshape(p, n, lc, kvh, dh).transpose(0, 3, 1, 2, 4)
-    if ls == lc:
-      return x
-    prev = jnp.pad(x, ((0, 0), (0, 0), (1, 0), (0, 0), (0, 0)))[:, :, :n]
-    return jnp.concatenate([prev, x], axis=3)
+  def keys(xp_pksd, xc_rckd, xs_ksd):  # -> [R, KVH, (S +) Lp + Lc, Dh]
+    parts = [jnp.repeat(xp_pksd, n, axis=0), heads_major(xc_rckd)]
+    if xs_ksd is not None:
+      parts.insert(0, jnp.broadcast_to(xs_ksd[None], (r,) + xs_ksd.shape))
+    return jnp.concatenate(parts, axis=2)
 
-  sp = mm(q_pknqd.reshape(p, kvh, n * g * lc, dh), kp_pksd, compute_dtype, "pkqd,pksd->pkqs")
-  sp = jnp.where(prompt_mask_ps[:, None, None], sp, NEG_INF).reshape(p, kvh, n, g * lc, lp)
-  so = mm(q_pknqd, own(kc_rckd), compute_dtype, "pknqd,pknsd->pknqs").reshape(p, kvh, n, g, lc, ls)
-  so = jnp.where(own_mask_rcs.reshape(p, 1, n, 1, lc, ls), so, NEG_INF)
-  parts = [sp, so.reshape(p, kvh, n, g * lc, ls)]
+  seen_rcp = jnp.broadcast_to(jnp.repeat(prompt_mask_ps > 0, n, axis=0)[:, None], (r, lc, lp))
+  masks = [seen_rcp, own_mask_rcs]
   if common is not None:
-    parts.append(mm(q_pknqd, common[0], compute_dtype, "pknqd,ksd->pknqs"))
-  pp, po, *px = joint_softmax(*parts)
-  o = mm(pp.reshape(p, kvh, n * g * lc, lp), vp_pksd, compute_dtype, "pkqs,pksd->pkqd")
-  o = o.reshape(p, kvh, n, g * lc, dh) + mm(po, own(vc_rckd), compute_dtype, "pknqs,pknsd->pknqd")
+    masks.insert(0, jnp.ones((r, lc, common[0].shape[1]), bool))
+  return attend_heads_major(qc_rcnd, keys(kp_pksd, kc_rckd, None if common is None else common[0]),
+                            keys(vp_pksd, vc_rckd, None if common is None else common[1]),
+                            jnp.concatenate(masks, axis=-1), compute_dtype)
+
+
+def attend_packed_rows(q_rcnd, k_rckd, v_rckd, mask_rcs, streams: int, head: int,
+                       compute_dtype, common=None):
+  """Rows [R = P * k, Lc] of P packed streams (k consecutive rows each), each row attending to
+  its stream's first `head` slots (where a prompt lies), the row before it and itself: keys in
+  that order, head + 2 * Lc a row, masked by mask_rcs [R, Lc, head + 2 * Lc] (the caller masks
+  keys that two of those blocks share; a stream's first row has a previous row of zeros).
+  `common` (k, v) [KVH, S, Dh]: keys every row also sees first, in the same softmax.
+  -> [R, Lc, H * Dh] float32."""
+  r, lc = q_rcnd.shape[:2]
+  kvh, dh = k_rckd.shape[2:]
+  k = r // streams
+
+  def keys(x_rckd, xs_ksd):  # -> [R, KVH, (S +) head + 2 * Lc, Dh]
+    x = heads_major(x_rckd).reshape(streams, k, kvh, lc, dh)
+    first = x.transpose(0, 2, 1, 3, 4).reshape(streams, 1, kvh, k * lc, dh)[:, :, :, :head]
+    prev = jnp.pad(x, ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))[:, :k]
+    parts = [jnp.broadcast_to(first, (streams, k, kvh, head, dh)), prev, x]
+    if xs_ksd is not None:
+      parts.insert(0, jnp.broadcast_to(xs_ksd, (streams, k) + xs_ksd.shape))
+    return jnp.concatenate(parts, axis=3).reshape(r, kvh, -1, dh)
+
   if common is not None:
-    o = o + mm(px[0], common[1], compute_dtype, "pknqs,ksd->pknqd")
-  return o.reshape(p, kvh, n, g, lc, dh).transpose(0, 2, 4, 1, 3, 5).reshape(r, lc, h * dh)
+    mask_rcs = jnp.concatenate([jnp.ones((r, lc, common[0].shape[1]), bool), mask_rcs], axis=-1)
+  return attend_heads_major(q_rcnd, keys(k_rckd, None if common is None else common[0]),
+                            keys(v_rckd, None if common is None else common[1]), mask_rcs,
+                            compute_dtype)
 
 
 def _attend_rows(q_btnd, k_btkd, v_btkd, mask_btt, compute_dtype, common=None):
@@ -147,10 +207,10 @@ class Attention(nnx.Module):
                     n: int, compute_dtype, common=None):
     """Prompts [P, Lp, D] and their completions [P*n, Lc, D] (row r continues prompt r // n):
     the prompts attend among themselves (mask_bpp); completion row r attends to prompt r // n's
-    real tokens (prompt_mask_bp [P, Lp]), then to its own (own_mask_bcs [P*n, Lc, Lc], or
-    [P*n, Lc, 2 * Lc] with the previous row's keys first: attend_shared_prefix). Each prompt is
-    projected once, not n times. `common` (k, v) [KVH, S, Dh]: the keys of a prefix that comes
-    before every prompt (`prefix_kv`), seen by all queries."""
+    real tokens (prompt_mask_bp [P, Lp]), then to its own (own_mask_bcs [P*n, Lc, Lc]:
+    attend_shared_prefix). Each prompt is projected once, not n times. `common` (k, v)
+    [KVH, S, Dh]: the keys of a prefix that comes before every prompt (`prefix_kv`), seen by all
+    queries."""
     qp, kp, vp = self.qkv(xp_bpd, *rope_p, compute_dtype)
     qc, kc, vc = self.qkv(xc_bcd, *rope_c, compute_dtype)
     out_p = _attend_rows(qp, kp, vp, mask_bpp, compute_dtype, common)
@@ -158,6 +218,12 @@ class Attention(nnx.Module):
     out_c = attend_shared_prefix(qc, kp, vp, kc, vc, prompt_mask_bp, own_mask_bcs, n,
                                  compute_dtype, common)
     return self.o_proj(out_p, compute_dtype), self.o_proj(out_c, compute_dtype)
+
+  def packed_rows(self, x_rcd, cos, sin, mask_rcs, streams, head, compute_dtype, common=None):
+    """Rows of packed streams [R, Lc, D]: see attend_packed_rows."""
+    q, k, v = self.qkv(x_rcd, cos, sin, compute_dtype)
+    out = attend_packed_rows(q, k, v, mask_rcs, streams, head, compute_dtype, common)
+    return self.o_proj(out, compute_dtype)
 
   def prefix_kv(self, x_1sd, cos, sin, compute_dtype):
     """Causal self-attention over one sequence [1, S, D] -> (output [1, S, D], its keys and

@@ -75,6 +75,12 @@ class Block(nnx.Module):
     return (xp_bpd + self.mlp(self.mlp_norm(xp_bpd), compute_dtype),
             xc_bcd + self.mlp(self.mlp_norm(xc_bcd), compute_dtype))
 
+  def packed_rows(self, x_rcd, cos, sin, mask_rcs, streams, head, compute_dtype, common=None):
+    """The block over the rows of packed streams [R, Lc, D] (Attention.packed_rows)."""
+    x_rcd = x_rcd + self.attn.packed_rows(self.attn_norm(x_rcd), cos, sin, mask_rcs, streams,
+                                          head, compute_dtype, common)
+    return x_rcd + self.mlp(self.mlp_norm(x_rcd), compute_dtype)
+
   def prefix_kv(self, x_1sd, cos, sin, compute_dtype):
     """The block over one causal sequence [1, S, D] -> (x, its (k, v) [KVH, S, Dh])."""
     a_1sd, kv = self.attn.prefix_kv(self.attn_norm(x_1sd), cos, sin, compute_dtype)
@@ -284,40 +290,52 @@ class Decoder(nnx.Module):
                             chunk_size=chunk_size, with_entropy=with_entropy,
                             compute_dtype=self._cdt(compute_dtype), remat=self.config.remat)
 
-  def packed_completion_logprobs(self, prompt_bp, prompt_mask_bp, packed_bkc, segment_bkc,
-                                 offset_bkc, unpack_bmc, *, temperature: float = 1.0,
+  def packed_completion_logprobs(self, packed_bkc, segment_bkc, position_bkc, source_bkc,
+                                 unpack_bmc, *, prompt_width: int, temperature: float = 1.0,
                                  chunk_size: int = 128, with_entropy: bool = False,
                                  compute_dtype=None, frozen_layers: int = 0, common=None):
-    """`completion_logprobs` of P prompts' m completions each, packed end to end (no padding
-    between them) in k rows of Lc slots per prompt (train/rollout_batch.pack_groups).
+    """`completion_logprobs` of P prompts' m completions each, each prompt's real tokens then its
+    completions packed end to end in a stream of k rows of Lc slots (train/rollout_batch.
+    pack_groups): neither the prompts' left padding nor the completions' right padding goes
+    through the model, only the stream's tail.
 
-    packed_bkc [P, k, Lc]: the tokens; segment_bkc: the completion (0..m-1) each slot holds, -1
-    if empty; offset_bkc: the token's index within its completion; unpack_bmc [P, m, Lc]: the slot
-    (0..k*Lc-1) of completion j's token t (any slot past its end: masked by the caller). A
-    completion holds at most Lc tokens, so it spans at most two consecutive rows: a row attends to
-    its prompt, the previous row and itself, masked to the query's own completion. The LM head
-    runs over the k * Lc packed slots rather than m * Lc padded ones. `common`: `prefix_kv` of a
-    prefix that comes before every prompt (the prompts then hold only what follows it).
+    packed_bkc [P, k, Lc]: the tokens; segment_bkc: the completion (0..m-1) a slot holds, m for
+    the prompt, -1 if empty; position_bkc: the token's position from the prompt's first token;
+    source_bkc: the slot (0..k*Lc-1) whose output predicts the slot's token; unpack_bmc
+    [P, m, Lc]: the slot of completion j's token t (any slot past its end: masked by the
+    caller). A slot sees the prompt's slots and its own completion's, causally. The prompt lies
+    in the first `prompt_width` slots (at most: its left-padded width) and a completion (at most
+    Lc tokens) in at most two consecutive rows, so a row attends to those first slots, the
+    previous row and itself (Attention.packed_rows), not to the whole stream. `common`:
+    `prefix_kv` of a prefix that comes before every prompt (positions then start at its length
+    S).
     Returns log-probs [P*m, Lc] (and entropies), laid out as `completion_logprobs`'."""
     p, k, lc = packed_bkc.shape
     m = unpack_bmc.shape[1]
-    seg_q = segment_bkc
-    seg_prev = jnp.pad(seg_q, ((0, 0), (1, 0), (0, 0)), constant_values=-2)[:, :k]
-    seg_keys = jnp.concatenate([seg_prev, seg_q], axis=-1)  # [P, k, 2 Lc]: previous row, own
+    w = min(prompt_width, k * lc)
+    s = 0 if common is None else common[0].shape[2]
+    seg_q = segment_bkc[..., None]  # [P, k, Lc, 1]
+    seg_prev = jnp.pad(segment_bkc, ((0, 0), (1, 0), (0, 0)), constant_values=-1)[:, :k]
+    near = jnp.concatenate([seg_prev, segment_bkc], axis=-1)[:, :, None, :]  # [P, k, 1, 2 Lc]
     causal_cs = jnp.arange(2 * lc)[None, :] <= lc + jnp.arange(lc)[:, None]
-    own = (seg_keys[:, :, None, :] == seg_q[..., None]) & causal_cs & (seg_q[..., None] >= 0)
-    hp_bpd, hc_bcd = self._shared_prefix_run(
-        prompt_bp, prompt_mask_bp, packed_bkc.reshape(p * k, lc), offset_bkc.reshape(p * k, lc),
-        own.reshape(p * k, lc, 2 * lc), k, compute_dtype, frozen_layers, common)
-    # The state that predicts slot s: the prompt's last one at a completion's first token, else
-    # slot s - 1 (the same completion's previous token).
-    hc_bsd = hc_bcd.reshape(p, k * lc, -1)
-    prev_bsd = jnp.concatenate([hp_bpd[:, -1:], hc_bsd[:, :-1]], axis=1)
-    first_bs = (offset_bkc.reshape(p, k * lc) == 0)[..., None]
-    h_bsd = jnp.where(first_bs, hp_bpd[:, -1:], prev_bsd)
+    near_ok = (near >= 0) & ((near == seg_q) | (near == m)) & causal_cs
+    # The first w slots' prompt keys, less those the previous row and the row itself hold.
+    head = segment_bkc.reshape(p, 1, 1, k * lc)[..., :w]
+    head_row = jnp.arange(w) // lc
+    head_ok = (head == m) & (head_row < jnp.arange(k)[:, None, None] - 1)
+    mask = jnp.concatenate([jnp.broadcast_to(head_ok, (p, k, lc, w)),
+                            jnp.broadcast_to(near_ok, (p, k, lc, 2 * lc))], axis=-1)
+    mask = (mask & (seg_q >= 0)).reshape(p * k, lc, w + 2 * lc)
+    cdt = self._cdt(compute_dtype)
+    cos, sin = self._rope(s + position_bkc.reshape(p * k, lc))
+    x = self._run_blocks(
+        lambda layer, x, kv: layer.packed_rows(x, cos, sin, mask, p, w, cdt, kv),
+        self.embed(packed_bkc.reshape(p * k, lc)), frozen_layers, common)
+    h_bsd = self.final_norm(x).reshape(p, k * lc, -1)
+    h_bsd = jnp.take_along_axis(h_bsd, source_bkc.reshape(p, k * lc, 1), axis=1)
     out = chunked_logprobs(h_bsd, self.lm_head_vd(), packed_bkc.reshape(p, k * lc),
                            temperature=temperature, chunk_size=chunk_size,
-                           with_entropy=with_entropy, compute_dtype=self._cdt(compute_dtype),
+                           with_entropy=with_entropy, compute_dtype=cdt,
                            remat=self.config.remat)
     idx = unpack_bmc.reshape(p, m * lc)
     unpack = lambda x_bs: jnp.take_along_axis(x_bs, idx, axis=1).reshape(p * m, lc)  # noqa: E731

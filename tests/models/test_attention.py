@@ -47,6 +47,33 @@ def test_attend_equals_reference(h, kvh):
   assert np.isfinite(got).all()  # fully masked rows stay finite
 
 
+def plain(q_btnd, k_bskd, v_bskd, mask_bts):
+  """softmax(q k^T / sqrt(Dh)) v per query head with jax.nn.softmax, differentiated by jax
+  (the reference for attention's own backward rule)."""
+  b, t, h, dh = q_btnd.shape
+  g = h // k_bskd.shape[2]
+  k, v = jnp.repeat(k_bskd, g, axis=2), jnp.repeat(v_bskd, g, axis=2)
+  s = jnp.einsum("bthd,bshd->bhts", q_btnd, k) / np.sqrt(dh)
+  p = jax.nn.softmax(jnp.where(mask_bts[:, None], s, -1e30), axis=-1)
+  return jnp.einsum("bhts,bshd->bthd", p, v).reshape(b, t, h * dh)
+
+
+@pytest.mark.parametrize("h,kvh", [(4, 2), (6, 1)])
+def test_attend_gradient_equals_autodiff(h, kvh):
+  """attend's backward rule (dS = P * (dP - rowsum(dO * O))) gives jax's gradient of the plain
+  masked softmax, with left padding, a fully masked query row and a sparse (packed) mask."""
+  q, k, v = random_qkv(jax.random.key(3), 2, 6, 9, h, kvh)
+  rng = np.random.default_rng(3)
+  mask_bts = rng.random((2, 6, 9)) < 0.6
+  mask_bts[0, 2] = False  # a query that sees nothing
+  w = jax.random.normal(jax.random.key(4), (2, 6, h * 8))
+  grads = [jax.grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v) * w), argnums=(0, 1, 2))(q, k, v)
+           for f in (lambda q, k, v: attend(q, k, v, jnp.asarray(mask_bts), jnp.float32),
+                     lambda q, k, v: plain(q, k, v, jnp.asarray(mask_bts)))]
+  for got, want in zip(*grads):
+    np.testing.assert_allclose(got, want, **TOL)
+
+
 def concatenated(qc, kp, vp, kc, vc, prompt_mask, own_mask, n):
   """The same attention over keys prompt ++ own, the prompt repeated for each of its n rows."""
   k = jnp.concatenate([jnp.repeat(kp, n, axis=0), kc], axis=1)

@@ -92,10 +92,8 @@ def test_micro_batches_equal_the_formula(aggregation, scan, pack, shared):
   cfg = grpo_obj.GRPOLossConfig(aggregation=aggregation)
   mesh = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
   roll, flat, batch = make_batch(mesh=mesh, micro_batch=2, pack=pack, shared=shared)
-  if pack:  # micro-batches packed in different row counts; some completion crosses a row's end
-    assert sorted({p["packed"].shape[1] for p in batch["packs"]}) == [1, 2]
-    assert any((p["packed_segment"][:, 0, -1] >= 0).any() for p in batch["packs"]
-               if p["packed"].shape[1] == 2)
+  if pack:  # micro-batches packed in different row counts
+    assert len({p["packed"].shape[1] for p in batch["packs"]}) == 2
   assert batch["completion"].shape[:2] == (4, 2)  # groups of both samples of a prompt
   model = sharding.create_model(CFG, mesh, seed=0)
   graphdef, params, rest = steps.split_model(model)
@@ -196,23 +194,66 @@ def test_kl_coef_zero_needs_no_reference():
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_packed_logprobs_equal_padded_rows(scan):
+  """Decoder.packed_completion_logprobs over pack_groups' streams = completion_logprobs over the
+  left-padded prompt and padded completion rows (log-probs and entropies, f32), with prompts
+  spanning several rows (so later rows see the first rows' prompt keys), completions crossing
+  row ends, and a last row partly empty."""
+  from cqr_jax.models.decoder import Decoder
+  from flax import nnx
+  cfg = CFG.replace(scan_layers=scan)
+  model = Decoder(cfg, rngs=nnx.Rngs(7))
+  rng = np.random.default_rng(7)
+  g, m, lc, lp = 2, 3, 6, 16
+  prompt = rng.integers(2, 97, (g, lp)).astype(np.int32)
+  prompt_mask = np.arange(lp)[None] >= np.array([[0], [5]])  # 16 and 11 real tokens
+  lengths = np.array([[6, 2, 5], [1, 6, 3]])
+  mask = np.arange(lc)[None, None] < lengths[..., None]
+  comp = np.where(mask, rng.integers(2, 97, (g, m, lc)), 0).astype(np.int32)
+  pack = rollout_batch.pack_groups(prompt, prompt_mask, comp, mask)
+  assert pack["packed"].shape == (g, 5, lc)  # 16 + 13 tokens -> 5 rows of 6; 11 + 10 -> 4
+  want = model.completion_logprobs(prompt, prompt_mask, comp.reshape(g * m, lc),
+                                   mask.reshape(g * m, lc), m, temperature=0.7, with_entropy=True)
+  got = model.packed_completion_logprobs(
+      *(pack[k] for k in ("packed", "packed_segment", "packed_position", "packed_source",
+                          "packed_unpack")), prompt_width=lp, temperature=0.7,
+      with_entropy=True)
+  live = mask.reshape(g * m, lc)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(np.asarray(a)[live], np.asarray(b)[live], rtol=1e-5, atol=1e-5)
+
+
 def test_pack_groups_layout():
-  """Each group's completions end to end: unpack gives back every completion token, segments
-  and offsets name its completion and index, empty slots are -1, k = ceil(longest group / Lc)."""
+  """Each group's prompt (real tokens) then its completions end to end: unpack gives back every
+  completion token, segments name its completion (m for the prompt, -1 empty), positions
+  continue from the prompt's length, a token's source is the slot before it (the prompt's last
+  for a completion's first token), k = ceil(longest group / Lc)."""
   rng = np.random.default_rng(0)
   lengths = np.array([[3, 5, 4], [1, 2, 1]])
   comp = rng.integers(2, 50, (2, 3, 5)).astype(np.int32)
   mask = np.arange(5)[None, None] < lengths[..., None]
-  out = rollout_batch.pack_groups(np.where(mask, comp, 0), mask)
-  assert out["packed"].shape == (2, 3, 5)  # 12 tokens in the first group -> 3 rows of 5
+  prompt = rng.integers(2, 50, (2, 4)).astype(np.int32)
+  prompt_mask = np.array([[False, True, True, True], [False, False, False, True]])
+  out = rollout_batch.pack_groups(prompt, prompt_mask, np.where(mask, comp, 0), mask)
+  assert out["packed"].shape == (2, 3, 5)  # 3 + 12 tokens in the first group -> 3 rows of 5
   flat = {k: v.reshape(2, -1) for k, v in out.items() if k != "packed_unpack"}
+  plen = prompt_mask.sum(-1)
   for i in range(2):
+    np.testing.assert_array_equal(flat["packed"][i, :plen[i]], prompt[i, prompt_mask[i]])
+    np.testing.assert_array_equal(flat["packed_segment"][i, :plen[i]], 3)
+    np.testing.assert_array_equal(flat["packed_position"][i, :plen[i]], np.arange(plen[i]))
     for j in range(3):
       slots = out["packed_unpack"][i, j, :lengths[i, j]]
       np.testing.assert_array_equal(flat["packed"][i, slots], comp[i, j, :lengths[i, j]])
       np.testing.assert_array_equal(flat["packed_segment"][i, slots], j)
-      np.testing.assert_array_equal(flat["packed_offset"][i, slots], np.arange(lengths[i, j]))
-  assert (flat["packed_segment"][0, 12:] == -1).all()
-  assert (flat["packed_segment"][1, 4:] == -1).all()
+      np.testing.assert_array_equal(flat["packed_position"][i, slots],
+                                    plen[i] + np.arange(lengths[i, j]))
+      np.testing.assert_array_equal(flat["packed_source"][i, slots],
+                                    np.concatenate([[plen[i] - 1], slots[:-1]]))
+  assert (flat["packed_segment"][0] >= 0).all()
+  assert (flat["packed_segment"][1, 1 + 4:] == -1).all()
   with pytest.raises(ValueError, match="prefix of ones"):
-    rollout_batch.pack_groups(comp, mask[:, :, ::-1])
+    rollout_batch.pack_groups(prompt, prompt_mask, comp, mask[:, :, ::-1])
+  with pytest.raises(ValueError, match="real prompt token"):
+    rollout_batch.pack_groups(prompt, prompt_mask & False, comp, mask)
