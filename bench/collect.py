@@ -8,7 +8,7 @@ ORDER = ["forward", "sampler", "sampler_avx2", "sampler_weights_first_avx2",
          "update", "update_avx2", "grpo_step",
          "grpo_step_avx2", "grpo_step_shared_prefix_avx2", "grpo_step_packed_prefix_avx2",
          "grpo_step_session16_avx2", "grpo_step_session17_avx2",
-         "grpo_step_session18_avx2", "rollout_compaction_avx2",
+         "grpo_step_session18_avx2", "grpo_step_session19_avx2", "rollout_compaction_avx2",
          "sft_update_prefix_avx2", "compile", "bm25", "dense", "export", "data", "memory_plan"]
 
 
