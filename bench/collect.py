@@ -9,7 +9,9 @@ ORDER = ["forward", "sampler", "sampler_avx2", "sampler_weights_first_avx2",
          "grpo_step_avx2", "grpo_step_shared_prefix_avx2", "grpo_step_packed_prefix_avx2",
          "grpo_step_session16_avx2", "grpo_step_session17_avx2",
          "grpo_step_session18_avx2", "grpo_step_session19_avx2", "rollout_compaction_avx2",
-         "sft_update_prefix_avx2", "compile", "bm25", "dense", "export", "data", "memory_plan"]
+         "sft_update_prefix_avx2", "sampler_cpu_default_dtype", "learning_curve",
+         "cpu_default_recipe", "compile", "bm25", "dense", "export", "data", "memory_plan"]
+SKIP = ("history",)  # bench/results/history.md: the record of past runs, not collected
 
 
 def main() -> None:
@@ -19,7 +21,7 @@ def main() -> None:
       os.path.join(res, "_summary.md")) else "# Benchmarks\n"
   names = [n for n in ORDER if os.path.exists(os.path.join(res, f"{n}.md"))]
   names += sorted(f[:-3] for f in os.listdir(res) if f.endswith(".md") and f[:-3] not in names
-                  and not f.startswith("_"))
+                  and not f.startswith("_") and f[:-3] not in SKIP)
   parts = [head.rstrip() + "\n"]
   for n in names:
     text = open(os.path.join(res, f"{n}.md")).read().strip()

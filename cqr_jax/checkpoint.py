@@ -113,6 +113,22 @@ class Checkpointer:
     steps = self.all_steps()
     return steps[-1] if steps else None
 
+  def meta(self, step: int) -> dict:
+    """A step's JSON meta without reading its arrays ({} when unreadable)."""
+    try:
+      with open(os.path.join(self.directory, str(int(step)), "meta", "metadata"),
+                encoding="utf-8") as f:
+        return dict(json.load(f) or {})
+    except (OSError, ValueError):
+      return {}
+
+  def keep_only(self, step: int) -> None:
+    """Deletes every step but `step` (a finished stage: nothing left to resume)."""
+    self.wait()
+    for s in self.all_steps():
+      if s != int(step):
+        self._mngr.delete(s)
+
   # ------------------------------------------------------------------------------- restoring
   def _restore_one(self, step: int, abstract_state: Any, partial: bool = False):
     if partial:  # only the subtree `abstract_state` names (e.g. params without optimizer state)
@@ -159,15 +175,38 @@ class Checkpointer:
         ok = bool(np.all(multihost_utils.process_allgather(np.array(ok))))
       if ok:
         if errors:
-          log.warning("restored checkpoint step %d from %s after skipping unreadable newer "
-                      "steps: %s", s, self.directory, errors)
+          log.info("restored checkpoint step %d from %s (newer unreadable: %s)", s,
+                   self.directory, "; ".join(errors))
         return s, state, meta
       self._corrupt.add(s)
-      errors.append(f"step {s}: {type(err).__name__ if err else 'failed on another process'}")
-      warnings.warn(f"checkpoint step {s} in {self.directory} is unreadable "
-                    f"({type(err).__name__ if err else 'another process'}: {str(err)[:300]}); "
-                    "trying the previous step")
-    raise RuntimeError(f"no readable checkpoint in {self.directory}: {errors}")
+      reason = unreadable_reason(err, os.path.join(self.directory, str(s)))
+      errors.append(f"step {s}: {reason}")
+      warnings.warn(f"checkpoint step {s} is unreadable: {reason}; trying the previous step")
+    raise CheckpointError(f"{self.directory}: no readable checkpoint ({'; '.join(errors)}): "
+                          "delete the folder to start the stage again, or restore it from a copy")
+
+
+class CheckpointError(RuntimeError):
+  """No readable checkpoint step; the message names the folder and each step's reason."""
+
+
+def unreadable_reason(err: BaseException | None, step_dir: str) -> str:
+  """One line: the file that could not be read and why (not TensorStore's spec dump)."""
+  import re
+  if err is None:
+    return f"{step_dir}: failed on another process"
+  for part in ("state", "meta"):  # a half-copied step folder
+    if os.path.isdir(step_dir) and not os.path.isdir(os.path.join(step_dir, part)):
+      return f"{os.path.join(step_dir, part)}: missing"
+  msg = str(err).split(" [tensorstore_spec", 1)[0]
+  files = re.findall(r'(?:local )?file "([^"]+)"', msg)
+  why = msg.rsplit(": ", 1)[-1].strip()
+  where = files[-1] if files else step_dir
+  if not files:
+    why = f"{type(err).__name__}: {why}"
+  if isinstance(err, FileNotFoundError) and getattr(err, "filename", None):
+    where, why = err.filename, "missing"
+  return f"{where}: {' '.join(why.split())[:200] or type(err).__name__}"
 
 
 # ------------------------------------------------------------------------------------- PRNG keys

@@ -37,8 +37,9 @@ class MeshSection:
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:
-  """dataset: "synthetic" (embedded benchmark), "topiocqa:<dir>", "qrecc:<dir>" or a folder in
-  the generic conversations/corpus/qrels layout."""
+  """dataset: "synthetic" (embedded benchmark), "mtrag" (the MTRAG conversations shipped in the
+  package; "mtrag:un" / "mtrag:human" for one folder), "topiocqa:<dir>", "qrecc:<dir>" or a folder
+  in the generic conversations/corpus/qrels layout."""
   dataset: str = "synthetic"
   size: str = "default"      # synthetic only: "default" | "tiny"
   seed: int = 0
@@ -65,13 +66,20 @@ class RetrievalSection:
 
 @dataclasses.dataclass(frozen=True)
 class RolloutSection:
-  """Sampling (method.md 4.4-4.5): T 0.7, top-p 1, no top-k, 1,536 prompt / 1,024 new tokens."""
+  """Sampling (method.md 4.4-4.5): T 0.7, top-p 1, no top-k, 1,536 prompt / 1,024 new tokens.
+
+  Prompts over max_prompt_len: GRPO drops them before its first step and logs how many (verl's
+  filter_overlong_prompts); SDPW and evaluation, which the official code runs without a prompt
+  cap, grow the sampler's largest bucket to their longest prompt (train/rewriting.py)."""
   max_prompt_len: int = 1536
   max_new_tokens: int = 1024
   temperature: float = 0.7
   top_p: float = 1.0
   top_k: int = 0
   truncate_prompt_left: bool = False
+  # Context budget of every prompt, in the policy's tokens (0 = all previous turns, the paper):
+  # the most recent previous turns that fit are kept (cqr_jax.prompts.PromptBuilder).
+  max_context_tokens: int = 0
   # Padded prompt lengths to compile for (empty: the sampler's quarter-octave default). Tighter
   # buckets waste fewer tokens in the update, at one compile per bucket used.
   prompt_buckets: tuple[int, ...] = ()
@@ -99,6 +107,9 @@ class SDPWSection:
   # threshold, is kept in the canonical think/rewrite format. Still no human or external rewrites.
   lenient_candidates: bool = False
   response_prefix: str = ""   # e.g. "<think>": forced start of the sampled response
+  # Which samples count (cqr_jax.parsing.passes): "tags" (the official filter, method.md 3.1: a
+  # think and a rewrite block anywhere) or "format" (the strict check phi of 4.1).
+  keep_rule: str = "tags"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +134,10 @@ class SFTSection:
   # long (rounded down to a multiple of 16), runs once per micro-batch rather than once per row
   # (train/sft.py shared_prefix_len). 0 = off.
   shared_prefix_min: int = 64
+  # Examples over max_len (prompt + response + EOS): "error" (verl's default, the TopiOCQA
+  # script), "truncate_right" (keep the first max_len tokens: the QReCC script) or "drop".
+  # The count is in <run>/sft/summary.json (method.md 3.4).
+  overlong: str = "error"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,14 +147,19 @@ class GRPOSection:
   epochs: int = 6
   batch_prompts: int = 128
   n: int = 8                  # the paper says 8; the TopiOCQA script used 16 (method.md 7.1)
-  micro_batch: int = 8        # sequences per micro-batch
+  # Sequences per compute micro-batch over the whole mesh (each device runs micro_batch /
+  # (data x fsdp) of them): memory and speed only. The loss does not depend on it or on the
+  # mesh: loss.token_mean_seqs sets the blocks the token mean runs over (method.md 4.7).
+  micro_batch: int = 8
   lr: float = 1e-6
   warmup_steps: int = 100
   b1: float = 0.9
   b2: float = 0.999
   weight_decay: float = 0.01
   clip_norm: float = 1.0
-  reference: str = "sft"      # "sft" | "init": the frozen KL reference
+  # The frozen KL reference (method.md 4.5): "sft" = the SFT checkpoint (the paper; without one,
+  # i.e. the RL-only ablation, the initial model), "init" = the initial model before SFT.
+  reference: str = "sft"
   # Which training turns GRPO samples from: "all" (the paper), or "sdpw_kept": those whose
   # self-distilled rewrite SDPW kept, i.e. turns the policy can already solve sometimes. Then
   # the first `max_turns` of them (0 = all): with max_turns = batch_prompts every step sees the
@@ -174,6 +194,19 @@ class EvalSection:
   max_new_tokens: int = 4096
   batch_prompts: int = 32
   baselines: bool = True
+  # What the retriever gets when an output fails the format check: "question" (the user's raw
+  # question, as a deployed rewriter would fall back) or "none" (nothing: the query is a miss).
+  # The paper's two conventions stay as columns either way (scored queries only; misses = 0).
+  fallback: str = "question"
+  # Which outputs count as parsed (cqr_jax.parsing.passes): "tags" (the official scripts,
+  # method.md 5.1: a think and a rewrite block anywhere) or "format" (the strict check phi).
+  score_rule: str = "tags"
+  # Qrels grade that counts as relevant for MRR, recall, the reward's gold set and which turns
+  # are scored (TREC CAsT: 2); nDCG uses the graded labels.
+  relevance_level: int = 1
+  # Paired bootstrap of every row's per-query MRR against the raw question's.
+  bootstrap_samples: int = 10_000
+  bootstrap_seed: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,22 +242,29 @@ def _paper(backbone: str, dataset: str, retriever: str) -> dict:
                "topiocqa" else "test"},
       "retrieval": {"kind": "bm25" if retriever == "bm25" else "dense", "k1": k1, "b": b,
                     "dense_model": "" if retriever == "bm25" else "models/ance-msmarco"},
-      "grpo": {"epochs": 6 if dataset == "topiocqa" else 9, "n": 8},
+      "sdpw": {"keep_rule": "tags"},
+      # The official SFT scripts: TopiOCQA errors on an over-long example, QReCC truncates it.
+      "sft": {"overlong": "error" if dataset == "topiocqa" else "truncate_right"},
+      "grpo": {"epochs": 6 if dataset == "topiocqa" else 9, "n": 8, "reference": "sft",
+               "loss": {"aggregation": "token_mean", "token_mean_seqs": 8}},
+      "eval": {"score_rule": "tags"},
   }
+
+
+# The response start of the CPU presets: an empty think block, then the rewrite (README, "CPU
+# presets"). SmolLM2-135M's reasoning is noise that costs CPU time and truncations.
+CPU_RESPONSE_PREFIX = "<think> </think>\n<rewrite>"
 
 
 def _cpu_default() -> dict:
   """The embedded benchmark on a 2-core CPU with SmolLM2-135M-Instruct (the README's main job).
 
-  Sized to finish in under 20 minutes on a 2-core AVX2 CPU and show GRPO raising the test MRR over
-  zero-shot and over SFT: the 210-passage corpus, 32 training turns, short responses, and a GRPO
-  that sees the same 4 prompts (x 4 samples, turns SDPW kept) every step, with a larger learning
-  rate than the paper's 3B setting, only the top 10 of SmolLM2's 30 blocks training and no KL term
-  (so no reference pass; TRL's default beta = 0). SDPW uses the small-model bootstrap
-  (`sdpw.lenient_candidates`, a `<think>` response prefix): SmolLM2-135M almost never produces the
-  exact format unaided.
+  Each departure from the paper's settings, and why, is in the README's preset table: an empty
+  think block forced by SDPW's response prefix, several SDPW samples per turn, SFT and GRPO on
+  the top 10 of 30 blocks at larger learning rates, short responses, GRPO on fresh turns from the
+  whole training split with small batches and no KL term.
   """
-  new = 48
+  new = 32
   return {
       "name": "cpu-default",
       # f32 matmuls and saved matmul outputs (no recompute): measured fastest for the SFT and
@@ -232,20 +272,24 @@ def _cpu_default() -> dict:
       "model": {"source": "smollm2-135m-gguf", "compute_dtype": "float32",
                 "remat": "dots_with_no_batch_dims_saveable"},
       "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
-      "data": {"dataset": "synthetic", "size": "tiny", "max_train_turns": 32,
-               "max_test_turns": 24},
+      "data": {"dataset": "synthetic", "size": "default", "max_train_turns": 192},
       "retrieval": {"kind": "bm25", "bm25": "lucene", "k1": 0.9, "b": 0.4},
+      # bf16 sampling matmuls: 1.5x the f32 sampler on an AVX512-BF16 CPU (bench_sampler.py),
+      # while the f32 update stays the faster one (bench_sft_update.py).
+      # Two prompt buckets: every zero-shot prompt of the benchmark fits 384, every few-shot one
+      # 512; fewer buckets, fewer programs to compile in a 20-minute run.
       "rollout": {"max_prompt_len": 512, "max_new_tokens": new,
-                  "prompt_buckets": (256, 320, 384, 448, 512)},
-      "sdpw": {"max_new_tokens": new, "samples_per_turn": 1, "batch_prompts": 16,
-               "lenient_candidates": True, "response_prefix": "<think>"},
-      # A weakly fine-tuned 135M model copies the prompt's format example into its rewrite (format
-      # reward, no retrieval): a few epochs at 1e-4 make it write real rewrites first.
-      "sft": {"lr": 1e-4, "epochs": 4, "batch_size": 8, "micro_batch": 8, "max_len": 512},
-      "grpo": {"steps": 6, "batch_prompts": 4, "n": 4, "turns": "sdpw_kept", "max_turns": 4,
-               "micro_batch": 4, "lr": 1e-4, "warmup_steps": 0, "train_top_layers": 10,
-               "loss": {"kl_coef": 0.0}, "save_every": 3, "reference": "sft"},
-      "eval": {"max_new_tokens": new, "batch_prompts": 24},
+                  "prompt_buckets": (384, 512), "compute_dtype": "bfloat16"},
+      "sdpw": {"max_new_tokens": new, "samples_per_turn": 4, "temperature": 1.0,
+               "batch_prompts": 16, "lenient_candidates": True,
+               "response_prefix": CPU_RESPONSE_PREFIX, "keep_rule": "format"},
+      "sft": {"lr": 1e-4, "epochs": 3, "batch_size": 8, "micro_batch": 8, "max_len": 512,
+              "train_top_layers": 10, "overlong": "drop"},
+      "grpo": {"steps": 12, "batch_prompts": 8, "n": 8, "turns": "all", "micro_batch": 16,
+               "lr": 1e-4, "warmup_steps": 0, "train_top_layers": 10,
+               "loss": {"kl_coef": 0.0, "token_mean_seqs": 0}, "save_every": 6,
+               "reference": "sft"},
+      "eval": {"max_new_tokens": new, "batch_prompts": 32, "score_rule": "format"},
   }
 
 
@@ -266,6 +310,22 @@ def _tiny() -> dict:
   })
 
 
+def _cpu_mtrag() -> dict:
+  """cpu-default on the packaged MTRAG conversations (real human data, 4 domains), each turn
+  retrieved within its domain. Training turns stay capped as in cpu-default (the split's first
+  turns, a hash-ordered mix of conversations); all 95 test turns are evaluated. MTRAG's answers
+  are paragraphs (prompts up to ~1,800 SmolLM2 tokens): the context keeps the most recent turns
+  within 256 tokens, so every prompt, few-shot ones included, fits 576."""
+  return _nested_update(_cpu_default(), {
+      "name": "cpu-mtrag",
+      "data": {"dataset": "mtrag", "max_test_turns": 0},
+      "retrieval": {"within_domain": True},
+      "rollout": {"max_context_tokens": 256, "max_prompt_len": 576,
+                  "prompt_buckets": (384, 512, 576)},
+      "sft": {"max_len": 640},
+  })
+
+
 def _nested_update(base: dict, updates: dict) -> dict:
   out = dict(base)
   for k, v in updates.items():
@@ -276,6 +336,7 @@ def _nested_update(base: dict, updates: dict) -> dict:
 PRESETS: dict[str, Callable[[], dict]] = {
     "cpu-default": _cpu_default,
     "tiny": _tiny,
+    "cpu-mtrag": _cpu_mtrag,
     "paper": lambda: {},
 }
 for _bb in ("qwen2.5-3b", "llama3.2-3b"):

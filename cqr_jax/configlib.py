@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from typing import Any, Mapping, TypeVar
@@ -82,8 +83,10 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
   if tp is int:
     if isinstance(value, bool):
       raise ConfigError(f"{where}: expected an int, got {value!r}")
-    if isinstance(value, float) and value.is_integer():
-      return int(value)
+    if isinstance(value, float):
+      if value.is_integer():
+        return int(value)
+      raise ConfigError(f"{where}: expected an integer, got {value!r}")
     try:
       return int(value)
     except (TypeError, ValueError):
@@ -163,15 +166,47 @@ def dump_yaml(cfg: Any, path: str) -> None:
     yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
 
 
-def field_help(cls, prefix: str = "") -> list[str]:
-  """One line per leaf field: `section.field = default  # type`, for `--help`."""
+def field_docs(cls) -> dict[str, str]:
+  """{field: one-line description} from a dataclass's source: a field's trailing `# comment`,
+  else the comment lines just above it, else its line in the class docstring (`name: text`)."""
+  import inspect
+  try:
+    src = inspect.getsource(cls).splitlines()
+  except (OSError, TypeError):
+    return {}
+  doc = inspect.getdoc(cls) or ""
+  out, above = {}, []
+  for line in src:
+    s = line.strip()
+    m = re.match(r"^(\w+)\s*:\s*[^=#]+(?:=[^#]*)?(?:#\s*(.*))?$", s)
+    if s.startswith("#"):
+      above.append(s.lstrip("# ").strip())
+    elif m and not s.startswith(("def ", "class ", "return")):
+      text = m.group(2) or " ".join(above)
+      if not text:
+        d = re.search(rf"^\s*{m.group(1)}:\s*(.+)$", doc, re.M)
+        text = d.group(1) if d else ""
+      out[m.group(1)] = re.split(r"(?<=\.)\s", text.strip(), maxsplit=1)[0][:110]
+      above = []
+    else:
+      above = []
+  return out
+
+
+def field_help(cls, prefix: str = "", docs: bool = True, extra: Mapping[str, str] | None = None
+               ) -> list[str]:
+  """One line per leaf field: `section.field = value  # description`, for `--help` and
+  `--print-config` (a class gives its defaults, an instance its values)."""
   lines = []
   inst = cls() if isinstance(cls, type) else cls
+  desc = field_docs(type(inst)) if docs else {}
   for f in dataclasses.fields(inst):
     v = getattr(inst, f.name)
     path = f"{prefix}{f.name}"
     if dataclasses.is_dataclass(v):
-      lines += field_help(v, path + ".")
+      lines += field_help(v, path + ".", docs, extra)
     else:
-      lines.append(f"  {path} = {json.dumps(to_dict(v))}")
+      line = f"  {path} = {json.dumps(to_dict(v))}"
+      text = desc.get(f.name) or (extra or {}).get(path, "")
+      lines.append(f"{line:<48}  # {text}" if text else line)
   return lines

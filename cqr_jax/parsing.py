@@ -8,6 +8,10 @@ Semantics follow the reference reward function exactly:
   trailing space after `</rewrite>` fail.
 - `rewrite`: the first `<rewrite>(.*?)</rewrite>` group (DOTALL), untrimmed; it is extracted even
   when the format check fails (the caller decides what to do with it). `think` likewise.
+
+Which outputs SDPW keeps and evaluation scores is `passes(parsed, rule)`: "tags" (the official
+code, method.md 3.1 and 5.1: a think block and a rewrite block anywhere) or "format" (phi and a
+rewrite). The GRPO reward always uses phi (4.1).
 """
 
 from __future__ import annotations
@@ -48,6 +52,20 @@ def extract_think(text: str) -> str | None:
 def parse_response(text: str) -> ParsedResponse:
   """Parses a decoded response (special tokens already removed)."""
   return ParsedResponse(format_ok(text), extract_think(text), extract_rewrite(text))
+
+
+RULES = ("tags", "format")
+
+
+def passes(parsed: ParsedResponse, rule: str) -> bool:
+  """Whether an output counts (SDPW keeps it, evaluation scores its rewrite): "tags": it has a
+  `<think>..</think>` and a `<rewrite>..</rewrite>` block anywhere (method.md 3.1, 5.1);
+  "format": it passes phi (4.1) and has a rewrite."""
+  if rule == "tags":
+    return parsed.think is not None and parsed.rewrite is not None
+  if rule == "format":
+    return parsed.format_ok and parsed.rewrite is not None
+  raise ValueError(f"keep/score rule {rule!r}: expected one of {RULES}")
 
 
 def canonical_response(think: str, rewrite: str) -> str:

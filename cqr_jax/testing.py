@@ -28,9 +28,20 @@ _CORPUS = [
 ]
 
 
+def _byte_level_bpe(specials: list[str], vocab_size: int):
+  """A byte-level BPE trained on the small built-in corpus, `specials` one id each."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+  return tok
+
+
 def tiny_tokenizer(template: str = "chatml", vocab_size: int = 512):
   """A `PreTrainedTokenizerFast` with ChatML (`<|im_end|>` = eos) or Llama-3 special tokens."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
   from transformers import PreTrainedTokenizerFast
 
   if template == "chatml":
@@ -43,13 +54,36 @@ def tiny_tokenizer(template: str = "chatml", vocab_size: int = 512):
               pad_token="<|end_of_text|>", chat_template=LLAMA3_TEMPLATE)
   else:
     raise ValueError(f"unknown template {template!r}; expected 'chatml' or 'llama3'")
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-  tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+  tok = _byte_level_bpe(specials, vocab_size)
   return PreTrainedTokenizerFast(tokenizer_object=tok, **kw)
+
+
+def tokenizer_from_config(config: dict, vocab_size: int = 512):
+  """A tiny byte-level BPE carrying a real tokenizer_config's special tokens and chat template
+  (e.g. tests/fixtures/chat_templates/*.json): the template renders as the model's does, with
+  every special token one id. A BOS, if the config has one, is added by the post-processor for
+  add_special_tokens=True, as the real Llama 3 tokenizer does (method.md 2.3)."""
+  from tokenizers import processors
+  from transformers import PreTrainedTokenizerFast
+  named = {k: config.get(k) for k in ("bos_token", "eos_token", "pad_token")}
+  specials = [t for t in dict.fromkeys([named["bos_token"], named["eos_token"],
+                                        named["pad_token"]]
+                                       + list(config.get("additional_special_tokens", []))
+                                       + _HEADER_TOKENS.get(named["bos_token"], []))
+              if t]
+  tok = _byte_level_bpe(specials, vocab_size)
+  bos = named["bos_token"]
+  if bos:
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))])
+  kw = {k: v for k, v in named.items() if v}
+  return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=config["chat_template"],
+                                 **kw)
+
+
+# Llama 3's header tokens, special in its tokenizer but not listed in tokenizer_config's fields.
+_HEADER_TOKENS = {"<|begin_of_text|>": ["<|end_of_text|>", "<|start_header_id|>",
+                                        "<|end_header_id|>", "<|eot_id|>"]}
 
 
 def save_tiny_tokenizer(path: str | os.PathLike, template: str = "chatml", vocab_size: int = 512):

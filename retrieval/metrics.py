@@ -92,3 +92,28 @@ def mean_metrics(per_query: Mapping[str, Mapping[str, float]]) -> dict[str, floa
   """{metric: mean over the scored queries} (numpy mean, as the paper's scripts); NaN if none."""
   return {m: float(np.mean(list(v.values()))) if v else float("nan")
           for m, v in per_query.items()}
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], samples: int = 10_000,
+                     seed: int = 0, level: float = 0.95) -> dict[str, float]:
+  """Paired bootstrap of mean(a) − mean(b) over the same queries (a percentile interval).
+
+  Resamples query indices with replacement `samples` times (numpy's default_rng(seed)), so one
+  seed gives one interval. Returns {"delta", "lo", "hi", "p_le_0"}: the observed difference, the
+  interval's ends, and the fraction of resamples at or below 0."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.shape != b.shape or a.ndim != 1:
+    raise ValueError(f"paired_bootstrap needs two 1-D arrays over the same queries, got "
+                     f"{a.shape} and {b.shape}")
+  d = a - b
+  if d.size == 0:
+    raise ValueError("paired_bootstrap: no queries")
+  rng = np.random.default_rng(seed)
+  means = np.empty(samples)
+  for s0 in range(0, samples, 1000):  # chunks bound the index matrix's memory
+    idx = rng.integers(0, d.size, size=(min(1000, samples - s0), d.size))
+    means[s0:s0 + len(idx)] = d[idx].mean(axis=1)
+  tail = (1.0 - level) / 2 * 100
+  lo, hi = np.percentile(means, [tail, 100 - tail])
+  return {"delta": float(d.mean()), "lo": float(lo), "hi": float(hi),
+          "p_le_0": float(np.mean(means <= 0))}

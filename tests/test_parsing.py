@@ -2,7 +2,7 @@
 
 import pytest
 
-from cqr_jax.parsing import ParsedResponse, canonical_response, parse_response
+from cqr_jax.parsing import ParsedResponse, canonical_response, parse_response, passes
 
 # (response, format_ok, think, rewrite)
 CASES = [
@@ -41,3 +41,19 @@ def test_canonical_response_round_trip():
   s = canonical_response(" why ", " what ")
   assert s == "<think> why </think>\n<rewrite> what </rewrite>"
   assert parse_response(s) == ParsedResponse(True, " why ", " what ")
+
+
+@pytest.mark.parametrize("text,ok,think,rewrite", CASES)
+def test_keep_rules(text, ok, think, rewrite):
+  """"tags" (the official SDPW filter and evaluation, method.md 3.1, 5.1) counts any output with
+  both blocks; "format" adds phi. Both differ on every case above with blocks but no phi."""
+  parsed = parse_response(text)
+  assert passes(parsed, "tags") == (think is not None and rewrite is not None)
+  assert passes(parsed, "format") == (ok and rewrite is not None)
+
+
+def test_keep_rules_differ():
+  loose = parse_response("Sure! <rewrite>b</rewrite> because <think>a</think>")  # any order
+  assert passes(loose, "tags") and not passes(loose, "format")
+  with pytest.raises(ValueError, match="keep/score rule 'strict'"):
+    passes(loose, "strict")

@@ -1,10 +1,15 @@
 """Prompt rendering (method.md 2.1-2.3, 2.5) against golden strings, templates, truncation."""
 
+import datetime
+import json
+import os
+import re
+
 import pytest
 
 from cqr_jax.data.types import Turn
 from cqr_jax.prompts import PromptBuilder
-from cqr_jax.testing import tiny_tokenizer
+from cqr_jax.testing import tiny_tokenizer, tokenizer_from_config
 
 INSTRUCTION = (
     "Below is a user's query and the conversation that came before it. First think it through in "
@@ -108,3 +113,99 @@ def test_context_truncation():
   n_last = len(tok(last, add_special_tokens=False)["input_ids"])
   cut_tok = PromptBuilder(max_context_tokens=n_last).text(t, tok)
   assert "Q5: question number 5" in cut_tok and "Q4:" not in cut_tok
+
+
+# ------------------------------------------- the real chat templates (tests/fixtures, issue 34)
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "chat_templates")
+QWEN_SYSTEM = ("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful "
+               "assistant.<|im_end|>\n")
+
+
+def real_tokenizer(name, tmp_path):
+  """A tiny tokenizer with the model's tokenizer_config (chat template, special tokens), saved
+  and reloaded as the stages load a local model folder (train/common.load_tokenizer_for)."""
+  from transformers import AutoTokenizer
+  with open(os.path.join(FIXTURES, name), encoding="utf-8") as f:
+    config = json.load(f)
+  tokenizer_from_config(config).save_pretrained(str(tmp_path / name))
+  return AutoTokenizer.from_pretrained(str(tmp_path / name))
+
+
+def qwen_chat(user):
+  return QWEN_SYSTEM + "<|im_start|>user\n" + user + "<|im_end|>\n<|im_start|>assistant\n"
+
+
+def llama_chat(user, date):
+  return ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+          "Cutting Knowledge Date: December 2023\nToday Date: " + date + "\n\n<|eot_id|>"
+          "<|start_header_id|>user<|end_header_id|>\n\n" + user
+          + "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+def expected_ids(tok, text):
+  """Token ids built piece by piece: every special token one id, the text between them encoded
+  on its own (no special tokens added)."""
+  specials = sorted(tok.all_special_tokens + ["<|start_header_id|>", "<|end_header_id|>"],
+                    key=len, reverse=True)
+  ids = []
+  for piece in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+    if piece in specials:
+      ids.append(tok.convert_tokens_to_ids(piece))
+    elif piece:
+      ids += tok.backend_tokenizer.encode(piece, add_special_tokens=False).ids
+  return ids
+
+
+@pytest.mark.parametrize("few_shot", [False, True])
+def test_qwen25_instruct_template(tmp_path, few_shot):
+  """Qwen2.5-Instruct's template adds its default system turn when no system message is given
+  (method.md 2.3): the zero-shot and few-shot prompts, token for token."""
+  tok = real_tokenizer("qwen2.5-instruct.json", tmp_path)
+  pb = PromptBuilder(few_shot=few_shot)
+  want = qwen_chat(pb.text(TURN3))
+  if not few_shot:
+    assert want == qwen_chat(PROMPT3)
+  assert pb.chat_text(TURN3, tok) == want
+  ids = pb.token_ids(TURN3, tok)
+  assert ids == expected_ids(tok, want)
+  assert ids.count(tok.convert_tokens_to_ids("<|im_start|>")) == 3 and tok.bos_token is None
+  assert tok.decode(ids) == want
+
+
+@pytest.mark.parametrize("few_shot", [False, True])
+def test_llama32_instruct_template(tmp_path, few_shot):
+  """Llama-3.2-Instruct's template opens with BOS and a system header holding the knowledge
+  cut-off and today's date (vLLM's and transformers' strftime_now): the zero-shot and few-shot
+  prompts, token for token, with BOS exactly once (add_special_tokens=False, method.md 2.3)."""
+  tok = real_tokenizer("llama-3.2-instruct.json", tmp_path)
+  pb = PromptBuilder(few_shot=few_shot)
+  dates = {datetime.date.today().strftime("%d %b %Y")}
+  got = pb.chat_text(TURN3, tok)
+  dates.add(datetime.date.today().strftime("%d %b %Y"))  # a render across midnight
+  assert got in {llama_chat(pb.text(TURN3), d) for d in dates}
+  if not few_shot:
+    assert got in {llama_chat(PROMPT3, d) for d in dates}
+  ids = pb.token_ids(TURN3, tok)
+  bos = tok.convert_tokens_to_ids("<|begin_of_text|>")
+  assert ids == expected_ids(tok, got) and ids[0] == bos and ids.count(bos) == 1
+  # The tokenizer's own BOS would double it: why the prompt path passes add_special_tokens=False.
+  assert tok(got)["input_ids"][:2] == [bos, bos]
+  assert tok.decode(ids) == got
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-instruct.json", "llama-3.2-instruct.json"])
+def test_sft_example_under_the_real_templates(tmp_path, name):
+  """An SFT example (method.md 3.3) = the templated prompt's ids ++ the response's ++ the
+  tokenizer's EOS (Qwen <|im_end|>, Llama <|eot_id|>), the loss on the last two parts only."""
+  from train.sft import encode_example
+  tok = real_tokenizer(name, tmp_path)
+  rec = {"prompt": PROMPT3, "reasoning": " it is Varnholt Castle ", "rewrite": " Who designed "
+         "Varnholt Castle? "}
+  ids, loss = encode_example(rec, tok)
+  prompt = PromptBuilder().token_ids(TURN3, tok)
+  answer = ("<think> it is Varnholt Castle </think>\n"
+            "<rewrite> Who designed Varnholt Castle? </rewrite>")
+  assert ids == prompt + expected_ids(tok, answer) + [tok.eos_token_id]
+  assert loss == [0] * len(prompt) + [1] * (len(ids) - len(prompt))
+  assert tok.convert_ids_to_tokens(ids[-1]) == {"qwen2.5-instruct.json": "<|im_end|>"}.get(
+      name, "<|eot_id|>")

@@ -12,7 +12,6 @@ from typing import Any
 import jax
 
 from cqr_jax import config as cfglib
-from cqr_jax import configlib
 
 log = logging.getLogger("cqr_jax")
 
@@ -26,11 +25,10 @@ def is_main() -> bool:
   return jax.process_index() == 0
 
 
-def setup_logging():
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                      datefmt="%H:%M:%S")
-  for noisy in ("absl", "orbax", "jax._src", "etils"):  # keep the console to our own lines
-    logging.getLogger(noisy).setLevel(logging.WARNING)
+def setup_logging(run_dir: str | None = None, stage: str | None = None):
+  """Console (whatever absl set up first) and `<run>/logs/<stage>.log`: train/runfolder.py."""
+  from train import runfolder
+  runfolder.setup_logging(run_dir, stage)
 
 
 def stage_dir(cfg: cfglib.RunConfig, stage: str, create: bool = True) -> str:
@@ -42,9 +40,9 @@ def stage_dir(cfg: cfglib.RunConfig, stage: str, create: bool = True) -> str:
 
 
 def write_config(cfg: cfglib.RunConfig) -> None:
-  if is_main():
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    configlib.dump_yaml(cfg, os.path.join(cfg.run_dir, "config.yaml"))
+  """Records the run's config once; refuses a change that written outputs depend on."""
+  from train import runfolder
+  runfolder.record(cfg, main=is_main())
 
 
 def require(path: str, stage: str, what: str) -> str:
@@ -90,12 +88,31 @@ def resolve_source(source: str) -> tuple[str, str]:
       f"Face folder, or 'random:<preset>' (downloads are not done at run time)")
 
 
+class _GGUFGuard:
+  """A GGUF that cannot be read: a DataError naming the file (not a bare parser error)."""
+
+  def __init__(self, path: str):
+    self.path = path
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, tp, e, tb):
+    from cqr_jax.data.types import DataError
+    if e is None or isinstance(e, (DataError, MissingStageError)) or not isinstance(e, Exception):
+      return False
+    msg = " ".join(str(e).split())[:200]
+    raise DataError(f"{self.path}: not a readable GGUF model file ({type(e).__name__}: {msg}); "
+                    "check model.source") from e
+
+
 def load_tokenizer_for(source: str):
   from transformers import AutoTokenizer
   kind, path = resolve_source(source)
   if kind == "gguf":
     from cqr_jax.models import gguf
-    return AutoTokenizer.from_pretrained(gguf.materialize_hf_folder(path))
+    with _GGUFGuard(path):
+      return AutoTokenizer.from_pretrained(gguf.materialize_hf_folder(path))
   if kind == "hf":
     return AutoTokenizer.from_pretrained(path)
   from cqr_jax.testing import tiny_tokenizer
@@ -107,7 +124,8 @@ def hf_folder_for(source: str) -> str | None:
   kind, path = resolve_source(source)
   if kind == "gguf":
     from cqr_jax.models import gguf
-    return gguf.materialize_hf_folder(path)
+    with _GGUFGuard(path):
+      return gguf.materialize_hf_folder(path)
   return path if kind == "hf" else None
 
 
@@ -117,7 +135,8 @@ def load_policy(cfg: cfglib.RunConfig, mesh):
   t0 = time.time()
   if kind == "gguf":
     from cqr_jax.models.gguf import load_gguf
-    model, mcfg = load_gguf(path, mesh=mesh, **_numerics(cfg))
+    with _GGUFGuard(path):
+      model, mcfg = load_gguf(path, mesh=mesh, **_numerics(cfg))
   elif kind == "hf":
     from cqr_jax.models.hf_import import load_hf
     model, mcfg = load_hf(path, mesh=mesh, **_numerics(cfg))
@@ -136,7 +155,8 @@ def policy_config(cfg: cfglib.RunConfig):
   kind, path = resolve_source(cfg.model.source)
   if kind == "gguf":
     from cqr_jax.models.gguf import gguf_hf_config
-    return ModelConfig.from_hf_config(gguf_hf_config(path), **_numerics(cfg))
+    with _GGUFGuard(path):
+      return ModelConfig.from_hf_config(gguf_hf_config(path), **_numerics(cfg))
   if kind == "hf":
     return ModelConfig.from_hf_config(path, **_numerics(cfg))
   return ModelConfig.preset(path, **_numerics(cfg))
@@ -189,23 +209,81 @@ def enable_compilation_cache() -> None:
 
 def config_from_args(args) -> cfglib.RunConfig:
   from train.cli import resolve_config
-  setup_logging()
+  cfg = resolve_config(args)
+  setup_logging(cfg.run_dir, getattr(args, "stage_name", None))
   enable_compilation_cache()
-  return resolve_config(args)
+  return cfg
 
 
 
 # ---------------------------------------------------------------------------------- data
 
+def prompt_builder(cfg: cfglib.RunConfig, few_shot: bool = False, tokenizer=None):
+  """The rewrite prompt of every stage, with rollout.max_context_tokens (0 = no budget)."""
+  from cqr_jax.prompts import PromptBuilder
+  budget = cfg.rollout.max_context_tokens or None
+  return PromptBuilder(few_shot=few_shot, max_context_tokens=budget, tokenizer=tokenizer)
+
+
+_SPLITS: dict = {}
+
+
 def load_split(cfg: cfglib.RunConfig, split: str):
-  """The dataset split named by `cfg.data` (turns, collection, qrels), capped by max_*_turns."""
+  """The dataset split named by `cfg.data` (turns, collection, qrels), capped by max_*_turns
+  (a cap is logged). Cached per process, so a split's retriever is built once. Degenerate input
+  is a DataError: an unknown split name, train == test, no scored turn."""
+  from cqr_jax import data
+  key = (cfg.data, cfg.eval.relevance_level, split, data.load_dataset)  # (a test may patch it)
+  if key not in _SPLITS:
+    _SPLITS[key] = _load_split(cfg, split)
+  return _SPLITS[key]
+
+
+def _check_split_names(cfg: cfglib.RunConfig, split: str) -> None:
+  """A generic folder: the split must be a sub-folder when it has any, and train and test must
+  not be the same files (a folder with files only at its root holds ONE split)."""
+  from cqr_jax.data.types import DataError
+  root, d = cfg.data.dataset, cfg.data
+  if not os.path.isdir(root):
+    return
+  subs = sorted(n for n in os.listdir(root)
+                if os.path.isfile(os.path.join(root, n, "conversations.jsonl")))
+  if subs and split not in subs:
+    raise DataError(f"{root}: no split {split!r} (data.train_split / data.test_split); its "
+                    f"splits are {subs}")
+  if not subs and d.train_split != d.test_split:
+    raise DataError(f"{root}: conversations.jsonl only at the folder's root, so train "
+                    f"({d.train_split!r}) and test ({d.test_split!r}) would be the same turns: "
+                    "put each split in <folder>/<split>/conversations.jsonl and qrels.tsv")
+
+
+def _load_split(cfg: cfglib.RunConfig, split: str):
   from cqr_jax.data import load_dataset
+  from cqr_jax.data.types import DataError
   d = cfg.data
   name = d.dataset
+  if d.train_split == d.test_split:
+    raise DataError(f"data.train_split and data.test_split are both {split!r}: evaluation "
+                    "must use turns the policy was not trained on")
+  _check_split_names(cfg, split)
   kw = {"size": d.size, "seed": d.seed} if name == "synthetic" else {}
   ds = load_dataset(name, split, **kw)
-  cap = d.max_train_turns if split == d.train_split else d.max_test_turns
+  level = cfg.eval.relevance_level
+  scored = [t for t in ds.turns if any(g >= level for g in ds.qrels.get(t.qid, {}).values())]
+  if not scored:
+    raise DataError(f"{name} split {split!r}: no scored turn ({len(ds.turns)} turns, none with "
+                    f"a qrels passage of grade >= {level} (eval.relevance_level) in the "
+                    "collection): check that the qrels' query and passage ids match the "
+                    "conversations and corpus")
+  if len(scored) < len(ds.turns):  # a turn is scored only with a passage at the level
+    log.info("%s %s: %d of %d turns have a passage of grade >= %d (eval.relevance_level); "
+             "the others are not scored", name, split, len(scored), len(ds.turns), level)
+    ds = dataclasses.replace(ds, turns=scored)
+  field = "max_train_turns" if split == d.train_split else "max_test_turns"
+  cap = getattr(d, field)
   if cap and len(ds.turns) > cap:
+    log.warning("%s %s: using the first %d of %d turns (data.%s=%d; --set data.%s=0 for all)",
+                name, split, cap, len(ds.turns), field, cap, field)
     ds = dataclasses.replace(ds, turns=list(ds.turns)[:cap])
   return ds
 
@@ -214,34 +292,59 @@ _SEARCHERS: dict = {}
 
 
 def build_searcher(cfg: cfglib.RunConfig, ds):
-  """The retriever over the split's collection (cached per collection within a process)."""
+  """The retriever over the split's collection (cached per collection within a process).
+
+  With retrieval.within_domain and passages that carry a domain (MTRAG): {domain: retriever over
+  that domain's passages}, each built as the plain one would be over those passages alone.
+  """
+  from cqr_jax.data.collection import FileCollection
+  from retrieval.domains import rows_by_domain
   r = cfg.retrieval
-  key = (id(ds.collection), r.kind, r.bm25, r.k1, r.b, r.dense_model)
+  coll = ds.collection
+  key = (id(coll), r.kind, r.bm25, r.k1, r.b, r.dense_model, r.within_domain)
   if key in _SEARCHERS:
-    return _SEARCHERS[key]
+    return _SEARCHERS[key][1]
+  groups = None  # streamed collections (TopiOCQA, QReCC) carry no domains: not scanned
+  if r.within_domain and not isinstance(coll, FileCollection):
+    groups = rows_by_domain([p.domain for p in coll], coll.ids())
   if r.kind == "bm25":
     from retrieval.bm25 import build_bm25
     kw = {"k1": r.k1, "b": r.b} if r.bm25 == "lucene" else {}
-    searcher = build_bm25(ds.collection, kind=r.bm25, **kw)
+    if groups is None:
+      searcher = build_bm25(coll, kind=r.bm25, **kw)
+    else:
+      ids, texts = list(coll.ids()), [p.contents for p in coll]
+      searcher = {d: build_bm25([texts[i] for i in rows], [ids[i] for i in rows], kind=r.bm25,
+                                **kw) for d, rows in groups.items()}
   elif r.kind == "dense":
     from retrieval.dense import DenseEncoder, DenseSearcher
     if not r.dense_model:
       raise ValueError("retrieval.kind=dense needs retrieval.dense_model (a local HF folder)")
     enc = DenseEncoder.from_hf(r.dense_model, pooling=r.dense_pooling)
-    ids = list(ds.collection.ids())
-    emb = enc.encode([p.contents for p in ds.collection], progress=True)
-    searcher = DenseSearcher(enc, emb, ids)
+    ids = list(coll.ids())
+    emb = enc.encode([p.contents for p in coll], progress=True)
+    if groups is None:
+      searcher = DenseSearcher(enc, emb, ids)
+    else:
+      searcher = {d: DenseSearcher(enc, emb[rows], [ids[i] for i in rows])
+                  for d, rows in groups.items()}
   else:
     raise ValueError(f"retrieval.kind={r.kind!r}: expected 'bm25' or 'dense'")
-  _SEARCHERS[key] = searcher
+  _SEARCHERS[key] = (coll, searcher)  # holding the collection: its id is not reused
   return searcher
 
 
 def build_ranker(cfg: cfglib.RunConfig, ds, max_words: int):
-  """GoldRanker over the split's qrels (train qrels at reward time: method.md 7.9)."""
-  from retrieval.gold_rank import GoldRanker
-  return GoldRanker(build_searcher(cfg, ds), ds.qrels, k=cfg.retrieval.top_k,
-                    max_query_words=max_words)
+  """GoldRanker over the split's qrels (train qrels at reward time: method.md 7.9).
+
+  A `retrieval.domains.TurnRanker`: a query named by its qid (`ranks(texts, qids)`,
+  `search_ranked(texts, k, qids=qids)`) is searched within its turn's domain when the searcher
+  is per domain (build_searcher).
+  """
+  from retrieval.domains import TurnRanker
+  return TurnRanker(build_searcher(cfg, ds), ds.qrels, {t.qid: t.domain for t in ds.turns},
+                    k=cfg.retrieval.top_k, max_query_words=max_words,
+                    min_relevance=cfg.eval.relevance_level)
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -270,6 +373,21 @@ def ckpt_dir(cfg: cfglib.RunConfig, stage: str) -> str:
   return os.path.join(stage_dir(cfg, stage, create=False), "ckpt")
 
 
+def finished_stage_params(cfg: cfglib.RunConfig, stage: str, ckpt, params,
+                          keep_optimizer: bool):
+  """(step, params) of a stage whose final checkpoint is written (a rerun returns them rather
+  than training again; the earlier steps a crash after the final save left are removed unless
+  `keep_optimizer`), or None while the stage is unfinished."""
+  latest = ckpt.latest_step()
+  if latest is None or not ckpt.meta(latest).get("final"):
+    return None
+  log.info("%s already finished (final checkpoint step %d in %s)", stage.upper(), latest,
+           ckpt.directory)
+  if not keep_optimizer:
+    ckpt.keep_only(latest)
+  return latest, restore_stage_params(cfg, stage, params)[1]
+
+
 def restore_stage_params(cfg: cfglib.RunConfig, stage: str, params, step: int | None = None):
   """(step, params) of a stage's checkpoint (latest by default), restored into `params`' shardings."""
   from cqr_jax.checkpoint import Checkpointer
@@ -278,4 +396,12 @@ def restore_stage_params(cfg: cfglib.RunConfig, stage: str, params, step: int | 
     raise MissingStageError(f"no {stage} checkpoint under {d}: run `cqr-jax {stage}` first")
   target = {"state": {"params": abstract_like(params)}}  # not the optimizer state
   step, restored, _ = Checkpointer(d).restore(step, target, partial=True)
-  return step, restored["state"]["params"]
+  params = restored["state"]["params"]
+  missing = [jax.tree_util.keystr(k) for k, v in jax.tree_util.tree_leaves_with_path(params)
+             if not isinstance(v, jax.Array)]
+  if missing:  # a partial restore leaves what the checkpoint lacks as the abstract target
+    from cqr_jax.checkpoint import CheckpointError
+    raise CheckpointError(f"{d}/{step}: the checkpoint lacks {len(missing)} parameter(s) of "
+                          f"model.source={cfg.model.source} (e.g. {missing[0]}): it was written "
+                          "for another model")
+  return step, params

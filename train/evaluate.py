@@ -1,9 +1,13 @@
 """Evaluation (method.md 5): rewrite a split with a checkpoint, retrieve, score.
 
 Writes, per system: the rewrites (JSONL), a TREC run (score = 200 - rank, as the paper's
-scripts), and a metrics table. Unparsable outputs are reported both ways: dropped from the average
-(the paper's pytrec_eval protocol, method.md 5.4) and scored as misses (0). Baselines in the same
-table: the raw question, all previous questions + the question, and any rewrite the data provides.
+scripts), and a metrics table. An output that does not parse (`eval.score_rule`: think and
+rewrite blocks anywhere, as the official scripts, or the strict format) falls back to the raw
+question (`eval.fallback`), as a deployed rewriter would; the paper's two conventions stay as
+columns (scored queries only, method.md 5.4; unparsed outputs as misses). Every row gets a paired
+bootstrap 95% interval of its MRR minus the raw question's. Baselines in the same table: the raw
+question; the previous, the first, or all previous questions + the question; and any rewrite the
+data provides.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 
 from cqr_jax import config as cfglib
 from cqr_jax.data.trec import read_run, write_run
+from cqr_jax.parsing import passes
 from train import common, rewriting
 
 log = logging.getLogger("cqr_jax")
@@ -31,6 +36,8 @@ def add_args(p):
                  help="whose policy to evaluate (auto: the latest trained stage of the run)")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   p.add_argument("--name", default=None, help="row name / output sub-folder")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace an earlier evaluation in <run>/eval/<name>")
 
 
 def run(args) -> int:
@@ -40,73 +47,118 @@ def run(args) -> int:
   if stage == "auto":
     stage = next((s for s in ("grpo", "sft") if os.path.isdir(common.ckpt_dir(cfg, s))),
                  "initial")
-  model, mcfg = load_stage_model(cfg, stage, mesh, args.step)
-  out = os.path.join(common.stage_dir(cfg, "eval"), args.name or stage)
-  rows = evaluate_policy(cfg, model, mcfg, mesh, args.name or stage, out)
+  from train import runfolder
+  out = os.path.join(common.stage_dir(cfg, "eval", create=False), args.name or stage)
+  runfolder.guard_output(out, args.overwrite, f"an evaluation of {stage}",
+                         ", or --name NEW for a new row")
+  model, mcfg, ckpt = load_stage_checkpoint(cfg, stage, mesh, args.step)
+  prefix = cfg.sdpw.response_prefix if stage == "initial" else ""
+  rows = evaluate_policy(cfg, model, mcfg, mesh, args.name or stage, out, prefix,
+                         checkpoint=ckpt)
   if cfg.eval.baselines:
     rows += evaluate_baselines(cfg, out)
-  write_table(rows, out)
+  write_table(add_bootstrap(rows, cfg), out)
   print(markdown_table(rows))
   return 0
 
 
 def load_stage_model(cfg: cfglib.RunConfig, stage: str, mesh, step: int | None = None):
   """(model, ModelConfig): the initial policy, or a stage's checkpointed one."""
-  if stage == "initial":
-    return common.load_policy(cfg, mesh)
-  _, model, mcfg = common.load_stage_policy(cfg, stage, mesh, step)
+  model, mcfg, _ = load_stage_checkpoint(cfg, stage, mesh, step)
   return model, mcfg
 
 
-def score_run(run_path: str, qrels, qids: Sequence[str]) -> dict[str, dict[str, float]]:
-  """Metrics of a TREC run file: {"dropped": means over scored queries (the paper), "misses":
-  means over every query with qrels, unscored ones counting 0}."""
+def load_stage_checkpoint(cfg: cfglib.RunConfig, stage: str, mesh, step: int | None = None):
+  """(model, ModelConfig, {"stage", "step", "dir"}): which checkpoint was used, for the
+  outputs (an unreadable newer step is skipped with a warning naming it)."""
+  if stage == "initial":
+    model, mcfg = common.load_policy(cfg, mesh)
+    return model, mcfg, {"stage": "initial", "step": None, "source": cfg.model.source}
+  got, model, mcfg = common.load_stage_policy(cfg, stage, mesh, step)
+  log.info("evaluating %s checkpoint step %d (%s)", stage, got, common.ckpt_dir(cfg, stage))
+  return model, mcfg, {"stage": stage, "step": got, "dir": common.ckpt_dir(cfg, stage)}
+
+
+def per_query_metrics(run_path: str, qrels, qids: Sequence[str],
+                      relevance_level: int = 1) -> dict[str, np.ndarray]:
+  """{metric: [Q] values} of a TREC run over `qids` (in order; all must have qrels): a query
+  without a run entry scores 0."""
   from retrieval import metrics as M
   run = read_run(run_path)
-  wanted = [q for q in qids if q in qrels]
-  sub_qrels = {q: qrels[q] for q in wanted}
-  per_q = M.evaluate({q: d for q, d in run.items() if q in sub_qrels}, sub_qrels)
-  out = {"dropped": {}, "misses": {}}
-  for m in METRICS:
-    vals = per_q[m]
-    out["dropped"][m] = float(np.mean(list(vals.values()))) if vals else 0.0
-    out["misses"][m] = float(np.sum(list(vals.values())) / max(len(wanted), 1))
-  out["scored"] = len(per_q[METRICS[0]])
-  out["queries"] = len(wanted)
+  sub = {q: qrels[q] for q in qids}
+  per_q = M.evaluate({q: d for q, d in run.items() if q in sub}, sub, METRICS,
+                     misses_as_zero=True, relevance_level=relevance_level)
+  return {m: np.array([per_q[m][q] for q in qids], np.float64) for m in METRICS}
+
+
+def summarize_run(per_q: dict[str, np.ndarray], parsed: np.ndarray) -> dict:
+  """The three ways of counting (metric keys suffixed ``""``, ``|scored``, ``|misses``):
+  every query with the run as written (with the fallback for unparsed outputs, this is the
+  rewriter as it would be used); only queries whose output parsed (the paper's pytrec_eval
+  averages, method.md 5.4); and those with unparsed outputs counted as misses (0)."""
+  out = {"queries": int(len(parsed)), "scored": int(parsed.sum())}
+  for m, v in per_q.items():
+    out[m] = float(v.mean()) if len(v) else 0.0
+    out[m + "|scored"] = float(v[parsed].mean()) if parsed.any() else 0.0
+    out[m + "|misses"] = float(v[parsed].sum() / max(len(v), 1))
   return out
 
 
 def _retrieve_and_write(ranker, queries: dict[str, str], run_path: str, k: int) -> None:
   qids = list(queries)
-  ranked = ranker.search_ranked([queries[q] for q in qids], k) if qids else []
+  ranked = ranker.search_ranked([queries[q] for q in qids], k, qids=qids) if qids else []
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(run_path) or ".", exist_ok=True)
     write_run(run_path, dict(zip(qids, ranked)))
 
 
-def evaluate_policy(cfg: cfglib.RunConfig, model, mcfg, mesh, name: str, out: str) -> list[dict]:
-  """Rewrites the test split with `model` (sampled per seed, or greedy) and scores each run."""
-  from cqr_jax.prompts import PromptBuilder
+def policy_queries(turns, rewrites, fallback: str, rule: str = "format"
+                   ) -> tuple[dict[str, str], np.ndarray]:
+  """({qid: query} sent to the retriever, [Q] parsed flags) for one sample per turn: the parsed
+  rewrite (an output that passes eval.score_rule: cqr_jax.parsing.passes), else the raw
+  question (fallback "question") or nothing (fallback "none")."""
+  if fallback not in ("question", "none"):
+    raise ValueError(f"eval.fallback={fallback!r}: expected 'question' or 'none'")
+  by_turn = {r.turn_index: r for r in rewrites}
+  queries, parsed = {}, np.zeros(len(turns), bool)
+  for i, t in enumerate(turns):
+    r = by_turn.get(i)
+    if r is not None and passes(r.parsed, rule):
+      queries[t.qid], parsed[i] = r.parsed.rewrite, True
+    elif fallback == "question":
+      queries[t.qid] = t.question
+  return queries, parsed
+
+
+def evaluate_policy(cfg: cfglib.RunConfig, model, mcfg, mesh, name: str, out: str,
+                    response_prefix: str = "", checkpoint: dict | None = None) -> list[dict]:
+  """Rewrites the test split with `model` (sampled per seed, or greedy) and scores each run.
+
+  `response_prefix` starts every response (the zero-shot row uses SDPW's, so the untrained
+  model is judged with the same help the warm-up gives it)."""
   e = cfg.eval
   os.makedirs(out, exist_ok=True)
   ds = common.load_split(cfg, cfg.data.test_split)
   ranker = common.build_ranker(cfg, ds, cfg.retrieval.eval_max_words)
   tokenizer = common.load_tokenizer_for(cfg.model.source)
   temperature = 0.0 if e.greedy else e.temperature
-  sampler = rewriting.make_sampler(cfg, tokenizer, mesh, mcfg, n=1, temperature=temperature,
-                                   max_new_tokens=e.max_new_tokens)
-  prompts = PromptBuilder()
+  prompts = common.prompt_builder(cfg, tokenizer=tokenizer)
+  sampler = rewriting.make_sampler(
+      cfg, tokenizer, mesh, mcfg, n=1, temperature=temperature, max_new_tokens=e.max_new_tokens,
+      max_prompt_len=rewriting.inference_prompt_len(cfg, prompts, tokenizer, ds.turns,
+                                                    response_prefix))
   seeds = (0,) if e.greedy else e.seeds
+  qids = [t.qid for t in ds.turns]
   per_seed = []
   for seed in seeds:
     tag = "greedy" if e.greedy else f"seed{seed}"
     rewrites = []
     for _, batch, _ in rewriting.rewrite_batches(
         model, sampler, tokenizer, prompts, ds.turns, key=jax.random.key(seed), n=1,
-        batch_prompts=e.batch_prompts, temperature=temperature, desc=f"eval {name} {tag}"):
+        batch_prompts=e.batch_prompts, temperature=temperature, desc=f"eval {name} {tag}",
+        response_prefix=response_prefix):
       rewrites += batch
-    queries = {ds.turns[r.turn_index].qid: r.parsed.rewrite for r in rewrites
-               if r.parsed.format_ok and r.parsed.rewrite is not None}
+    queries, parsed = policy_queries(ds.turns, rewrites, e.fallback, e.score_rule)
     run_path = os.path.join(out, f"run_{name}_{tag}.trec")
     _retrieve_and_write(ranker, queries, run_path, cfg.retrieval.top_k)
     if jax.process_index() == 0:
@@ -115,37 +167,71 @@ def evaluate_policy(cfg: cfglib.RunConfig, model, mcfg, mesh, name: str, out: st
           t = ds.turns[r.turn_index]
           f.write(json.dumps({"qid": t.qid, "question": t.question, "output": r.text,
                               "format_ok": r.parsed.format_ok, "rewrite": r.parsed.rewrite,
-                              "finish": r.finish_reason, "tokens": r.num_tokens}) + "\n")
-    s = score_run(run_path, ds.qrels, [t.qid for t in ds.turns])
+                              "scored": bool(parsed[r.turn_index]),
+                              "query": queries.get(t.qid), "finish": r.finish_reason,
+                              "tokens": r.num_tokens}) + "\n")
+    per_q = per_query_metrics(run_path, ds.qrels, qids, e.relevance_level)
+    s = summarize_run(per_q, parsed)
+    s["per_query"] = per_q["recip_rank"]
     s["format_pass"] = float(np.mean([r.parsed.format_ok for r in rewrites]))
     s["response_len"] = float(np.mean([r.num_tokens for r in rewrites]))
     s["run_file"] = os.path.basename(run_path)
     per_seed.append(s)
-  return [_row(name, per_seed)]
+  row = _row(name, per_seed, cfg)
+  if checkpoint is not None:
+    row["checkpoint"] = checkpoint
+  return [row]
 
 
-def _row(name: str, per_seed: list[dict]) -> dict:
-  row = {"system": name, "seeds": len(per_seed), "runs": [s["run_file"] for s in per_seed]}
-  for mode, suffix in (("dropped", ""), ("misses", "|misses")):
+def _row(name: str, per_seed: list[dict], cfg: cfglib.RunConfig) -> dict:
+  row = {"system": name, "seeds": len(per_seed), "runs": [s["run_file"] for s in per_seed],
+         "fallback": cfg.eval.fallback, "relevance_level": cfg.eval.relevance_level}
+  for suffix in ("", "|scored", "|misses"):
     for m in METRICS:
-      vals = [s[mode][m] for s in per_seed]
+      vals = [s[m + suffix] for s in per_seed]
       row[m + suffix] = float(np.mean(vals))
       if len(vals) > 1:
         row[f"{m}_std{suffix}"] = float(np.std(vals, ddof=1))
   row["scored"] = float(np.mean([s["scored"] for s in per_seed]))
   row["queries"] = per_seed[0]["queries"]
+  # Per-query MRR averaged over the seeds: the unit of the paired bootstrap.
+  row["per_query_mrr"] = np.mean([s["per_query"] for s in per_seed], axis=0).tolist()
   for k in ("format_pass", "response_len"):
     if k in per_seed[0]:
       row[k] = float(np.mean([s[k] for s in per_seed]))
   return row
 
 
+def add_bootstrap(rows: list[dict], cfg: cfglib.RunConfig, against: str = "baseline:raw"
+                  ) -> list[dict]:
+  """Adds each row's paired bootstrap interval of its MRR minus `against`'s (per query, the
+  same queries; eval.bootstrap_samples resamples, eval.bootstrap_seed): keys mrr_delta,
+  mrr_delta_lo, mrr_delta_hi."""
+  from retrieval.metrics import paired_bootstrap
+  base = next((r for r in rows if r["system"] == against), None)
+  if base is None:
+    return rows
+  for r in rows:
+    if len(r["per_query_mrr"]) != len(base["per_query_mrr"]):
+      raise ValueError(f"{r['system']} was scored on {len(r['per_query_mrr'])} queries and "
+                       f"{against} on {len(base['per_query_mrr'])}: rerun both on one split")
+    b = paired_bootstrap(r["per_query_mrr"], base["per_query_mrr"], cfg.eval.bootstrap_samples,
+                         cfg.eval.bootstrap_seed)
+    r["mrr_delta"], r["mrr_delta_lo"], r["mrr_delta_hi"] = b["delta"], b["lo"], b["hi"]
+  return rows
+
+
 def baseline_queries(turns) -> dict[str, dict[str, str]]:
-  """{system: {qid: query}}: raw question, all previous questions + question, provided rewrites."""
-  out: dict[str, dict[str, str]] = {"raw": {}, "all_questions": {}}
+  """{system: {qid: query}}: the raw question; the previous question, the conversation's first
+  question, or all previous questions before it; and any rewrite the data provides."""
+  out: dict[str, dict[str, str]] = {"raw": {}, "previous_question": {}, "first_question": {},
+                                    "all_questions": {}}
   for t in turns:
+    past = [q for q, _ in t.context]
     out["raw"][t.qid] = t.question
-    out["all_questions"][t.qid] = " ".join([q for q, _ in t.context] + [t.question])
+    out["previous_question"][t.qid] = " ".join(past[-1:] + [t.question])
+    out["first_question"][t.qid] = " ".join(past[:1] + [t.question])
+    out["all_questions"][t.qid] = " ".join(past + [t.question])
     for name, text in (t.rewrites or {}).items():
       out.setdefault(f"rewrite:{name}", {})[t.qid] = text
   return out
@@ -154,24 +240,33 @@ def baseline_queries(turns) -> dict[str, dict[str, str]]:
 def evaluate_baselines(cfg: cfglib.RunConfig, out: str) -> list[dict]:
   ds = common.load_split(cfg, cfg.data.test_split)
   ranker = common.build_ranker(cfg, ds, cfg.retrieval.eval_max_words)
+  qids = [t.qid for t in ds.turns]
   rows = []
   for name, queries in baseline_queries(ds.turns).items():
     run_path = os.path.join(out, f"run_{name.replace(':', '_')}.trec")
     _retrieve_and_write(ranker, queries, run_path, cfg.retrieval.top_k)
-    s = score_run(run_path, ds.qrels, [t.qid for t in ds.turns])
+    per_q = per_query_metrics(run_path, ds.qrels, qids, cfg.eval.relevance_level)
+    s = summarize_run(per_q, np.array([q in queries for q in qids]))
+    s["per_query"] = per_q["recip_rank"]
     s["run_file"] = os.path.basename(run_path)
-    rows.append(_row(f"baseline:{name}", [s]))
+    rows.append(_row(f"baseline:{name}", [s], cfg))
   return rows
 
 
 def markdown_table(rows: list[dict]) -> str:
-  head = ["system", "MRR", "MRR@3", "NDCG@3", "R@10", "R@100", "MRR (misses=0)", "format pass",
-          "scored/queries"]
+  """One line per system: the rewriter as used (fallback for unparsed outputs), its paired
+  bootstrap 95% interval against the raw question, then the paper's two conventions."""
+  head = ["system", "MRR", "Δ MRR vs raw [95% CI]", "NDCG@3", "R@10", "R@100",
+          "MRR (scored only)", "MRR (misses = 0)", "format pass", "scored"]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for r in rows:
     fp = f"{r['format_pass']:.3f}" if "format_pass" in r else "-"
-    vals = [r["system"]] + [f"{r[m]:.3f}" for m in METRICS] + [
-        f"{r['recip_rank|misses']:.3f}", fp, f"{r['scored']:.0f}/{r['queries']}"]
+    ci = (f"{r['mrr_delta']:+.3f} [{r['mrr_delta_lo']:+.3f}, {r['mrr_delta_hi']:+.3f}]"
+          if "mrr_delta" in r else "-")
+    vals = [r["system"], f"{r['recip_rank']:.3f}", ci] + [
+        f"{r[m]:.3f}" for m in ("ndcg_cut_3", "recall_10", "recall_100")] + [
+        f"{r['recip_rank|scored']:.3f}", f"{r['recip_rank|misses']:.3f}", fp,
+        f"{r['scored']:.0f}/{r['queries']}"]
     lines.append("| " + " | ".join(vals) + " |")
   return "\n".join(lines)
 

@@ -38,7 +38,7 @@ def run_config(run_dir: str) -> cfglib.RunConfig:
 
 
 def run(args) -> int:
-  common.setup_logging()
+  common.setup_logging(args.run_dir if os.path.isdir(args.run_dir) else None, "export")
   cfg = run_config(args.run_dir)
   out = args.out or common.stage_dir(cfg, "export", create=False)
   export_stage(cfg, args.stage, args.step, out, overwrite=args.overwrite, dtype=args.dtype,
@@ -46,21 +46,82 @@ def run(args) -> int:
   return 0
 
 
-def model_card(cfg: cfglib.RunConfig, stage: str, step: int, table: str | None) -> str:
-  lines = [
+# (license, Hugging Face id) of the known initial models, for the card's front matter.
+BASE_MODELS = {
+    "smollm2-135m-gguf": ("apache-2.0", "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "Qwen2.5-3B-Instruct": ("other", "Qwen/Qwen2.5-3B-Instruct"),
+    "Llama-3.2-3B-Instruct": ("llama3.2", "meta-llama/Llama-3.2-3B-Instruct"),
+}
+
+USAGE = '''```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+path = "{repo}"  # this folder, or its hub id
+tok = AutoTokenizer.from_pretrained(path)
+model = AutoModelForCausalLM.from_pretrained(path)
+TEMPLATE = {template!r}
+
+def rewrite(history, question):
+  """history: [(question, answer or None), ...] before `question`."""
+  lines = []
+  for k, (q, a) in enumerate(history, 1):
+    lines.append(f"Q{{k}}: {{q}}")
+    if a is not None:
+      lines.append(f"A{{k}}: {{a}}")
+  prompt = TEMPLATE.replace("{{context}}", "\\n".join(lines)).replace("{{query}}", question)
+  text = tok.apply_chat_template([{{"role": "user", "content": prompt}}], tokenize=False,
+                                 add_generation_prompt=True){prefix}
+  ids = tok(text, add_special_tokens=False, return_tensors="pt")
+  out = model.generate(**ids, max_new_tokens={max_new}, do_sample=False)
+  reply = {prefix_expr}tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+  return reply.split("<rewrite>")[-1].split("</rewrite>")[0].strip()
+
+print(rewrite([("Tell me about the Eiffel Tower.", "It is a wrought-iron tower in Paris.")],
+              "Who designed it?"))
+```'''
+
+
+def base_model(cfg: cfglib.RunConfig) -> tuple[str, str | None]:
+  """(license, base model id): the known initial models, else ("other", None)."""
+  src = cfg.model.source
+  for k, v in BASE_MODELS.items():
+    if src == k or os.path.basename(os.path.normpath(src)) == k:
+      return v
+  return "other", None
+
+
+def model_card(cfg: cfglib.RunConfig, stage: str, step: int, table: str | None,
+               repo: str = ".") -> str:
+  """README.md: front matter (license, base_model), the recipe, the exact prompt, a usage
+  snippet that needs transformers only, and the evaluation table."""
+  from cqr_jax.data.types import Turn
+  lic, base = base_model(cfg)
+  front = ["---", "library_name: transformers", "pipeline_tag: text-generation",
+           f"license: {lic}"] + ([f"base_model: {base}"] if base else []) + [
+           "tags:", "- cqr-jax", "- conversational-query-rewriting", "---", ""]
+  builder = common.prompt_builder(cfg)
+  example = Turn("card", 2, "card", "Who designed it?",
+                 context=(("Tell me about the Eiffel Tower.", "It is a wrought-iron tower in Paris."),))
+  prefix = cfg.sdpw.response_prefix if stage == "initial" else ""
+  lines = front + [
       f"# {cfg.name}: conversational query rewriter ({stage}, step {step})", "",
       "Trained with cqr-jax, a JAX reimplementation of ConvSearch-R1 (arXiv 2505.15776): "
       "self-driven policy warm-up (SFT on the model's own rank-1 rewrites), then GRPO with the "
       "rank-incentive reward from the gold passage's retrieval rank.", "",
-      f"- initial model: `{cfg.model.source}`",
+      f"- base model: `{base or cfg.model.source}` (license: {lic})",
       f"- data: `{cfg.data.dataset}` ({cfg.data.size}); retriever: {cfg.retrieval.kind} "
       f"({cfg.retrieval.bm25}, k1={cfg.retrieval.k1}, b={cfg.retrieval.b})",
       f"- SFT: lr {cfg.sft.lr}, {cfg.sft.epochs} epochs; GRPO: lr {cfg.grpo.lr}, "
       f"{cfg.grpo.batch_prompts} prompts x {cfg.grpo.n} samples, T {cfg.rollout.temperature}, "
       f"KL {cfg.grpo.loss.kl_estimator} coef {cfg.grpo.loss.kl_coef}", "",
-      "Prompt: one user message (instruction, `### Context Begin ###` Qk/Ak lines "
-      "`### Context End ###`, `Query:`, `Rewrite:`); output `<think>..</think>\\n<rewrite>.."
-      "</rewrite>`."]
+      "## Prompt", "",
+      "One user message (the model's chat template, generation prompt added); the answer is "
+      "`<think>..</think>\\n<rewrite>..</rewrite>`. For the example conversation:", "",
+      "```text", builder.text(example), "```", "",
+      "## Usage (transformers only)", "",
+      USAGE.format(repo=repo, template=builder.template, max_new=cfg.eval.max_new_tokens,
+                   prefix=f"\n  text += {prefix!r}" if prefix else "",
+                   prefix_expr=f"{prefix!r} + " if prefix else "")]
   if table:
     lines += ["", "## Evaluation", "", table]
   return "\n".join(lines) + "\n"
@@ -76,7 +137,8 @@ def export_stage(cfg: cfglib.RunConfig, stage: str, step: int | None, out: str, 
   step, model, mcfg = common.load_stage_policy(cfg, stage, mesh, step)
   hf_export.export_hf(model, mcfg, out, dtype=dtype,
                       tokenizer_dir=common.hf_folder_for(cfg.model.source),
-                      model_card=model_card(cfg, stage, step, table), overwrite=overwrite)
+                      model_card=model_card(cfg, stage, step, table, repo=push_to_hub or out),
+                      overwrite=overwrite)
   log.info("exported %s step %d to %s", stage, step, out)
   if push_to_hub:
     hf_export.push_to_hub(out, push_to_hub)

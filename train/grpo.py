@@ -37,11 +37,14 @@ def add_args(p):
   p.add_argument("--init", choices=["auto", "sft", "initial"], default="auto",
                  help="policy to start from: the SFT stage's checkpoint (auto: if present) or "
                  "the initial model (the paper's RL-only ablation)")
+  p.add_argument("--keep-optimizer", action="store_true",
+                 help="keep the optimizer state in the final checkpoint (default: parameters "
+                 "only)")
 
 
 def run(args) -> int:
   cfg = common.config_from_args(args)
-  train_grpo(cfg, init=args.init)
+  train_grpo(cfg, init=args.init, keep_optimizer=args.keep_optimizer)
   return 0
 
 
@@ -59,21 +62,40 @@ def sft_params_or_none(cfg: cfglib.RunConfig, params, init: str):
   try:
     step, sft = common.restore_stage_params(cfg, "sft", params)
   except common.MissingStageError:
-    if init == "sft":
-      raise
+    sdpw_done = os.path.exists(os.path.join(common.stage_dir(cfg, "sdpw", create=False),
+                                            "summary.json"))
+    skipped = os.path.exists(os.path.join(common.stage_dir(cfg, "sft", create=False),
+                                          "skipped.json"))
+    if init == "sft" or (sdpw_done and not skipped):
+      raise common.MissingStageError(
+          f"{common.ckpt_dir(cfg, 'sft')}: no SFT checkpoint, though SDPW has run: run "
+          "`cqr-jax sft --run-dir <this run>` first, or pass --init initial for the RL-only "
+          "ablation") from None
+    log.warning("GRPO starts from the initial model (%s): the RL-only ablation",
+                "sft.allow_empty skipped SFT" if skipped else "no SDPW or SFT output in the run")
+    _record_init(cfg, {"init": "initial", "source": cfg.model.source})
     return None
   log.info("GRPO starts from the SFT checkpoint (step %d)", step)
+  _record_init(cfg, {"init": "sft", "step": step, "dir": common.ckpt_dir(cfg, "sft")})
   return sft
 
 
-def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | None = None):
-  """Runs (or resumes) GRPO; returns the final TrainState and the list of step metrics."""
+def _record_init(cfg: cfglib.RunConfig, what: dict) -> None:
+  """`<run>/grpo/init.json`: which policy GRPO started from (the checkpoint and its step)."""
+  common.save_json(os.path.join(common.stage_dir(cfg, "grpo"), "init.json"), what)
+
+
+def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | None = None,
+               keep_optimizer: bool = False):
+  """Runs (or resumes) GRPO; returns the final TrainState and the list of step metrics.
+
+  The final step's checkpoint holds the parameters only (unless `keep_optimizer`) and replaces
+  the earlier ones; the others keep the optimizer state for a resume."""
   from cqr_jax import rewards as rewards_lib
   from cqr_jax.checkpoint import Checkpointer
   from cqr_jax.data import TurnBatches
   from cqr_jax.metrics_log import CollapseMonitor, MetricsLogger, Timer
   from cqr_jax.objectives.grpo import group_advantages
-  from cqr_jax.prompts import PromptBuilder
 
   g, ro = cfg.grpo, cfg.rollout
   if (g.batch_prompts * g.n) % g.micro_batch:
@@ -83,30 +105,37 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
   out = common.stage_dir(cfg, "grpo")
   mesh = common.make_mesh(cfg)
   ds = common.load_split(cfg, cfg.data.train_split)
-  turns = training_turns(cfg, ds.turns)
   tokenizer = common.load_tokenizer_for(cfg.model.source)
+  prompts = common.prompt_builder(cfg, tokenizer=tokenizer)
+  turns = training_turns(cfg, ds.turns, prompts, tokenizer)
   model, mcfg = common.load_policy(cfg, mesh)
-  graphdef, params, rest = steps.split_model(model)
-  sft = sft_params_or_none(cfg, params, init)
-  if sft is not None:
-    params = sft
-  elif cfg.grpo.reference == "sft":
-    log.warning("no SFT checkpoint: GRPO starts from the initial model, which is also the "
-                "KL reference (the paper's RL-only ablation)")
+  graphdef, initial, rest = steps.split_model(model)
+  sft = sft_params_or_none(cfg, initial, init)
+  params = initial if sft is None else sft
   # The frozen reference (method.md 4.5); with loss.kl_coef 0 there is no KL term, so neither a
   # reference copy nor its log-prob pass (as TRL with beta 0).
   use_ref = g.loss.kl_coef != 0
-  ref_params = jax.tree.map(jnp.copy, params) if use_ref else None
+  ref_params = None
+  if use_ref:
+    ref_params = reference_params(cfg, initial, sft, init)
+    if ref_params is params:  # the update donates the policy's arrays: the reference keeps a copy
+      ref_params = jax.tree.map(jnp.copy, params)
   n_steps = max_steps or total_steps(cfg, len(turns))
   tx = common.stage_optimizer(cfg, "grpo")
   state = steps.init_state(params, tx)
   ranker = common.build_ranker(cfg, ds, cfg.retrieval.reward_max_words)
-  prompts = PromptBuilder()
   batches = TurnBatches(turns, g.batch_prompts, seed=g.seed, drop_last=True)
   key = jax.random.key(g.seed)
   ckpt = Checkpointer(os.path.join(out, "ckpt"), max_to_keep=g.keep_checkpoints,
                       save_every=g.save_every)
-  if ckpt.latest_step() is not None:
+  full = total_steps(cfg, len(turns))  # the stage's last step (max_steps may stop earlier)
+  finished = common.finished_stage_params(cfg, "grpo", ckpt, state.params, keep_optimizer)
+  if finished is not None:
+    import dataclasses
+    return dataclasses.replace(state, params=finished[1],
+                               step=jnp.asarray(finished[0], jnp.int32)), []
+  latest = ckpt.latest_step()
+  if latest is not None:
     step0, restored, meta = ckpt.restore(None, {"state": common.abstract_like(_as_dict(state))})
     state = _from_dict(restored["state"])
     batches.set_state(meta["data"])
@@ -180,17 +209,56 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
             f"{bad_in_row} non-finite losses in a row at step {step + 1}; stopping. The last good "
             f"checkpoint is step {ckpt.latest_step()} under {ckpt.directory}")
       continue
-    ckpt.save(int(state.step), {"state": _as_dict(state)},
+    final = int(state.step) == full
+    payload = _as_dict(state)
+    if final and not keep_optimizer:  # nothing left to resume: parameters only
+      payload = {k: v for k, v in payload.items() if k != "opt_state"}
+    ckpt.save(int(state.step), {"state": payload},
               meta={"data": batches.get_state(), "key": np.asarray(
-                  jax.random.key_data(key)).tolist(), "metrics": m},
+                  jax.random.key_data(key)).tolist(), "metrics": m, "final": final,
+                    "optimizer": "opt_state" in payload},
               force=(step + 1 == n_steps))
   ckpt.wait()
+  if int(state.step) == full and not keep_optimizer:
+    ckpt.keep_only(full)
   logger.close()
   return state, history
 
 
-def training_turns(cfg: cfglib.RunConfig, turns: list) -> list:
-  """The turns GRPO samples from: `grpo.turns` ("all" | "sdpw_kept"), then `grpo.max_turns`."""
+def reference_params(cfg: cfglib.RunConfig, initial, sft, init: str):
+  """The KL reference's params (grpo.reference, method.md 4.5): "sft" = the SFT checkpoint (read
+  here when the policy starts from the initial model), or the initial model when there is none
+  (the RL-only ablation); "init" = the initial model."""
+  ref = cfg.grpo.reference
+  if ref not in ("sft", "init"):
+    raise ValueError(f"grpo.reference={ref!r}: expected 'sft' or 'init'")
+  if ref == "sft" and sft is None and init == "initial":
+    try:
+      sft = common.restore_stage_params(cfg, "sft", initial)[1]
+    except common.MissingStageError:
+      pass
+  if ref == "sft" and sft is None:
+    log.warning("no SFT checkpoint: the KL reference is the initial model (the paper's RL-only "
+                "ablation)")
+  use_sft = ref == "sft" and sft is not None
+  log.info("GRPO KL reference: the %s model", "SFT" if use_sft else "initial")
+  return sft if use_sft else initial
+
+
+def fitting_turns(turns: list, prompts, tokenizer, max_len: int) -> list:
+  """The turns whose templated prompt has at most `max_len` tokens (rollout.max_prompt_len);
+  the others are dropped and counted, as verl's filter_overlong_prompts does (method.md 4.4)."""
+  lengths = [len(prompts.token_ids(t, tokenizer)) for t in turns]
+  kept = [t for t, n in zip(turns, lengths) if n <= max_len]
+  if len(kept) < len(turns):
+    log.warning("GRPO: dropped %d of %d training prompts longer than rollout.max_prompt_len=%d "
+                "tokens (longest %d)", len(turns) - len(kept), len(turns), max_len, max(lengths))
+  return kept
+
+
+def training_turns(cfg: cfglib.RunConfig, turns: list, prompts=None, tokenizer=None) -> list:
+  """The turns GRPO samples from: `grpo.turns` ("all" | "sdpw_kept"), those whose prompt fits
+  (`fitting_turns`, given the prompt builder and tokenizer), then `grpo.max_turns`."""
   g = cfg.grpo
   if g.turns == "sdpw_kept":
     from train import sdpw
@@ -198,6 +266,8 @@ def training_turns(cfg: cfglib.RunConfig, turns: list) -> list:
     turns = [t for t in turns if t.qid in kept]
   elif g.turns != "all":
     raise ValueError(f"grpo.turns={g.turns!r}: expected 'all' or 'sdpw_kept'")
+  if prompts is not None:
+    turns = fitting_turns(turns, prompts, tokenizer, cfg.rollout.max_prompt_len)
   turns = turns[:g.max_turns] if g.max_turns else turns
   if len(turns) < g.batch_prompts:
     raise ValueError(f"GRPO needs at least grpo.batch_prompts={g.batch_prompts} training turns, "

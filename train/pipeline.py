@@ -73,9 +73,12 @@ def run_pipeline(cfg: cfglib.RunConfig, export: bool = True) -> dict:
   eval_dir = common.stage_dir(cfg, "eval")
 
   def eval_stage(stage, name):
-    model, mcfg = evaluate.load_stage_model(cfg, stage, mesh)
+    model, mcfg, ckpt = evaluate.load_stage_checkpoint(cfg, stage, mesh)
     t0 = time.time()
-    r = evaluate.evaluate_policy(cfg, model, mcfg, mesh, name, os.path.join(eval_dir, name))
+    # The zero-shot row starts its responses as SDPW does (not 0 by construction).
+    prefix = cfg.sdpw.response_prefix if stage == "initial" else ""
+    r = evaluate.evaluate_policy(cfg, model, mcfg, mesh, name, os.path.join(eval_dir, name),
+                                 prefix, checkpoint=ckpt)
     eta.observe(r[0]["response_len"] * test_turns * nseeds, time.time() - t0)
     return r
 
@@ -99,8 +102,9 @@ def run_pipeline(cfg: cfglib.RunConfig, export: bool = True) -> dict:
     from train import export as export_mod
     export_dir = phase("HF export", lambda: export_mod.export_stage(
         cfg, "grpo", None, common.stage_dir(cfg, "export", create=False), overwrite=True,
-        table=evaluate.markdown_table(rows)), 0)
+        table=evaluate.markdown_table(evaluate.add_bootstrap(rows, cfg))), 0)
   timings["total"] = time.time() - t_start
+  rows = evaluate.add_bootstrap(rows, cfg)
   report = write_report(cfg, rows, history, summary, timings, export_dir)
   print(evaluate.markdown_table(rows))
   log.info("pipeline finished in %.0f s; report in %s", timings["total"], report)

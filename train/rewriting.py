@@ -1,8 +1,15 @@
-"""Rewriting turns with a policy in batches: the shared inner loop of SDPW and evaluation."""
+"""Rewriting turns with a policy in batches: the shared inner loop of SDPW and evaluation.
+
+The official code samples SDPW candidates and evaluation rewrites with vLLM and no prompt cap
+(method.md 3.1, 5.1), so these stages never drop or cut a prompt: `inference_prompt_len` grows the
+sampler's largest prompt bucket from rollout.max_prompt_len to the longest prompt of the split.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import re
 import time
 from typing import Iterator, Sequence
 
@@ -10,6 +17,8 @@ import jax
 import numpy as np
 
 from cqr_jax.parsing import ParsedResponse, parse_response
+
+log = logging.getLogger("cqr_jax")
 
 
 @dataclasses.dataclass
@@ -22,15 +31,35 @@ class Rewrite:
   num_tokens: int
 
 
-def make_sampler(cfg, tokenizer, mesh, mcfg, *, n: int, temperature: float, max_new_tokens: int):
+def make_sampler(cfg, tokenizer, mesh, mcfg, *, n: int, temperature: float, max_new_tokens: int,
+                 max_prompt_len: int | None = None):
+  """The stage's sampler; `max_prompt_len` (e.g. `inference_prompt_len`) replaces
+  rollout.max_prompt_len."""
   from cqr_jax.sampler import Sampler, SamplerConfig
   ro = cfg.rollout
   return Sampler(SamplerConfig(
-      max_prompt_len=ro.max_prompt_len, max_new_tokens=max_new_tokens, temperature=temperature,
+      max_prompt_len=max_prompt_len or ro.max_prompt_len, max_new_tokens=max_new_tokens,
+      temperature=temperature,
       top_p=ro.top_p, top_k=ro.top_k, n=n, truncate_prompt_left=ro.truncate_prompt_left,
       prompt_len_buckets=tuple(ro.prompt_buckets), compute_dtype=ro.compute_dtype,
       shared_prefix_min=ro.shared_prefix_min),
       tokenizer, mesh=mesh, model_eos_ids=mcfg.eos_token_ids)
+
+
+def inference_prompt_len(cfg, prompts, tokenizer, turns: Sequence,
+                         response_prefix: str = "") -> int:
+  """rollout.max_prompt_len, or the longest prompt of `turns` (with the response prefix) when
+  that is longer: no inference prompt is dropped or cut (module docstring)."""
+  extra = (len(tokenizer(response_prefix, add_special_tokens=False)["input_ids"])
+           if response_prefix else 0)
+  lengths = [len(prompts.token_ids(t, tokenizer)) + extra for t in turns]
+  cap = cfg.rollout.max_prompt_len
+  over = sum(n > cap for n in lengths)
+  if over:
+    log.info("%d of %d prompts are longer than rollout.max_prompt_len=%d: the sampler's largest "
+             "bucket grows to %d tokens (no prompt cap at inference)", over, len(lengths), cap,
+             max(lengths))
+  return max([cap] + lengths)
 
 
 def rewrite_batches(model, sampler, tokenizer, prompts, turns: Sequence, *, key: jax.Array,
@@ -51,8 +80,14 @@ def rewrite_batches(model, sampler, tokenizer, prompts, turns: Sequence, *, key:
     chunk = turns[b0:b0 + batch_prompts]
     ids = [prompts.token_ids(t, tokenizer) + prefix_ids for t in chunk]
     t0 = time.perf_counter()
-    roll = sampler.generate(model, ids, key=jax.random.fold_in(key, b0 // batch_prompts), n=n,
-                            temperature=temperature)
+    try:
+      roll = sampler.generate(model, ids, key=jax.random.fold_in(key, b0 // batch_prompts), n=n,
+                              temperature=temperature)
+    except ValueError as e:  # name the turn, not the batch row
+      m = re.match(r"prompts\[(\d+)\]", str(e))
+      if m is None or int(m.group(1)) >= len(chunk):
+        raise
+      raise ValueError(f"turn {chunk[int(m.group(1))].qid!r}: {e}") from e
     secs = time.perf_counter() - t0
     lengths = roll.completion_lengths
     texts = [response_prefix + t for t in roll.texts]

@@ -1,14 +1,16 @@
 """Stage 1a: self-driven policy warm-up data (method.md 3.1-3.2).
 
 The initial model samples reasoned rewrites for every training turn with the few-shot prompt
-(method.md 2.5); a sample is kept when it passes the format check and its rewrite puts a gold
-passage at rank <= `sdpw.rank_threshold` (the paper: rank 1). Kept samples are written with the
+(method.md 2.5); a sample is kept when it has the think and rewrite blocks (`sdpw.keep_rule`:
+anywhere, as the official filter, or in the strict format) and its rewrite puts a gold passage at
+rank <= `sdpw.rank_threshold` (the paper: rank 1). Kept samples are written with the
 ZERO-shot prompt that SFT trains on (method.md 3.3). Resumable: finished turns are recorded as
 they complete and skipped on restart.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -17,11 +19,13 @@ import re
 import jax
 
 from cqr_jax import config as cfglib
+from cqr_jax.parsing import passes
 from train import common, rewriting
 
 log = logging.getLogger("cqr_jax")
 USES_CONFIG = True
 DATA_FILE, DONE_FILE, SUMMARY_FILE = "sft_data.jsonl", "done.jsonl", "summary.json"
+STATE_FILE = "random_state.json"
 
 
 def add_args(p):
@@ -33,50 +37,114 @@ def run(args) -> int:
   return 0
 
 
-def _read_jsonl(path: str) -> list[dict]:
+def _read_jsonl(path: str, torn: list | None = None) -> list[dict]:
+  """The records of a JSONL file up to its first unreadable line (a torn write from a crash);
+  `torn` (a list) gets that line's number appended."""
   if not os.path.exists(path):
     return []
   out = []
   with open(path, encoding="utf-8") as f:
-    for line in f:
+    for lineno, line in enumerate(f, 1):
       line = line.strip()
       if line:
         try:
           out.append(json.loads(line))
         except json.JSONDecodeError:  # a torn last line from a crash: that batch is redone
+          if torn is not None:
+            torn.append(lineno)
           break
   return out
 
 
+def _write_jsonl_atomic(path: str, records: list[dict]) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write("".join(json.dumps(r) + "\n" for r in records))
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def repair(out: str) -> dict[str, dict]:
+  """{qid: done record} of the committed turns. A turn is committed by its line in done.jsonl
+  (written after its batch's kept samples); a torn line, and kept samples of uncommitted or
+  repeated turns, are removed and both files rewritten atomically (one warning line)."""
+  data_path, done_path = os.path.join(out, DATA_FILE), os.path.join(out, DONE_FILE)
+  torn: list[int] = []
+  done_list = _read_jsonl(done_path, torn)
+  done = {d["qid"]: d for d in done_list}
+  data_all = _read_jsonl(data_path, torn)
+  seen, data = set(), []
+  for r in data_all:
+    if r["qid"] in done and r["qid"] not in seen:
+      seen.add(r["qid"])
+      data.append(r)
+  if torn or len(data) != len(data_all) or len(done) != len(done_list):
+    if common.is_main():
+      log.warning("%s: repaired after an interrupted write (%d torn line(s), %d uncommitted or "
+                  "repeated sample(s) removed); their batch is sampled again", out, len(torn),
+                  len(data_all) - len(data))
+      _write_jsonl_atomic(data_path, data)
+      _write_jsonl_atomic(done_path, list(done.values()))
+  return done
+
+
+def _random_state(out: str, s, key, num_turns: int) -> None:
+  """Records how SDPW's randomness is laid out (batch b of the training turns samples with
+  fold_in(key, b)), and refuses a resume under a different layout."""
+  from cqr_jax.checkpoint import key_to_json
+  from train.runfolder import RunFolderError
+  path = os.path.join(out, STATE_FILE)
+  state = {"seed": s.seed, "key": key_to_json(key), "batch_prompts": s.batch_prompts,
+           "turns": num_turns, "batch_key": "fold_in(key, b) for turns[b*batch_prompts:]"}
+  if os.path.exists(path):
+    old = common.load_json(path)
+    if {k: old.get(k) for k in state} != state:
+      raise RunFolderError(f"{path}: recorded random state {old} differs from this run's: the "
+                           "finished batches were sampled differently; use a new --run-dir")
+  else:
+    common.save_json(path, state)
+
+
 def run_sdpw(cfg: cfglib.RunConfig, model=None, mcfg=None) -> dict:
-  from cqr_jax.prompts import PromptBuilder
   s = cfg.sdpw
   common.write_config(cfg)
   out = common.stage_dir(cfg, "sdpw")
   data_path, done_path = os.path.join(out, DATA_FILE), os.path.join(out, DONE_FILE)
   ds = common.load_split(cfg, cfg.data.train_split)
-  done = {d["qid"]: d for d in _read_jsonl(done_path)}
-  todo = [t for t in ds.turns if t.qid not in done]
-  log.info("SDPW: %d training turns, %d already done, %d to sample", len(ds.turns), len(done),
+  done = repair(out)
+  turns = list(ds.turns)
+  todo = [t for t in turns if t.qid not in done]
+  log.info("SDPW: %d training turns, %d already done, %d to sample", len(turns), len(done),
            len(todo))
+  key = jax.random.key(s.seed)
+  _random_state(out, s, key, len(turns))
   if todo:
+    # Batches are fixed slices of the whole split (batch b: fold_in(key, b)), so a resumed run
+    # draws exactly what an uninterrupted one would (rewriting.rewrite_batches' `start`).
+    first = next(i for i, t in enumerate(turns) if t.qid not in done)
+    start = first - first % s.batch_prompts
     mesh = common.make_mesh(cfg)
     tokenizer = common.load_tokenizer_for(cfg.model.source)
     if model is None:
       model, mcfg = common.load_policy(cfg, mesh)
     ranker = common.build_ranker(cfg, ds, cfg.retrieval.reward_max_words)
-    few_shot, zero_shot = PromptBuilder(few_shot=s.few_shot), PromptBuilder()
-    sampler = rewriting.make_sampler(cfg, tokenizer, mesh, mcfg, n=s.samples_per_turn,
-                                     temperature=s.temperature, max_new_tokens=s.max_new_tokens)
-    key = jax.random.key(s.seed)
+    few_shot = common.prompt_builder(cfg, s.few_shot, tokenizer)
+    zero_shot = common.prompt_builder(cfg, False, tokenizer)
+    sampler = rewriting.make_sampler(
+        cfg, tokenizer, mesh, mcfg, n=s.samples_per_turn, temperature=s.temperature,
+        max_new_tokens=s.max_new_tokens, max_prompt_len=rewriting.inference_prompt_len(
+            cfg, few_shot, tokenizer, turns, s.response_prefix))
     with open(data_path, "a", encoding="utf-8") as fdata, \
          open(done_path, "a", encoding="utf-8") as fdone:
-      for _, rewrites, _ in rewriting.rewrite_batches(
-          model, sampler, tokenizer, few_shot, todo, key=key, n=s.samples_per_turn,
+      for end, rewrites, _ in rewriting.rewrite_batches(
+          model, sampler, tokenizer, few_shot, turns, key=key, n=s.samples_per_turn,
           batch_prompts=s.batch_prompts, temperature=s.temperature, desc="sdpw",
-          response_prefix=s.response_prefix):
-        _filter_and_write(rewrites, todo, ranker, zero_shot, s.rank_threshold, fdata, fdone,
-                          s.lenient_candidates)
+          start=start, response_prefix=s.response_prefix):
+        rewrites = [r for r in rewrites if turns[r.turn_index].qid not in done]
+        _filter_and_write(rewrites, turns, ranker, zero_shot, s.rank_threshold, fdata, fdone,
+                          s.lenient_candidates, s.keep_rule,
+                          batch=(end - 1) // s.batch_prompts)
   summary = summarize(_read_jsonl(done_path), len(ds.turns))
   common.save_json(os.path.join(out, SUMMARY_FILE), summary)
   log.info("SDPW kept %d of %d sampled (%s)", summary["kept"], summary["sampled"],
@@ -101,19 +169,27 @@ def lenient_candidates(text: str, max_candidates: int = 8) -> list[str]:
   return out
 
 
+_THINK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+
+
 def _think_of(text: str, rewrite: str, max_words: int = 60) -> str:
-  """The reasoning kept for a lenient sample: the response without tags and without the sentence
-  chosen as the rewrite, at most `max_words` words."""
-  words = _TAG.sub(" ", text).replace(rewrite, " ").split()
-  return " " + " ".join(words[:max_words]) + " "
+  """The reasoning kept for a lenient sample: its closed think block if it has one (e.g. an
+  empty one forced by the response prefix), else the response without tags and without the
+  sentence chosen as the rewrite; at most `max_words` words."""
+  closed = _THINK.search(text)
+  words = (closed.group(1) if closed else _TAG.sub(" ", text).replace(rewrite, " ")).split()
+  return " " + " ".join(words[:max_words]) + " " if words else " "
 
 
 def _filter_and_write(rewrites, turns, ranker, zero_shot, threshold, fdata, fdone,
-                      lenient: bool = False):
-  # (turn, sample, candidate text, is_lenient) for every query to rank
+                      lenient: bool = False, keep_rule: str = "format", batch: int | None = None):
+  """Ranks a batch's samples and appends its kept samples, then its done records (the commit),
+  each in one write and fsync; a crash in between is undone by `repair`."""
+  # (turn, sample, candidate text, is_lenient) for every query to rank; sdpw.keep_rule decides
+  # which samples count as formatted (cqr_jax.parsing.passes)
   queries = []
   for r in rewrites:
-    if r.parsed.format_ok:
+    if passes(r.parsed, keep_rule):
       queries.append((r, r.parsed.rewrite, False))
     elif lenient:
       queries += [(r, c, True) for c in lenient_candidates(r.text)]
@@ -126,6 +202,7 @@ def _filter_and_write(rewrites, turns, ranker, zero_shot, threshold, fdata, fdon
     if cur is None or (x > 0 and (cur[0] < 1 or x < cur[0])):
       best[key] = (x, text, len_)
   by_turn: dict[int, list] = {}
+  data_lines, done_lines = [], []
   for r in rewrites:
     by_turn.setdefault(r.turn_index, []).append(r)
   for ti, rs in sorted(by_turn.items()):
@@ -146,14 +223,21 @@ def _filter_and_write(rewrites, turns, ranker, zero_shot, threshold, fdata, fdon
       r, rank, text, len_ = kept
       think = _think_of(r.text, text) if len_ else r.parsed.think
       rewrite = f" {text} " if len_ else text
-      fdata.write(json.dumps({
+      data_lines.append(json.dumps({
           "qid": turn.qid, "prompt": zero_shot.text(turn), "reasoning": think,
           "rewrite": rewrite, "rank": rank, "lenient": len_, "turn": turn.to_json()}) + "\n")
-    fdone.write(json.dumps({"qid": turn.qid, "kept": kept is not None, "samples": len(rs),
-                            "reasons": reasons}) + "\n")
-  fdata.flush()
-  fdone.flush()
-  os.fsync(fdata.fileno())
+    rec = {"qid": turn.qid, "kept": kept is not None, "samples": len(rs), "reasons": reasons}
+    if batch is not None:  # where the samples came from: a resumed run must draw the same
+      rec["batch"] = batch
+      rec["digest"] = hashlib.sha1("\0".join(r.text for r in rs).encode()).hexdigest()[:12]
+    done_lines.append(json.dumps(rec) + "\n")
+  from train.runfolder import fault
+  for f, lines, point in ((fdata, data_lines, "sdpw_data"), (fdone, done_lines, "sdpw_done")):
+    text = "".join(lines)
+    fault(point, batch, f, text)
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
 
 
 def summarize(done: list[dict], num_turns: int) -> dict:

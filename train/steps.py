@@ -247,16 +247,30 @@ def make_grpo_update(graphdef, rest, tx, loss_cfg, *, temperature: float,
   rollout_batch.pack_groups), which its forward then runs over instead, k rows as that
   micro-batch needs (one compile per k). Micro-batches hold
   `micro_batch` completions, whole groups. `top_layers` > 0: only the top blocks train (pair it
-  with `partial_training.mask_optimizer(tx, top_layers)`).
+  with `partial_training.mask_optimizer(tx, top_layers)`). With loss_cfg.blocks (token_mean over
+  fixed blocks of sequences, the paper's) each sequence's weight comes from the whole batch's
+  mask before the split (`_with_seq_weights`), so the loss depends on neither the mesh nor
+  `micro_batch`.
   """
   def loss_fn(params, mb, common=None):
     logp, ent = _completion_logprobs(graphdef, rest, params, mb, temperature, True, top_layers,
                                      common)
     flat = lambda k: mb[k].reshape(logp.shape) if k in mb else None  # noqa: E731
     old = flat("old_logp") if "old_logp" in mb else jax.lax.stop_gradient(logp)
+    w = mb["seq_w"].reshape(-1) if "seq_w" in mb else None
     s, c, metrics = grpo_obj.grpo_loss(logp, old, flat("ref_logp"), ent, mb["adv"].reshape(-1),
-                                       flat("completion_mask"), loss_cfg)
+                                       flat("completion_mask"), loss_cfg, seq_weight_b=w)
     return s, (c, metrics)
+
+  def _with_seq_weights(batch):
+    """The batch with "seq_w" [G, m] (grpo_obj.token_mean_weights; rollout r is row r // m,
+    column r % m) when the loss runs over fixed blocks of sequences."""
+    if not loss_cfg.blocks:
+      return batch
+    g, m, lc = batch["completion"].shape
+    w = grpo_obj.token_mean_weights(batch["completion_mask"].reshape(g * m, lc),
+                                    loss_cfg.token_mean_seqs)
+    return {**batch, "seq_w": w.reshape(g, m)}
 
   loss_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
   packed_loss_and_grad = jax.value_and_grad(loss_fn, argnums=(0, 2), has_aux=True)
@@ -269,9 +283,11 @@ def make_grpo_update(graphdef, rest, tx, loss_cfg, *, temperature: float,
 
   def update(state: TrainState, batch: dict):
     n_micro = _num_micro(batch, micro_batch)
+    batch = _with_seq_weights(batch)
     micro = jax.tree.map(lambda x: _split_micro(x, n_micro, mesh), batch)
     total = step_total(batch, n_micro)
-    scale = lambda c: grpo_obj.accumulation_scale(loss_cfg, c, n_micro, total)  # noqa: E731
+    scale = lambda c: (1.0 if loss_cfg.blocks else  # noqa: E731
+                       grpo_obj.accumulation_scale(loss_cfg, c, n_micro, total))
     loss, grads, _, raw = _accumulate(loss_and_grad, state.params, micro, scale,
                                       grpo_obj.merge_metrics)
     new_state, gnorm, finite = _apply(tx, state, grads, loss)
@@ -282,9 +298,11 @@ def make_grpo_update(graphdef, rest, tx, loss_cfg, *, temperature: float,
     """grads + micro-batch i's scaled gradient (`_accumulate`'s term), its scaled loss, metrics.
     grads = (parameters', the common prefix keys' (`_prefix_kv`) or None)."""
     n_micro = _num_micro(batch, micro_batch)
+    batch = _with_seq_weights(batch)
     mb = _packed_micro(batch, pack, i, n_micro, mesh)
     (s, (c, metrics)), g = packed_loss_and_grad(params, mb, common)
-    w = grpo_obj.accumulation_scale(loss_cfg, c, n_micro, step_total(batch, n_micro))
+    w = (1.0 if loss_cfg.blocks else
+         grpo_obj.accumulation_scale(loss_cfg, c, n_micro, step_total(batch, n_micro)))
     return jax.tree.map(lambda a, b: a + b * w, grads, g), s * w, metrics
 
   def packed_finish(state: TrainState, acc):

@@ -1,7 +1,8 @@
 """`Dataset` (turns + collection + qrels) and `load_dataset`, the one entry point stages call.
 
 Names: "synthetic" / "synthetic:tiny" / "synthetic:<size>:<seed>" (the embedded benchmark,
-generated in memory), "topiocqa:<dir>", "qrecc:<dir>", or a folder in the generic layout.
+generated in memory), "mtrag" / "mtrag:un" / "mtrag:human" (the MTRAG conversations shipped in the
+package, mtrag_reader.py), "topiocqa:<dir>", "qrecc:<dir>", or a folder in the generic layout.
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ def load_dataset(name_or_path: str, split: str = "train", strict: bool = False,
     if kw:
       raise TypeError(f"synthetic dataset: unexpected options {sorted(kw)}")
     return synthetic.synthetic_dataset(size=size, seed=seed, split=split)
+  if kind == "mtrag" and not os.path.isdir(name_or_path):
+    from cqr_jax.data import mtrag_reader
+    return mtrag_reader.read_mtrag(split, rest or "all", **kw)
   if kind == "topiocqa" and rest:
     from cqr_jax.data import topiocqa
     return topiocqa.read_topiocqa(rest, split, strict=strict, progress=progress, **kw)
@@ -104,5 +108,5 @@ def load_dataset(name_or_path: str, split: str = "train", strict: bool = False,
     from cqr_jax.data import generic
     return generic.read_generic(name_or_path, split, strict=strict, progress=progress, **kw)
   raise DataError(f"unknown dataset {name_or_path!r}: expected 'synthetic[:size[:seed]]', "
-                  "'topiocqa:<dir>', 'qrecc:<dir>' or an existing folder in the generic layout "
-                  "(conversations.jsonl, corpus.jsonl, qrels.tsv)")
+                  "'mtrag[:un|:human]', 'topiocqa:<dir>', 'qrecc:<dir>' or an existing folder in "
+                  "the generic layout (conversations.jsonl, corpus.jsonl, qrels.tsv)")

@@ -5,10 +5,13 @@ Files under the given folder:
   Conversation_source, Question, Truth_rewrite, Truth_answer, Truth_passages = raw passage ids),
 - collection: the unzipped `passages.zip`, i.e. `collection-paragraph/{commoncrawl,wayback,
   wayback-backfill}/*.jsonl` (lines {id: "<doc>_p<k>", contents}), directly under the folder or
-  under `passages/`.
-Passages are renumbered 0, 1, 2, ... in file order: commoncrawl files first, then the wayback
-files (the reference code's substring test puts wayback-backfill in the wayback bucket), files in
-name order within a bucket; the raw -> int map is written as JSON (index_dir/id_map.json).
+  under `passages/`; keep `passages.zip` beside it (in the folder or next to
+  `collection-paragraph/`) for the official numbering.
+Passages are renumbered 0, 1, 2, ... as the official preprocessing does (method.md 1.3): the
+zip's .jsonl members in the zip's own order, commoncrawl ones first, then every path containing
+"wayback" (wayback-backfill included); without the zip, in sorted path order (a warning: the
+integer ids then differ from the official id map). The raw -> int map is written as JSON
+(index_dir/id_map.json).
 Context = every previous turn's (Question, Truth_answer or "UNANSWERABLE"); turns without
 Truth_passages are not emitted but stay in later contexts. Query ids `QReCC-{Train,Test}_{conv}_
 {turn}`; qrels hold every gold. Truth_rewrite is exposed as the `human` rewrite.
@@ -18,37 +21,68 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
+import zipfile
 from typing import Any
 
 from cqr_jax.data.collection import FileCollection, default_index_dir
 from cqr_jax.data.dataset import Dataset, GoldChecker, check_question
 from cqr_jax.data.types import DataError, Turn
 
+log = logging.getLogger("cqr_jax")
 SPLITS = {"train": ("training", "Train"), "test": ("test", "Test")}
 UNANSWERABLE = "UNANSWERABLE"
 
 
+_DIR = "collection-paragraph"
+
+
+def zip_member_order(root: str, cand: str) -> tuple[list[str] | None, str | None]:
+  """(the .jsonl members of passages.zip in the zip's order, as paths under
+  collection-paragraph/; the zip's path), or (None, None) when there is no zip."""
+  for z in (os.path.join(root, "passages.zip"), os.path.join(os.path.dirname(cand),
+                                                             "passages.zip")):
+    if os.path.isfile(z):
+      try:
+        with zipfile.ZipFile(z) as f:
+          names = f.namelist()
+      except zipfile.BadZipFile as e:
+        raise DataError(f"{z}: not a readable zip ({e})") from None
+      return [n.split(_DIR + "/", 1)[-1] for n in names if n.endswith(".jsonl")], z
+  return None, None
+
+
 def collection_files(root: str) -> tuple[str, list[str]]:
-  """(collection-paragraph dir, its .jsonl files in renumbering order)."""
-  for cand in (os.path.join(root, "collection-paragraph"),
-               os.path.join(root, "passages", "collection-paragraph")):
+  """(collection-paragraph dir, its .jsonl files in renumbering order: module docstring)."""
+  for cand in (os.path.join(root, _DIR), os.path.join(root, "passages", _DIR)):
     if os.path.isdir(cand):
       break
   else:
     hint = (" (unzip passages.zip first)" if glob.glob(os.path.join(root, "*.zip")) else "")
     raise DataError(f"{root}: no collection-paragraph/ folder{hint}")
-  files = sorted(glob.glob(os.path.join(cand, "**", "*.jsonl"), recursive=True))
-  rel = [os.path.relpath(f, cand) for f in files]
-  common = [f for f, r in zip(files, rel) if "commoncrawl" in r]
-  wayback = [f for f, r in zip(files, rel) if "commoncrawl" not in r and "wayback" in r]
-  other = [r for r in rel if "commoncrawl" not in r and "wayback" not in r]
+  on_disk = sorted(os.path.relpath(f, cand).replace(os.sep, "/") for f in
+                   glob.glob(os.path.join(cand, "**", "*.jsonl"), recursive=True))
+  if not on_disk:
+    raise DataError(f"{cand}: no .jsonl files")
+  rel, zpath = zip_member_order(root, cand)
+  if rel is None:
+    log.warning("%s: passages.zip not found: QReCC passages are numbered in sorted path order, "
+                "so their integer ids differ from the official preprocessing's (keep "
+                "passages.zip beside collection-paragraph/)", cand)
+    rel = on_disk
+  elif sorted(rel) != on_disk:
+    missing = sorted(set(rel) - set(on_disk))[:3]
+    extra = sorted(set(on_disk) - set(rel))[:3]
+    raise DataError(f"{cand}: the extracted files differ from {zpath} (not extracted: {missing}; "
+                    f"not in the zip: {extra})")
+  wayback = [r for r in rel if "wayback" in r]  # the official test order: wayback first
+  common = [r for r in rel if "wayback" not in r and "commoncrawl" in r]
+  other = [r for r in rel if "wayback" not in r and "commoncrawl" not in r]
   if other:
     raise DataError(f"{cand}: unexpected collection files outside commoncrawl/ and wayback*/: "
                     f"{other[:3]}")
-  if not files:
-    raise DataError(f"{cand}: no .jsonl files")
-  return cand, common + wayback
+  return cand, [os.path.join(cand, r) for r in common + wayback]
 
 
 def open_collection(root: str, index_dir: str | None = None,

@@ -27,7 +27,8 @@ def _tfds():
 
 
 def turn_to_example(t: Turn) -> dict:
-  return {"qid": t.qid, "conv_id": t.conv_id, "turn_id": int(t.turn_id), "question": t.question,
+  return {"qid": t.qid, "conv_id": t.conv_id, "turn_id": json.dumps(t.turn_id),
+          "question": t.question,
           "context_questions": [q for q, _ in t.context],
           "context_answers": [a or "" for _, a in t.context],
           "context_has_answer": [a is not None for _, a in t.context],
@@ -44,7 +45,7 @@ def example_to_turn(ex: dict) -> Turn:
   qs = [_s(q) for q in ex["context_questions"]]
   ans = [_s(a) for a in ex["context_answers"]]
   has = [bool(h) for h in ex["context_has_answer"]]
-  return Turn(conv_id=_s(ex["conv_id"]), turn_id=int(ex["turn_id"]), qid=_s(ex["qid"]),
+  return Turn(conv_id=_s(ex["conv_id"]), turn_id=json.loads(_s(ex["turn_id"])), qid=_s(ex["qid"]),
               question=_s(ex["question"]),
               context=tuple((q, a if h else None) for q, a, h in zip(qs, ans, has)),
               gold_ids=tuple(_s(g) for g in ex["gold_ids"]),
@@ -57,7 +58,7 @@ def _builder_class():
   class ConversationTurns(tfds.core.GeneratorBasedBuilder):
     """Turns of a conversational search dataset (one example per scored turn)."""
 
-    VERSION = tfds.core.Version("1.0.0")
+    VERSION = tfds.core.Version("1.1.0")  # 1.1: turn_id as JSON text (int or string ids)
     # TFDS locates a builder's source file through importlib_resources (not installed): a builder
     # made at run time has no checksums file or code path to find.
     code_path = None
@@ -72,7 +73,7 @@ def _builder_class():
           builder=self, disable_shuffling=True,
           description=f"cqr-jax conversation turns from {self._source!r}",
           features=f.FeaturesDict({
-              "qid": f.Text(), "conv_id": f.Text(), "turn_id": np.int32, "question": f.Text(),
+              "qid": f.Text(), "conv_id": f.Text(), "turn_id": f.Text(), "question": f.Text(),
               "context_questions": f.Sequence(f.Text()), "context_answers": f.Sequence(f.Text()),
               "context_has_answer": f.Sequence(np.bool_), "gold_ids": f.Sequence(f.Text()),
               "rewrites_json": f.Text(), "domain": f.Text()}))

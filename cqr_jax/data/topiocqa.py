@@ -1,13 +1,17 @@
 """TopiOCQA from its released files (method.md 1.2).
 
-Files under the given folder (first match wins):
-- turns: `topiocqa_{train,dev}.json` (a JSON list of turns: Conversation_no, Turn_no, Question,
-  Context = flat [q1, a1, q2, a2, ...], Topic, Topic_section, Answer, ...),
-- golds: `all_history/{train,dev}.json` (DPR format, aligned 1:1 with the turns: conv_id,
-  turn_id, positive_ctxs = [{title, text, passage_id}, ...]), also looked for under
-  `data/retriever/all_history/` and `retriever/all_history/`,
-- collection: `full_wiki_segments.tsv` (id, text, title; header row; title " [SEP] " -> " "),
-  also looked for under `data/wikipedia_split/`; indexed on disk (25.7M rows).
+Files under the given folder (first match wins), flat or in the layout the download script
+(TopiOCQA's download_data.py, run by the official preprocess/topiocqa/download.sh) writes,
+`downloads/data/{topiocqa_dataset,retriever/all_history,wikipedia_split}/`; the folder may be the
+download folder, its `downloads/` or its `downloads/data/`:
+- turns: `topiocqa_{train,dev}.json`, `topiocqa_dataset/{train,dev}.json` or
+  `topiocqa_dataset/topiocqa_{train,dev}.json` (a JSON list of
+  turns: Conversation_no, Turn_no, Question, Context = flat [q1, a1, q2, a2, ...], Topic,
+  Topic_section, Answer, ...),
+- golds: `all_history/{train,dev}.json` or `retriever/all_history/{train,dev}.json` (DPR format,
+  aligned 1:1 with the turns: conv_id, turn_id, positive_ctxs = [{title, text, passage_id}, ...]),
+- collection: `full_wiki_segments.tsv` or `wikipedia_split/full_wiki_segments.tsv` (id, text,
+  title; header row; title " [SEP] " -> " "); indexed on disk (25.7M rows).
 Query ids `topiocqa-{train,dev}_{conv}_{turn}`; qrels hold only positive_ctxs[0] (one gold).
 """
 
@@ -22,9 +26,12 @@ from cqr_jax.data.dataset import Dataset, GoldChecker, check_question
 from cqr_jax.data.types import Collection, DataError, Turn
 
 SPLIT_FILES = {"train": "train", "dev": "dev", "test": "dev"}
+# Where the download script's `downloads/data/` may sit relative to the folder given.
+_PREFIXES = ("", "data/", "downloads/data/")
 
 
 def _first(root: str, rels: list[str], what: str) -> str:
+  rels = [pre + r for r in rels for pre in _PREFIXES]
   for r in rels:
     p = os.path.join(root, r)
     if os.path.isfile(p):
@@ -44,7 +51,7 @@ def _load_json_list(path: str) -> list:
 
 
 def open_collection(root: str, index_dir: str | None = None, progress: bool = True) -> Collection:
-  path = _first(root, ["full_wiki_segments.tsv", "data/wikipedia_split/full_wiki_segments.tsv"],
+  path = _first(root, ["full_wiki_segments.tsv", "wikipedia_split/full_wiki_segments.tsv"],
                 "collection")
   return FileCollection([path], "topiocqa_tsv", index_dir or default_index_dir(path),
                         skip_header=True, progress=progress)
@@ -58,9 +65,10 @@ def read_topiocqa(root: str | os.PathLike, split: str = "train", strict: bool = 
   if split not in SPLIT_FILES:
     raise ValueError(f"TopiOCQA split must be one of {sorted(SPLIT_FILES)}, got {split!r}")
   s = SPLIT_FILES[split]
-  turns_path = _first(root, [f"topiocqa_{s}.json"], f"{s} turns")
-  gold_path = _first(root, [f"all_history/{s}.json", f"data/retriever/all_history/{s}.json",
-                            f"retriever/all_history/{s}.json"], f"{s} gold file")
+  turns_path = _first(root, [f"topiocqa_{s}.json", f"topiocqa_dataset/{s}.json",
+                             f"topiocqa_dataset/topiocqa_{s}.json"], f"{s} turns")
+  gold_path = _first(root, [f"all_history/{s}.json", f"retriever/all_history/{s}.json"],
+                     f"{s} gold file")
   if collection is None:
     collection = open_collection(root, index_dir, progress)
   records, golds = _load_json_list(turns_path), _load_json_list(gold_path)

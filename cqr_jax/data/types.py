@@ -22,10 +22,12 @@ class Turn:
   gold_ids: gold passage ids (TopiOCQA: exactly one; QReCC: one or more; may be empty for turns
     that only feed later contexts, which readers do not emit).
   rewrites: rewrites the data provides, by name (e.g. {"human": "..."}), scored as baselines.
+  turn_id: the dataset's id: an int, or a string such as "1-1" (see `turn_id_value`).
+  domain: the conversation's domain (MTRAG), for retrieval within it.
   """
 
   conv_id: str
-  turn_id: int
+  turn_id: int | str
   qid: str
   question: str
   context: tuple[tuple[str, str | None], ...] = ()
@@ -43,17 +45,34 @@ class Turn:
   @classmethod
   def from_json(cls, d: Mapping) -> "Turn":
     return cls(
-        conv_id=str(d["conv_id"]), turn_id=int(d["turn_id"]), qid=str(d["qid"]),
+        conv_id=str(d["conv_id"]), turn_id=turn_id_value(d["turn_id"]), qid=str(d["qid"]),
         question=d["question"], context=tuple((q, a) for q, a in d.get("context", ())),
         gold_ids=tuple(d.get("gold_ids", ())), rewrites=dict(d.get("rewrites") or {}),
         domain=d.get("domain"))
 
 
+def turn_id_value(v) -> int | str:
+  """A turn id as stored: ints (and ASCII-digit strings) as int, other non-empty strings as given.
+
+  Raises ValueError for anything else. ("3_2" stays a string: int() would read it as 32.)
+  """
+  if isinstance(v, float) and v.is_integer():
+    v = int(v)
+  if isinstance(v, int) and not isinstance(v, bool):
+    return v
+  if isinstance(v, str) and v.strip():
+    s = v.strip()
+    return int(s) if s.isascii() and s.isdigit() else v
+  raise ValueError(f"a turn_id must be an integer or a non-empty string, got {v!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Passage:
+  """domain: the sub-collection the passage belongs to (MTRAG: govt, clapnq, ...), if any."""
   pid: str
   text: str
   title: str = ""
+  domain: str | None = None
 
   @property
   def contents(self) -> str:

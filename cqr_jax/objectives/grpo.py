@@ -11,6 +11,9 @@ the trainer turns micro-batches into the loss of one optimizer step depends on t
   aggregation               loss_sum / count per micro-batch          step loss
   token_mean (paper, verl)  Σ_tokens l_t  /  #valid tokens            mean over micro-batches of
                                                                       loss_sum / count
+    with seq_weight_b w     Σ_seqs w_i Σ_t l_t  /  #valid tokens      Σ loss_sum
+    (w_i = 1 / (tokens of i's block · #blocks), `token_mean_weights`: the mean over blocks of
+    token_mean_seqs consecutive sequences, in prompt-major rollout order, of each block's mean)
   token_sum_global          Σ_tokens l_t  /  #valid tokens            Σ loss_sum / Σ count
   seq_mean_token_mean       Σ_seqs mean_t(l_t)  /  #non-empty seqs    Σ loss_sum / Σ count
   seq_mean_token_sum_norm   Σ_seqs Σ_t l_t / L  /  #non-empty seqs    Σ loss_sum / Σ count
@@ -20,12 +23,16 @@ the trainer turns micro-batches into the loss of one optimizer step depends on t
 accumulation, differentiate `loss_sum * accumulation_scale(cfg, count, num_microbatches, total)`
 per micro-batch and add the gradients: the sum equals the gradient of the step loss exactly.
 `total` is `Σ aggregation_count(mask)` over the step's micro-batches (known before the update;
-unused by token_mean). token_mean gives verl's numbers on one device: each micro-batch's token mean
-divided by the number of accumulation steps (method.md 4.7). verl also averages gradients over GPUs,
-each GPU taking the token mean of its own micro-batch; a global-batch jit whose micro-batch spans all
-devices takes the token mean over the whole global micro-batch instead. The two agree when every
-device's share holds the same number of valid tokens, and otherwise weight tokens slightly
-differently (token_sum_global is the layout-independent choice).
+unused by token_mean).
+
+token_mean is verl's loss (method.md 4.7): the token mean of each GPU's micro-batch of 8
+sequences, divided by the accumulation steps, gradients averaged over the GPUs, i.e. the mean
+over the step's 8-sequence blocks of each block's token mean. With token_mean_seqs = 8 the trainer
+(train/steps.py) fixes the blocks by rollout order (verl's per-GPU micro-batches are consecutive
+slices of the batch) and passes seq_weight_b, so the loss is the same on any mesh and for any
+compute micro-batch (`grpo.micro_batch`, which only sets how many sequences one forward runs over
+the whole mesh). token_mean_seqs = 0 is the older rule, the token mean of each compute
+micro-batch: it depends on the mesh and on micro_batch.
 """
 
 from __future__ import annotations
@@ -57,6 +64,8 @@ class GRPOLossConfig:
   log_ratio_clamp: logπ_θ − logπ_old is clamped to ±this before exp (verl uses 20).
   norm_length: the constant L of seq_mean_token_sum_norm (None = the padded length T; set it to
     the maximum response length when batches are length-bucketed, so L stays constant).
+  token_mean_seqs: token_mean's block, K consecutive sequences (verl's micro-batch per GPU, 8);
+    0 = each compute micro-batch is a block (module docstring).
   """
 
   policy_loss: str = "ppo_clip"
@@ -69,6 +78,7 @@ class GRPOLossConfig:
   aggregation: str = "token_mean"
   norm_length: int | None = None
   log_ratio_clamp: float = 20.0
+  token_mean_seqs: int = 8
 
   def __post_init__(self):
     POLICY_LOSSES.canonical(self.policy_loss)
@@ -81,6 +91,14 @@ class GRPOLossConfig:
       raise ValueError(f"GRPOLossConfig.dual_clip must be > 1 (or None), got {self.dual_clip}")
     if self.norm_length is not None and self.norm_length <= 0:
       raise ValueError(f"GRPOLossConfig.norm_length must be > 0, got {self.norm_length}")
+    if self.token_mean_seqs < 0:
+      raise ValueError(f"GRPOLossConfig.token_mean_seqs must be >= 0, got {self.token_mean_seqs}")
+
+  @property
+  def blocks(self) -> bool:
+    """Whether the trainer weights sequences by `token_mean_weights` (token_mean over fixed
+    blocks of token_mean_seqs sequences) rather than taking each micro-batch's token mean."""
+    return AGGREGATIONS.canonical(self.aggregation) == "token_mean" and self.token_mean_seqs > 0
 
 
 # ----------------------------------------------------------------------------------- advantages
@@ -99,12 +117,17 @@ def group_advantages(rewards_n: jax.Array, group_size: int, eps: float = 1e-6,
                      f"got shape {rewards_n.shape}")
   r_bg = rewards_n.reshape(-1, group_size)  # [B, G]
   if group_size == 1:
-    mu_b1, sd_b1 = jnp.zeros_like(r_bg), jnp.ones_like(r_bg)
-  else:
-    mu_b1 = r_bg.mean(axis=1, keepdims=True)
-    sd_b1 = r_bg.std(axis=1, ddof=1, keepdims=True)
-  a_bg = (r_bg - mu_b1) / (sd_b1 + eps) if scale_by_std else r_bg - mu_b1
-  return a_bg.reshape(-1)
+    return (r_bg / (1.0 + eps) if scale_by_std else r_bg).reshape(-1)
+  # Centre on each group's first reward before the mean: the shift is exact, so an all-equal
+  # group is exactly 0 here (a float32 mean of 16 copies of 16/9 is off by one ulp, and the
+  # division by (std + eps) would blow that up into a sizeable advantage).
+  d_bg = r_bg - r_bg[:, :1]
+  d_bg = d_bg - d_bg.mean(axis=1, keepdims=True)
+  d_bg = jnp.where(jnp.all(r_bg == r_bg[:, :1], axis=1, keepdims=True), 0.0, d_bg)
+  if scale_by_std:
+    sd_b1 = jnp.sqrt(jnp.sum(d_bg * d_bg, axis=1, keepdims=True) / (group_size - 1))
+    d_bg = d_bg / (sd_b1 + eps)
+  return d_bg.reshape(-1)
 
 
 # ------------------------------------------------------------------------------- KL estimators
@@ -202,6 +225,19 @@ def aggregation_count(mask_bt: jax.Array, cfg: GRPOLossConfig) -> jax.Array:
   return _seq_count(mask_bt)
 
 
+def token_mean_weights(mask_nt: jax.Array, block: int) -> jax.Array:
+  """[N] weight of each sequence of a step (prompt-major rollout order) in the token mean over
+  blocks of `block` consecutive sequences: 1 / (valid tokens of its block · number of blocks).
+  The last block may be shorter; a block without tokens counts in the number of blocks (as an
+  empty verl micro-batch does) and weighs nothing."""
+  len_n = jnp.sum(jnp.asarray(mask_nt, jnp.float32), axis=-1)
+  n = len_n.shape[0]
+  num = -(-n // block)
+  block_n = jnp.arange(n) // block
+  tokens_k = jax.ops.segment_sum(len_n, block_n, num_segments=num)
+  return 1.0 / (jnp.maximum(tokens_k, 1.0)[block_n] * num)
+
+
 def accumulation_scale(cfg: GRPOLossConfig, count, num_microbatches: int, total_count=None):
   """Factor on a micro-batch's loss_sum so that summed gradients equal the step loss's gradient."""
   if AGGREGATIONS.canonical(cfg.aggregation) == "token_mean":
@@ -223,7 +259,7 @@ def combine_microbatches(sums: Sequence, counts: Sequence, cfg: GRPOLossConfig):
 # ------------------------------------------------------------------------------------ the loss
 
 def grpo_loss(logp_bt, old_logp_bt, ref_logp_bt, entropy_bt, adv_b, mask_bt,
-              cfg: GRPOLossConfig = GRPOLossConfig()):
+              cfg: GRPOLossConfig = GRPOLossConfig(), seq_weight_b=None):
   """Loss = L_pg − entropy_coef·L_ent + kl_coef·L_kl for one micro-batch (method.md 4.7).
 
   Args:
@@ -233,6 +269,10 @@ def grpo_loss(logp_bt, old_logp_bt, ref_logp_bt, entropy_bt, adv_b, mask_bt,
     entropy_bt: [B, T] entropy of the tempered π_θ, or None when entropy_coef == 0.
     adv_b: [B] sequence advantages (`group_advantages`), broadcast to every token.
     mask_bt: [B, T] 1 for response tokens up to and including the first EOS.
+    seq_weight_b: [B] `token_mean_weights` of these sequences (token_mean only): loss_sum is
+      then Σ_b w_b Σ_t l_bt, this micro-batch's share of the step loss (accumulate the
+      gradients with factor 1). None: the micro-batch is one block (verl's loss on one GPU's
+      micro-batch; accumulate with `accumulation_scale`).
   Returns:
     (loss_sum, count, metrics): combine micro-batches as the module docstring says. metrics holds
     sums, counts, maxima and minima only; `finalize_metrics` turns (merged) metrics into means.
@@ -261,7 +301,13 @@ def grpo_loss(logp_bt, old_logp_bt, ref_logp_bt, entropy_bt, adv_b, mask_bt,
     if ref_logp_bt is None:
       raise ValueError("grpo_loss: kl_coef != 0 needs ref_logp_bt")
     loss_bt = loss_bt + cfg.kl_coef * kl_bt
-  loss_sum, count = AGGREGATIONS.get(cfg.aggregation)(loss_bt, mask_bt, cfg)
+  if seq_weight_b is not None:
+    if AGGREGATIONS.canonical(cfg.aggregation) != "token_mean":
+      raise ValueError(f"grpo_loss: seq_weight_b is for token_mean, not {cfg.aggregation!r}")
+    w_b1 = jnp.asarray(seq_weight_b, f32)[:, None]
+    loss_sum, count = jnp.sum(loss_bt * mask_bt * w_b1), jnp.sum(mask_bt)
+  else:
+    loss_sum, count = AGGREGATIONS.get(cfg.aggregation)(loss_bt, mask_bt, cfg)
 
   sg = jax.lax.stop_gradient
   ratio_bt = jnp.exp(sg(log_ratio_bt))

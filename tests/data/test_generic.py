@@ -1,6 +1,7 @@
 """The generic reader (MTRAG layout): every field, edge cases, bad input, the real MTRAG files."""
 
 import json
+import logging
 import os
 
 import pytest
@@ -84,8 +85,11 @@ def test_strict_missing_gold(tmp_path):
     ([{"conv_id": "c", "turns": [{"turn_id": 1, "qid": "q"}]}], r"empty or missing question"),
     ([{"conv_id": "c", "turns": []}, {"conv_id": "c", "turns": []}],
      r"conversations.jsonl:2: duplicate conv_id 'c'"),
-    ([{"conv_id": "c", "turns": [{"turn_id": "x", "question": "q"}]}],
-     r"turn_id must be an integer"),
+    ([{"conv_id": "c", "turns": [{"turn_id": None, "question": "q"}]}],
+     r"conversation 'c' turn #1: a turn_id must be an integer or a non-empty string"),
+    ([{"conv_id": "c", "turns": [{"turn_id": "1-1", "question": "a"},
+                                  {"turn_id": "1-1", "question": "b"}]}],
+     r"turn #2: duplicate turn_id '1-1'"),
 ])
 def test_bad_conversations(tmp_path, convs, match):
   with pytest.raises(DataError, match=match):
@@ -124,3 +128,47 @@ def test_real_mtrag(sub, n_turns, n_passages):
     assert len({t.conv_id for t in ds.turns}) == n_turns
   else:
     assert sum("provided" in t.rewrites for t in ds.turns) > 100
+
+
+def test_string_turn_ids(tmp_path):
+  convs = [{"conv_id": "c", "turns": [
+      {"turn_id": "3_2", "qid": "q1", "question": "First?", "answer": "A."},
+      {"turn_id": "1-1", "qid": "q2", "question": "Second?", "answer": "B."},
+      {"turn_id": "7", "qid": "q3", "question": "Third?"}]}]
+  qrels = "q1\t0\tp2\t1\nq2\t0\tp3\t1\nq3\t0\tp2\t1\n"
+  ds = read_generic(write_folder(tmp_path / "g", convs=convs, qrels=qrels), "test")
+  assert [(t.turn_id, t.qid) for t in ds.turns] == [("3_2", "q1"), ("1-1", "q2"), (7, "q3")]
+  assert ds.turns[2].context == (("First?", "A."), ("Second?", "B."))
+  assert Turn.from_json(json.loads(json.dumps(ds.turns[0].to_json()))) == ds.turns[0]
+
+
+def _path(cid, turns):
+  return {"conv_id": cid, "domain": "govt", "turns": [
+      {"turn_id": i + 1, "qid": q, "question": text, "answer": text.upper()}
+      for i, (q, text) in enumerate(turns)]}
+
+
+def test_flattened_topic_tree(tmp_path, caplog):
+  # One conversation, two branches after its shared first two turns, flattened into two paths.
+  shared = [("t1", "Where is the library?"), ("t2", "Hours?")]
+  convs = [_path("tree<::>a", shared + [("t3a", "Parking?")]),
+           _path("tree<::>b", shared + [("t3b", "Sunday?")])]
+  qrels = "".join(f"{q}\t0\tp3\t1\n" for q in ("t1", "t2", "t3a", "t3b"))
+  with caplog.at_level(logging.INFO, logger="cqr_jax"):
+    ds = read_generic(write_folder(tmp_path / "g", convs=convs, qrels=qrels), "test")
+  assert [t.qid for t in ds.turns] == ["t1", "t2", "t3a", "t3b"]
+  assert [t.conv_id for t in ds.turns[:2]] == ["tree<::>a"] * 2
+  full = (("Where is the library?", "WHERE IS THE LIBRARY?"), ("Hours?", "HOURS?"))
+  assert ds.turns[2].context == ds.turns[3].context == full
+  assert (ds.stats["qids_repeated"], ds.stats["turns_repeated"]) == (2, 2)
+  assert set(ds.qrels) == {"t1", "t2", "t3a", "t3b"}
+  assert "2 qids appear in several conversations" in caplog.text
+
+
+def test_repeated_qid_with_another_question(tmp_path):
+  convs = [_path("a", [("t1", "Where is the library?")]),
+           _path("b", [("t0", "Hello"), ("t1", "Where is the museum?")])]
+  root = write_folder(tmp_path / "g", convs=convs, qrels="t1\t0\tp3\t1\n")
+  with pytest.raises(DataError, match=r"conversations.jsonl:2: qid 't1' repeats line 1's qid "
+                     r"with a different question"):
+    read_generic(root, "test")

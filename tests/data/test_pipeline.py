@@ -63,3 +63,13 @@ def test_tfds_array_record_round_trip(tmp_path):
   batches = TurnBatches(again, 8, seed=0)
   ref = TurnBatches(load_dataset("synthetic:tiny", "test").turns, 8, seed=0)
   assert next(batches) == next(ref)
+
+
+def test_tfds_example_keeps_string_and_int_turn_ids():
+  from cqr_jax.data.tfds_builder import example_to_turn, turn_to_example
+  from cqr_jax.data.types import Turn
+  for tid in (3, "1-1", "3_2", "7"):
+    t = Turn(conv_id="c", turn_id=tid, qid=f"q{tid}", question="Who?", context=(("A?", None),),
+             gold_ids=("d1",), domain="govt")
+    ex = {k: (v.encode() if isinstance(v, str) else v) for k, v in turn_to_example(t).items()}
+    assert example_to_turn(ex) == t

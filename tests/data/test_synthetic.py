@@ -66,8 +66,12 @@ def test_structure():
 
 
 def test_default_size_and_load_dataset_names():
+  """The default benchmark: at least 20x the reward's top 100 passages, at least 200 test
+  turns, conversations whose topic drifts (no returns)."""
   ds = load_dataset("synthetic", "test")
-  assert len(ds.collection) == 2010 and ds.stats["conversations"] == 100
+  assert len(ds.collection) == 2010 >= 20 * 100 and ds.stats["conversations"] == 45
+  assert len(ds.turns) >= 200
+  assert set(ds.stats["phenomenon"].values()) == {"explicit", "pronoun", "ellipsis", "shift"}
   assert load_dataset("synthetic", "train", size="tiny", seed=0).turns == \
       load_dataset("synthetic:tiny:0", "train").turns
   with pytest.raises(ValueError, match="unknown synthetic size"):
@@ -75,15 +79,19 @@ def test_default_size_and_load_dataset_names():
 
 
 def test_gap_report():
-  """Rewriting matters: the oracle rewrite puts the gold first; the raw question rarely does."""
+  """Rewriting matters, and concatenating questions is no substitute: the oracle rewrite puts the
+  gold first and beats every concatenation baseline by at least 0.25 MRR; the raw question
+  rarely finds the gold of a turn that needs the context; R@100 is not saturated."""
   rep = gap_report(synthetic_dataset("default", 0, "test"))
   m = rep["metrics"]
   assert m["rewrite_oracle"]["recip_rank"] > 0.97 and m["rewrite_oracle"]["recall_10"] == 1.0
-  assert m["raw"]["recip_rank"] < 0.45
   mrr = {k: v["recip_rank"] for k, v in m.items()}
-  assert mrr["raw"] < mrr["all_questions"] < mrr["rewrite_oracle"]
+  concat = [k for k in mrr if k.endswith("_question") or k == "all_questions"]
+  assert {"previous_question", "first_question", "all_questions"} <= set(concat)
+  assert all(mrr["rewrite_oracle"] - mrr[k] >= 0.25 for k in concat), mrr
+  assert mrr["raw"] < 0.5 and min(v["recall_100"] for v in m.values()) < 0.9
   by = rep["by_phenomenon"]
-  for kind in ("pronoun", "ellipsis", "return"):  # turns that need the context
+  for kind in ("pronoun", "ellipsis"):  # turns that need the context
     assert by[kind]["raw"] < 0.2 and by[kind]["rewrite_oracle"] > 0.9
   assert by["explicit"]["raw"] > 0.95
   assert "| rewrite_oracle |" in format_report(rep)

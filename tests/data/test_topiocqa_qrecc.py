@@ -2,6 +2,8 @@
 
 import json
 import os
+import shutil
+import zipfile
 
 import pytest
 
@@ -175,3 +177,85 @@ def test_qrecc_bad_input(tmp_path):
   (tmp_path / "d" / "scai-qrecc21-training-turns.json").write_text("[]")
   with pytest.raises(DataError, match="unzip passages.zip first"):
     read_qrecc(str(tmp_path / "d"), "train", progress=False)
+
+
+# --------------------------------------------------- release layouts (tests/fixtures, issue 34)
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "fixtures")
+
+
+@pytest.mark.parametrize("sub", ["", "downloads", "downloads/data"])
+def test_topiocqa_download_script_layout(tmp_path, sub):
+  """The download script's tree (downloads/data/topiocqa_dataset/dev.json, retriever/all_history/
+  dev.json, wikipedia_split/full_wiki_segments.tsv), read from the download folder, its
+  downloads/ or its downloads/data/."""
+  shutil.copytree(os.path.join(FIXTURES, "topiocqa"), tmp_path / "download")
+  ds = read_topiocqa(tmp_path / "download" / sub, "dev", progress=False)
+  assert [t.qid for t in ds.turns] == ["topiocqa-dev_1_1", "topiocqa-dev_1_2", "topiocqa-dev_2_1"]
+  assert ds.turns[1].context == (("who is lead singer of rage against the machine?",
+                                  "Zack de la Rocha"),)
+  assert ds.qrels["topiocqa-dev_1_2"] == {"10573214": 1}  # positive_ctxs[0] only
+  assert ds.stats["turns_no_gold"] == 1  # 1_3: no positive passage
+  p = ds.collection[ds.collection.row_of("10573214")]
+  assert p.contents.startswith("Rage Against the Machine History Rage Against the Machine was")
+
+
+# The zip's own member order (directories first, as `zip -r` writes them): neither sorted nor
+# grouped, with a backfill file between two wayback files.
+ZIP_ORDER = ["collection-paragraph/", "collection-paragraph/wayback/",
+             "collection-paragraph/wayback/wayback-b.jsonl", "collection-paragraph/commoncrawl/",
+             "collection-paragraph/commoncrawl/commoncrawl-b.jsonl",
+             "collection-paragraph/wayback-backfill/",
+             "collection-paragraph/wayback-backfill/backfill-a.jsonl",
+             "collection-paragraph/commoncrawl/commoncrawl-a.jsonl",
+             "collection-paragraph/wayback/wayback-a.jsonl"]
+
+
+def write_qrecc_release(root, order=ZIP_ORDER, with_zip=True):
+  """tests/fixtures/qrecc (SCAI-QReCC-21 test turns, collection-paragraph/ unzipped) plus the
+  passages.zip those files came from, its members in `order`."""
+  shutil.copytree(os.path.join(FIXTURES, "qrecc"), root)
+  if with_zip:
+    with zipfile.ZipFile(os.path.join(root, "passages.zip"), "w") as z:
+      for name in order:
+        if name.endswith("/"):
+          z.writestr(name, "")
+        else:
+          z.write(os.path.join(root, name), name)
+  return str(root)
+
+
+def _raw_ids(path):
+  with open(path) as f:
+    return [json.loads(line)["id"] for line in f]
+
+
+def test_qrecc_numbers_passages_in_the_zip_order(tmp_path):
+  """As preprocess_v3.py: the zip's .jsonl members in its order, commoncrawl first, then every
+  path containing "wayback" (backfill included, where the zip puts it)."""
+  root = write_qrecc_release(tmp_path / "q")
+  ds = read_qrecc(root, "test", progress=False)
+  c, base = ds.collection, os.path.join(root, "collection-paragraph")
+  want = [i for f in ("commoncrawl/commoncrawl-b.jsonl", "commoncrawl/commoncrawl-a.jsonl",
+                      "wayback/wayback-b.jsonl", "wayback-backfill/backfill-a.jsonl",
+                      "wayback/wayback-a.jsonl") for i in _raw_ids(os.path.join(base, f))]
+  assert [c.raw_id(i) for i in range(len(c))] == want
+  with open(os.path.join(c.index_dir, "id_map.json")) as f:
+    assert json.load(f) == {raw: i for i, raw in enumerate(want)}
+  assert c[5].text == ""  # an empty passage keeps its number, as in the official collection
+  # Turn 1_1 has no passages: not a query, but in 1_2's context; multi-gold qrels in new ids.
+  assert [t.qid for t in ds.turns] == ["QReCC-Test_1_2", "QReCC-Test_2774_1"]
+  assert ds.turns[0].context == (("What is a physician's assistant?", ds.turns[0].context[0][1]),)
+  assert ds.qrels["QReCC-Test_1_2"] == {"1": 1, "4": 1}
+  assert ds.qrels["QReCC-Test_2774_1"] == {"3": 1}
+
+
+def test_qrecc_without_the_zip_or_with_another(tmp_path, caplog):
+  root = write_qrecc_release(tmp_path / "a", with_zip=False)
+  with caplog.at_level("WARNING", logger="cqr_jax"):
+    ds = read_qrecc(root, "test", progress=False)
+  assert "passages.zip not found" in caplog.text
+  assert ds.collection.raw_id(0) == "https://www.aapa.org/about/what-is-a-pa/_p0"  # sorted
+  root = write_qrecc_release(tmp_path / "b", order=ZIP_ORDER[:-1])
+  with pytest.raises(DataError, match=r"differ from .*passages.zip \(not extracted: \[\]; not "
+                     r"in the zip: \['wayback/wayback-a.jsonl'\]\)"):
+    read_qrecc(root, "test", progress=False)

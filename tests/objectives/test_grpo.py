@@ -178,6 +178,21 @@ def test_advantages_match_numpy():
     grpo.group_advantages(np.zeros(8), 3)
 
 
+@pytest.mark.parametrize("n", [2, 4, 8, 16])
+def test_all_equal_groups_get_exactly_zero_advantage(n):
+  """Every value the rank reward can take (ranks 1..100, not found, format failure), as a group
+  of n equal rewards: A = 0 exactly (method.md 4.6), with and without the std scaling."""
+  from cqr_jax.rewards import RewardConfig, compute_rewards
+  ranks = np.array(list(range(1, 101)) + [-1, 1])
+  fmt = np.array([True] * 101 + [False])
+  values = np.asarray(compute_rewards(fmt, ranks, RewardConfig()), np.float32)
+  assert len(set(values.tolist())) == 102 - 1  # rank 100 and not found are both 0.0
+  r = np.repeat(values, n)
+  for scale in (True, False):
+    np.testing.assert_array_equal(np.asarray(grpo.group_advantages(r, n, scale_by_std=scale)),
+                                  0.0)
+
+
 def test_metrics_match_numpy_and_merge():
   cfg = GRPOLossConfig()
   d = _inputs(2)

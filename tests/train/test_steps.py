@@ -78,18 +78,20 @@ def test_group_size():
   assert rollout_batch.group_size(6, 4) == 2
 
 
-@pytest.mark.parametrize("aggregation,scan,pack,shared", [
-    ("token_mean", False, False, 0), ("token_mean", True, False, 0),
-    ("seq_mean_token_mean", True, False, 0), ("token_mean", False, True, 0),
-    ("seq_mean_token_mean", True, True, 0), ("token_mean", False, True, 16),
-    ("seq_mean_token_mean", True, True, 16)])
-def test_micro_batches_equal_the_formula(aggregation, scan, pack, shared):
+@pytest.mark.parametrize("aggregation,scan,pack,shared,block", [
+    ("token_mean", False, False, 0, 0), ("token_mean", True, False, 0, 3),
+    ("seq_mean_token_mean", True, False, 0, 8), ("token_mean", False, True, 0, 4),
+    ("seq_mean_token_mean", True, True, 0, 8), ("token_mean", False, True, 16, 3),
+    ("seq_mean_token_mean", True, True, 16, 8)])
+def test_micro_batches_equal_the_formula(aggregation, scan, pack, shared, block):
   """The grouped update (each prompt's forward shared by its samples, 4 micro-batches of one
   group) gives the gradient of combine_microbatches' step loss computed here from flat rows
   prompt ++ completion, layer by layer: prefix sharing, packed completions, the step's common
   prompt prefix run once (its keys' gradient summed over the micro-batches, then through its
-  forward), the scanned blocks (remat on) and the response-only LM head change nothing."""
-  cfg = grpo_obj.GRPOLossConfig(aggregation=aggregation)
+  forward), the scanned blocks (remat on) and the response-only LM head change nothing. The
+  token mean runs over each micro-batch (block 0) or over blocks of 3 or 4 consecutive rollouts
+  that straddle micro-batches and groups (the last block of 3 is short)."""
+  cfg = grpo_obj.GRPOLossConfig(aggregation=aggregation, token_mean_seqs=block)
   mesh = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
   roll, flat, batch = make_batch(mesh=mesh, micro_batch=2, pack=pack, shared=shared)
   if pack:  # micro-batches packed in different row counts
@@ -102,17 +104,23 @@ def test_micro_batches_equal_the_formula(aggregation, scan, pack, shared):
     update_graphdef = steps.split_model(sharding.create_model(
         CFG.replace(scan_layers=True, remat="full"), mesh, seed=0))[0]
 
+  # Each part's own (loss_sum, count), combined as the table says: with blocks, a token mean
+  # per block of consecutive rollouts; else micro-batch i = group i (strided split).
+  flat_cfg = dataclasses.replace(cfg, token_mean_seqs=0)
+  rollouts = len(roll.prompt_index)
+  parts = ([np.arange(b, min(b + block, rollouts)) for b in range(0, rollouts, block)]
+           if cfg.blocks else [np.flatnonzero(roll.prompt_index == i) for i in range(4)])
+
   def step_loss(p):
     sums, counts = [], []
-    for i in range(4):
-      rows = np.flatnonzero(roll.prompt_index == i)  # micro-batch i = group i (strided split)
+    for rows in parts:
       mb = {k: jnp.asarray(v[rows]) for k, v in flat.items()}
       lp, ent = steps._target_logprobs(graphdef, rest, p, mb["tokens"], mb["mask"], 0.7, True)
       s, c, _ = grpo_obj.grpo_loss(lp, jax.lax.stop_gradient(lp), mb["ref_logp"], ent, mb["adv"],
-                                   mb["loss_mask"][:, 1:], cfg)
+                                   mb["loss_mask"][:, 1:], flat_cfg)
       sums.append(s)
       counts.append(c)
-    return grpo_obj.combine_microbatches(jnp.stack(sums), jnp.stack(counts), cfg)
+    return grpo_obj.combine_microbatches(jnp.stack(sums), jnp.stack(counts), flat_cfg)
 
   want_loss, want_grads = jax.jit(jax.value_and_grad(step_loss))(params)
   tx = optax.sgd(1.0)  # new params = params - grads: compares the gradient itself
@@ -143,15 +151,19 @@ def test_reference_pass_equals_flat_rows(pack, shared):
                              np.where(roll.completion_mask, want, 0), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("pack,shared", [(False, 0), (True, 16)])
-def test_eight_devices_equal_one_device(pack, shared):
+@pytest.mark.parametrize("aggregation,pack,shared", [
+    ("token_sum_global", False, 0), ("token_sum_global", True, 16), ("token_mean", False, 0),
+    ("token_mean", True, 16)])
+def test_eight_devices_equal_one_device(aggregation, pack, shared):
   """On the (2, 2, 2) mesh, micro-batches of 4 completions spread one per data-parallel device
   (groups of 1: no prefix sharing); on one device the 2 samples of a prompt share its forward.
-  Same update either way (a global token mean, which does not depend on which completions
-  share a micro-batch), with the completions padded (one scan) or packed (a call per
-  micro-batch) and the prompts' common prefix run once a step."""
+  Same update either way, with the completions padded (one scan) or packed (a call per
+  micro-batch) and the prompts' common prefix run once a step: a global token mean, or the
+  paper's token mean over blocks of a prompt's n samples (token_mean_seqs = n, as verl's
+  8-sequence micro-batches with n = 8), whose blocks the 8-device micro-batches split (rollouts
+  0, 2, 4, 6 together) where one device keeps them whole (rollouts 0, 1, 4, 5)."""
   cfg = CFG.replace(scan_layers=True, remat="full")
-  loss_cfg = grpo_obj.GRPOLossConfig(aggregation="token_sum_global")
+  loss_cfg = grpo_obj.GRPOLossConfig(aggregation=aggregation, token_mean_seqs=2)
   one = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
   eight = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
   kw = {"micro_batch": 4, "cfg": cfg, "loss_cfg": loss_cfg, "pack": pack, "shared": shared}
@@ -257,3 +269,27 @@ def test_pack_groups_layout():
     rollout_batch.pack_groups(prompt, prompt_mask, comp, mask[:, :, ::-1])
   with pytest.raises(ValueError, match="real prompt token"):
     rollout_batch.pack_groups(prompt, prompt_mask & False, comp, mask)
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_all_equal_groups_leave_parameters_unchanged(pack):
+  """n = 8, every group's rewards equal (values whose float32 mean is inexact), KL and entropy
+  off: the advantages are exactly 0, so one AdamW step changes no parameter (weight decay 0,
+  the only term that moves a parameter without a gradient)."""
+  from cqr_jax import schedules
+  mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=1), devices=jax.devices()[:1])
+  model = sharding.create_model(CFG, mesh, seed=0)
+  graphdef, params, rest = steps.split_model(model)
+  tx = schedules.grpo_optimizer(lr=1e-3, warmup_steps=0, weight_decay=0.0)
+  state = steps.init_state(params, tx)
+  before = jax.device_get(state.params)
+  loss_cfg = grpo_obj.GRPOLossConfig(kl_coef=0.0, entropy_coef=0.0)
+  update = steps.make_grpo_update(graphdef, rest, tx, loss_cfg, temperature=0.7,
+                                  micro_batch=8, mesh=mesh)
+  _, _, batch = make_batch(0, prompts=3, n=8, mesh=mesh, micro_batch=8, pack=pack)
+  rewards = np.repeat(np.float32([16 / 9, 89 / 90, -0.1]), 8)
+  adv = np.asarray(grpo_obj.group_advantages(rewards, 8))
+  g, m, _ = batch["completion"].shape
+  batch["adv"] = rollout_batch.place(adv.reshape(g, m), mesh)
+  state, _ = update(state, {k: v for k, v in batch.items() if k != "ref_logp"})
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
