@@ -7,8 +7,11 @@ zero-shot evaluation excluded, SDPW + SFT, then GRPO's per-step time up to that 
 evaluations run after training are not counted). Writes a markdown table and a PNG curve of test
 MRR against wall minutes, with the raw question and the best concatenation baseline as lines.
 
-    python bench/bench_learning_curve.py --run-dir runs/curve --set grpo.save_every=3 \
-        --out bench/results/learning_curve.md
+    python bench/bench_learning_curve.py --run-dir runs/curve --set grpo.save_every=2 \
+        --set grpo.keep_checkpoints=12 --out bench/results/learning_curve.md
+
+The pipeline runs with `--keep-optimizer`, so GRPO keeps every checkpoint that
+`grpo.keep_checkpoints` allows rather than only its final parameters.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ def _pipeline(args) -> None:
   if os.path.exists(os.path.join(args.run_dir, "report", "metrics.json")):
     return
   cmd = [sys.executable, "-m", "train.cli", "pipeline", "--preset", args.preset,
-         "--run-dir", args.run_dir, "--skip-export"]
+         "--run-dir", args.run_dir, "--skip-export", "--keep-optimizer"]
   for s in args.set:
     cmd += ["--set", s]
   subprocess.run(cmd, check=True, cwd=REPO)

@@ -8,7 +8,9 @@ read (deleted or truncated files) is skipped by `restore(None, ...)` with a warn
 
 Multi-process: every process constructs the Checkpointer on the same directory and calls `save`,
 `wait` and `restore` with the same arguments (Orbax writes each process's shards and the primary
-process writes the metadata).
+process writes the metadata). On a pod that directory is a gs:// URI every host shares (issue 32):
+Orbax and TensorStore get the URI itself (`paths.absolute` leaves it as it is), and the meta is
+read through `cqr_jax.paths`.
 
 NNX: `nnx_state_dict` turns modules (model, optimizer) into a pure dict of arrays to save;
 `nnx_abstract_state_dict` builds the restore target from a constructor under `nnx.eval_shape` and
@@ -27,6 +29,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+
+from cqr_jax import paths
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +54,7 @@ class Checkpointer:
   """Orbax CheckpointManager with skip-corrupt restore.
 
   Args:
-    directory: run checkpoint folder (created).
+    directory: run checkpoint folder (created): a local path or a URI such as gs://b/run/ckpt.
     max_to_keep: keep the newest k steps (None = all).
     save_every: `save` writes only when step % save_every == 0, unless force=True.
     async_save: write in a background thread; `wait()` blocks until written.
@@ -60,7 +64,7 @@ class Checkpointer:
                save_every: int = 1, async_save: bool = True):
     if save_every < 1:
       raise ValueError(f"Checkpointer: save_every must be >= 1, got {save_every}")
-    self.directory = os.path.abspath(os.fspath(directory))
+    self.directory = paths.absolute(directory)
     self.save_every = save_every
     self._corrupt: set[int] = set()
     options = ocp.CheckpointManagerOptions(
@@ -116,9 +120,8 @@ class Checkpointer:
   def meta(self, step: int) -> dict:
     """A step's JSON meta without reading its arrays ({} when unreadable)."""
     try:
-      with open(os.path.join(self.directory, str(int(step)), "meta", "metadata"),
-                encoding="utf-8") as f:
-        return dict(json.load(f) or {})
+      text = paths.read_text(os.path.join(self.directory, str(int(step)), "meta", "metadata"))
+      return dict(json.loads(text) or {})
     except (OSError, ValueError):
       return {}
 
@@ -196,7 +199,7 @@ def unreadable_reason(err: BaseException | None, step_dir: str) -> str:
   if err is None:
     return f"{step_dir}: failed on another process"
   for part in ("state", "meta"):  # a half-copied step folder
-    if os.path.isdir(step_dir) and not os.path.isdir(os.path.join(step_dir, part)):
+    if paths.isdir(step_dir) and not paths.isdir(os.path.join(step_dir, part)):
       return f"{os.path.join(step_dir, part)}: missing"
   msg = str(err).split(" [tensorstore_spec", 1)[0]
   files = re.findall(r'(?:local )?file "([^"]+)"', msg)

@@ -102,6 +102,9 @@ class SDPWSection:
   few_shot: bool = True
   batch_prompts: int = 32
   seed: int = 1
+  # The first this many training turns are sampled (0 = all; data.max_train_turns caps every
+  # stage's split): the SFT set's size and SDPW's cost, while GRPO draws from the whole split.
+  max_turns: int = 0
   # Small-model bootstrap (off = the paper): when a sample fails the format check, each sentence
   # of the model's own output is tried as the rewrite; the best-ranked one, if it meets the rank
   # threshold, is kept in the canonical think/rewrite format. Still no human or external rewrites.
@@ -166,6 +169,10 @@ class GRPOSection:
   # same prompts, a quick check that the policy learns (the tiny preset's CI run).
   turns: str = "all"
   max_turns: int = 0
+  # Dynamic sampling (DAPO, small_model_rl.md B.18): roll out this many prompts a step (0 =
+  # batch_prompts) and train on the batch_prompts groups whose rewards differ, in rollout order,
+  # topped up with flat groups (all rewards equal: advantage 0, no policy gradient) if too few.
+  rollout_prompts: int = 0
   save_every: int = 100
   keep_checkpoints: int = 3
   max_nonfinite: int = 3      # K non-finite losses in a row stop the run
@@ -260,9 +267,9 @@ def _cpu_default() -> dict:
   """The embedded benchmark on a 2-core CPU with SmolLM2-135M-Instruct (the README's main job).
 
   Each departure from the paper's settings, and why, is in the README's preset table: an empty
-  think block forced by SDPW's response prefix, several SDPW samples per turn, SFT and GRPO on
-  the top 10 of 30 blocks at larger learning rates, short responses, GRPO on fresh turns from the
-  whole training split with small batches and no KL term.
+  think block forced by SDPW's response prefix, several SDPW samples on the first 192 training
+  turns, SFT and GRPO on the top 10 of 30 blocks at larger learning rates, short responses, GRPO
+  on fresh turns from the whole training split with small batches and no KL term.
   """
   new = 32
   return {
@@ -272,7 +279,7 @@ def _cpu_default() -> dict:
       "model": {"source": "smollm2-135m-gguf", "compute_dtype": "float32",
                 "remat": "dots_with_no_batch_dims_saveable"},
       "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
-      "data": {"dataset": "synthetic", "size": "default", "max_train_turns": 192},
+      "data": {"dataset": "synthetic", "size": "default"},
       "retrieval": {"kind": "bm25", "bm25": "lucene", "k1": 0.9, "b": 0.4},
       # bf16 sampling matmuls: 1.5x the f32 sampler on an AVX512-BF16 CPU (bench_sampler.py),
       # while the f32 update stays the faster one (bench_sft_update.py).
@@ -280,14 +287,14 @@ def _cpu_default() -> dict:
       # 512; fewer buckets, fewer programs to compile in a 20-minute run.
       "rollout": {"max_prompt_len": 512, "max_new_tokens": new,
                   "prompt_buckets": (384, 512), "compute_dtype": "bfloat16"},
-      "sdpw": {"max_new_tokens": new, "samples_per_turn": 4, "temperature": 1.0,
-               "batch_prompts": 16, "lenient_candidates": True,
+      "sdpw": {"max_turns": 192, "max_new_tokens": new, "samples_per_turn": 4,
+               "temperature": 1.0, "batch_prompts": 16, "lenient_candidates": True,
                "response_prefix": CPU_RESPONSE_PREFIX, "keep_rule": "format"},
-      "sft": {"lr": 1e-4, "epochs": 3, "batch_size": 8, "micro_batch": 8, "max_len": 512,
+      "sft": {"lr": 1.5e-4, "epochs": 2, "batch_size": 8, "micro_batch": 8, "max_len": 512,
               "train_top_layers": 10, "overlong": "drop"},
-      "grpo": {"steps": 12, "batch_prompts": 8, "n": 8, "turns": "all", "micro_batch": 16,
+      "grpo": {"steps": 14, "batch_prompts": 8, "n": 8, "turns": "all", "micro_batch": 16,
                "lr": 1e-4, "warmup_steps": 0, "train_top_layers": 10,
-               "loss": {"kl_coef": 0.0, "token_mean_seqs": 0}, "save_every": 6,
+               "loss": {"kl_coef": 0.0, "token_mean_seqs": 0}, "save_every": 7,
                "reference": "sft"},
       "eval": {"max_new_tokens": new, "batch_prompts": 32, "score_rule": "format"},
   }

@@ -154,16 +154,23 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 
 
 def load_yaml(path: str) -> dict[str, Any]:
-  with open(path, encoding="utf-8") as f:
+  """A YAML file's config sections (a local path or a gs:// URI: cqr_jax/paths.py)."""
+  from cqr_jax import paths
+  with paths.open_file(path) as f:
     data = yaml.safe_load(f) or {}
   if not isinstance(data, Mapping):
     raise ConfigError(f"{path}: the top level must be a mapping of config sections")
   return dict(data)
 
 
+def to_yaml(cfg: Any) -> str:
+  return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def dump_yaml(cfg: Any, path: str) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+  from cqr_jax import paths
+  with paths.open_file(path, "w") as f:
+    f.write(to_yaml(cfg))
 
 
 def field_docs(cls) -> dict[str, str]:

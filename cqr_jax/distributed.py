@@ -158,10 +158,13 @@ def process_slice(global_batch_size: int, mesh: Mesh | None = None,
                   spec: PartitionSpec | None = None) -> slice:
   """The rows of a global batch that this process feeds.
 
-  Without a mesh the batch splits evenly in process order (process p gets block p), which is
-  what `jax.make_mesh` gives when the batch axis is sharded over every device. With `mesh` and
-  `spec` (the batch array's PartitionSpec) the rows are read off the sharding itself, so they
-  also hold for batches replicated over some mesh axes.
+  Without a mesh the batch splits evenly in process order (process p gets block p): a division
+  of host work (e.g. GRPO's gold ranks, gathered back in process order by `allgather`) that is
+  tied to no device, so it holds for any mesh. With `mesh` and `spec` (the batch array's
+  PartitionSpec) the rows are read off the sharding itself, so they also hold for batches
+  replicated over some mesh axes; they must then be one contiguous block, which a TPU slice's
+  topology order need not give (issue 32): arrays that every process holds whole are placed with
+  `jax.make_array_from_callback` instead (train/rollout_batch.place, the sampler).
   """
   if global_batch_size < 1:
     raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
@@ -183,6 +186,23 @@ def process_slice(global_batch_size: int, mesh: Mesh | None = None,
                        f"(blocks {rows}); order the mesh so each process's devices are adjacent")
     stop = b
   return slice(start, stop)
+
+
+def interleaved(devices: list | None = None, run: int = 1) -> list:
+  """`devices` (default: all) reordered so that the processes take turns, `run` devices at a
+  time: with 2 processes of 4 devices and run=1 the owners go 0,1,0,1,... A TPU slice's
+  topology order does this (2x2 chips per host on v4-32 / v5p-32 give 0,1,2,3,0,1,2,3,... along
+  a 16-device axis); on CPU it lets tests build such a mesh (issue 32)."""
+  devices = list(jax.devices() if devices is None else devices)
+  by_process: dict[int, list] = {}
+  for d in devices:
+    by_process.setdefault(d.process_index, []).append(d)
+  groups = [[ds[i:i + run] for i in range(0, len(ds), run)] for _, ds in sorted(by_process.items())]
+  out = []
+  for k in range(max(len(g) for g in groups)):
+    for g in groups:
+      out += g[k] if k < len(g) else []
+  return out
 
 
 def _is_spec(x: Any) -> bool:

@@ -2,7 +2,9 @@
 events and console lines; a collapse monitor (method.md 7.6), a phase timer, and curve plots.
 
 Only process 0 writes (`enabled` defaults to `jax.process_index() == 0`); the others' calls are
-no-ops, so every process can run the same code.
+no-ops, so every process can run the same code. The run folder may be a gs:// URI (issue 32):
+files go through cqr_jax/paths.py (metrics.jsonl is rewritten per line there: objects cannot be
+appended to) and tensorboardX writes gs:// itself (google-cloud-storage, pulled by gcsfs).
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ def _plain(v: Any) -> Any:
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
   """The records of a metrics.jsonl file; a malformed line raises naming the file and line."""
+  from cqr_jax import paths
   rows = []
-  with open(path) as f:
+  with paths.open_file(path) as f:
     for i, line in enumerate(f, 1):
       if line.strip():
         try:
@@ -95,12 +98,12 @@ class MetricsLogger:
     self._file = self._tb = None
     if not enabled:
       return
-    os.makedirs(self.run_dir, exist_ok=True)
-    if resume_step is not None and os.path.exists(self.path):
+    from cqr_jax import paths
+    paths.makedirs(self.run_dir)
+    if resume_step is not None and paths.exists(self.path):
       keep = [r for r in read_metrics(self.path) if r.get("step", -1) <= resume_step]
-      with open(self.path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in keep)
-    self._file = open(self.path, "a")
+      paths.write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+    self._file = paths.open_append(self.path)
     if tensorboard:
       self._tb = _summary_writer_cls()(os.path.join(self.run_dir, "tb"))
 
@@ -265,6 +268,9 @@ def plot_curves(metrics_jsonl: str | os.PathLike, out_png: str | os.PathLike,
     ax.grid(alpha=0.3)
   if title:
     fig.suptitle(title)
-  os.makedirs(os.path.dirname(os.path.abspath(out_png)), exist_ok=True)
-  fig.savefig(out_png, dpi=110)
-  return os.fspath(out_png)
+  from cqr_jax import paths
+  out = os.fspath(out_png)
+  paths.makedirs(os.path.dirname(paths.absolute(out)))
+  with paths.open_file(out, "wb") as f:
+    fig.savefig(f, format="png", dpi=110)
+  return out

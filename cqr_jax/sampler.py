@@ -181,6 +181,15 @@ class Rollouts:
     """Sample r's completion ids (masked part only)."""
     return self.completion_ids[r, :self.completion_lengths[r]].tolist()
 
+  def take(self, prompts: Sequence[int]) -> "Rollouts":
+    """The rollouts of these prompts (indices into 0..B-1), in that order, with their n rows."""
+    prompts = np.asarray(prompts, np.int64)
+    rows = (prompts[:, None] * self.n + np.arange(self.n)).reshape(-1)
+    return Rollouts(self.prompt_ids[rows], self.prompt_mask[rows], self.completion_ids[rows],
+                    self.completion_mask[rows], self.logprobs[rows],
+                    [self.finish_reasons[r] for r in rows], [self.texts[r] for r in rows],
+                    self.n, self.prompt_truncated[prompts])
+
 
 # ------------------------------------------------------------------------------------ host side
 def _default_buckets(maximum: int, smallest: int = 16) -> tuple[int, ...]:
@@ -208,29 +217,17 @@ def bucket(length: int, buckets: Sequence[int], what: str) -> int:
 SHARED_PREFIX_MULTIPLE = 16
 
 
-def _remainder_width(longest: int, cap: int, smallest: int = 16) -> int:
-  """The smallest power of two >= `longest` (at least `smallest`), capped at `cap`."""
-  width = smallest
-  while width < longest:
-    width *= 2
-  return min(width, cap)
-
-
 def shared_prefix_layout(ids_bp: np.ndarray, mask_bp: np.ndarray, num_prompts: int,
-                         min_tokens: int, pad_id: int, trim: bool = True):
+                         min_tokens: int, pad_id: int):
   """The prompt pass's input when the first `num_prompts` of the left-padded prompts [B, P]
   share a prefix.
 
   The common prefix's length S is rounded down to a multiple of SHARED_PREFIX_MULTIPLE (so that
   a run compiles few shapes) and kept below the shortest prompt's length. If S >= `min_tokens`
-  (> 0), returns ([B, S + W] ids, mask, S): every row's first S columns hold the prefix (valid,
-  in padding rows too), the other W each prompt's remaining tokens, left-padded, W the smallest
-  of 16, 32, 64, ... (powers of two), capped at P - S, that holds the longest remainder. Powers
-  of two rather than the prompt buckets' finer steps: W moves only when the longest remainder
-  crosses a power of two, so steps whose prompts differ a little (remainders of 150 and 170
-  tokens in bucket P - S = 176) share one compiled shape. `trim=False`: W = P - S, one width
-  per prompt bucket (the GRPO batch: its update and reference pass compile per row count
-  already).
+  (> 0), returns ([B, P] ids, mask, S): every row's first S columns hold the prefix (valid, in
+  padding rows too), the other P - S each prompt's remaining tokens, left-padded. One width per
+  prompt bucket: a width fitted to each call's longest remainder would compile a program per
+  width, which costs a short run more than the padding it saves.
   Otherwise (ids_bp, mask_bp, 0)."""
   rows = [ids_bp[i][mask_bp[i]] for i in range(num_prompts)]
   shortest = min(len(r) for r in rows)
@@ -243,8 +240,6 @@ def shared_prefix_layout(ids_bp: np.ndarray, mask_bp: np.ndarray, num_prompts: i
   if s < min_tokens:
     return ids_bp, mask_bp, 0
   width = ids_bp.shape[1]
-  if trim:
-    width = s + _remainder_width(max(len(r) for r in rows) - s, width - s)
   ids = np.full((ids_bp.shape[0], width), pad_id, ids_bp.dtype)
   mask = np.zeros((ids_bp.shape[0], width), bool)
   ids[:, :s], mask[:, :s] = rows[0][:s], True

@@ -7,7 +7,9 @@ For each stage in order (sdpw, sft, grpo) the reference run's wall time T is mea
 kills the stage after U(0.05, 0.95) * T seconds (if it is still running), reruns it to the end,
 and goes on to the next stage in the same folder (a warm-up run first fills the XLA cache, so the
 timed reference and the trials all load compiled programs). Compared: SDPW's three files byte for byte,
-and the SFT / GRPO final checkpoints' arrays exactly. Every process shares one XLA cache.
+and the SFT / GRPO final checkpoints' arrays exactly. Every process shares one XLA cache; each
+one's stderr is kept beside its run folder (`<work>/trial3-sft-killed.stderr`). Every process
+imports the code afresh: run it from a tree nobody edits meanwhile (e.g. a `git archive` copy).
 """
 
 from __future__ import annotations
@@ -26,16 +28,20 @@ STAGES = ("sdpw", "sft", "grpo")
 def run_stage(stage, run_dir, sets, env, kill_after=None):
   """(seconds, killed) of one `cqr-jax <stage>` process, SIGKILLed after `kill_after` s."""
   cmd = [sys.executable, "-m", "train.cli", stage, "--run-dir", run_dir] + sets
+  # stderr to a file (progress bars and logs would fill a pipe nobody reads until exit)
+  err_path = f"{run_dir.rstrip('/')}-{stage}-{'killed' if kill_after else 'full'}.stderr"
   t0 = time.time()
-  p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  try:
-    p.wait(timeout=kill_after)
-  except subprocess.TimeoutExpired:
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    return time.time() - t0, True
+  with open(err_path, "w") as err:
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+      p.wait(timeout=kill_after)
+    except subprocess.TimeoutExpired:
+      p.send_signal(signal.SIGKILL)
+      p.wait()
+      return time.time() - t0, True
   if p.returncode != 0:
-    raise SystemExit(f"{stage} in {run_dir} failed ({p.returncode}): {p.stderr.read()[-2000:]}")
+    with open(err_path) as err:
+      raise SystemExit(f"{stage} in {run_dir} failed ({p.returncode}): {err.read()[-2000:]}")
   return time.time() - t0, False
 
 
@@ -68,6 +74,7 @@ def main(argv=None) -> int:
   ap.add_argument("--set", action="append", default=[])
   a = ap.parse_args(argv)
   sets = ["--preset", a.preset] + [x for s in a.set for x in ("--set", s)]
+  os.makedirs(a.work, exist_ok=True)
   env = dict(os.environ, CQR_JAX_XLA_CACHE=os.path.join(a.work, "xla"))
   ref_dir, wall = os.path.join(a.work, "reference"), {}
   for stage in a.stages:  # a warm-up run fills the XLA cache, so the timed reference is warm

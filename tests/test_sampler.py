@@ -118,8 +118,8 @@ def test_generic_decode_path_matches_fast_path(qwen, monkeypatch):
 # the first 32 once (SamplerConfig.shared_prefix_min 32; 40 rounded down to a multiple of 16).
 _HEAD = [int(t) for t in np.random.default_rng(7).integers(3, 500, 40)]
 SHARED = [_HEAD + [5, 17, 33], _HEAD + [7, 90, 62, 11, 45, 23, 67, 30, 99, 12, 8], _HEAD + [4] * 6]
-# Prompts padded to 80: the 32-token prefix, then remainders of up to 19 tokens in 32 columns
-# (shared_prefix_layout's width, not 80 - 32).
+# Prompts padded to 80: the 32-token prefix, then remainders of up to 19 tokens in 80 - 32
+# columns (shared_prefix_layout: one width per bucket).
 SHARED_BASE = dict(max_prompt_len=80, prompt_len_buckets=(80,), shared_prefix_min=32)
 
 
@@ -142,24 +142,19 @@ def test_shared_prefix_layout():
     # The prefix is rounded down to the multiple and ends before the shortest prompt's end.
     same = np.tile(ids[2], (2, 1)), np.tile(mask[2], (2, 1))
     assert shared_prefix_layout(*same, 2, 2, pad_id=0)[2] == 6
-  # The remainders' width: the smallest power of two >= 16 holding the longest remainder,
-  # capped at P - S (here 48, then 176: remainders of 129 and 170 tokens share 176, not 160).
+  # One width per prompt bucket: the prefix, then every remainder left-padded to P - S, however
+  # long the call's longest remainder is (one compiled program per bucket).
   head = list(range(1, 33))
-  for p_len, longest, width in [(80, 10, 16), (80, 16, 16), (80, 17, 32), (80, 33, 48),
-                                (80, 46, 48), (208, 100, 128), (208, 128, 128), (208, 129, 176),
-                                (208, 170, 176)]:
+  for p_len, longest in [(80, 10), (80, 46), (208, 100), (208, 170)]:
     ids, mask = np.zeros((3, p_len), np.int32), np.zeros((3, p_len), bool)
     for i, p in enumerate([head + [40] * 3, head + [50] * longest]):
       ids[i, p_len - len(p):], mask[i, p_len - len(p):] = p, True
     out, m, s = shared_prefix_layout(ids, mask, 2, 16, pad_id=0)
-    assert s == 32 and out.shape == m.shape == (3, 32 + width), (longest, out.shape)
+    assert s == 32 and out.shape == m.shape == (3, p_len), (longest, out.shape)
     np.testing.assert_array_equal(out[0][m[0]], head + [40] * 3)
     np.testing.assert_array_equal(out[1][m[1]], head + [50] * longest)
     np.testing.assert_array_equal(m[:, -1], [True, True, False])  # left-padded remainders
-    kept, kept_m, _ = shared_prefix_layout(ids, mask, 2, 16, pad_id=0, trim=False)
-    assert kept.shape == (3, p_len)  # the bucket's width (the GRPO batch's layout)
-    np.testing.assert_array_equal(kept[:, -width:], out[:, 32:])
-    np.testing.assert_array_equal(kept_m[:, 32:-width], False)
+    np.testing.assert_array_equal(m[:, 32:p_len - longest].any(), False)
 
 
 @pytest.mark.parametrize("family,scan,attention", [
@@ -172,7 +167,7 @@ def test_shared_prefix_greedy_matches_transformers_generate(family, scan, attent
   r = s.generate(model, SHARED, key=jax.random.key(0))
   assert s.last_timing["shared_prefix"] == 32
   ids, mask, _ = s.prepare(SHARED)
-  assert ids.shape[1] == 80 and shared_prefix_layout(ids, mask, 3, 32, 0)[0].shape[1] == 64
+  assert ids.shape[1] == 80 and shared_prefix_layout(ids, mask, 3, 32, 0)[0].shape[1] == 80
   want = _hf_greedy(hf, SHARED, 16, EOS)
   assert [r.completion_tokens(3 * i) for i in range(len(SHARED))] == want
   # The returned prompts are the plain left-padded ones, whatever the prompt pass ran over.

@@ -106,6 +106,58 @@ def test_launch_foreground_and_no_distributed():
   subprocess.run(["bash", "-n", "-c", remote], check=True)
 
 
+def test_launch_export_clears_a_stale_tpu_holder_and_passes_distributed():
+  """`launch.sh export` appends --distributed, which `cqr-jax export` accepts (every worker
+  takes part in reading the checkpoint); before the run, each worker kills what holds its TPU
+  and removes libtpu's lockfile."""
+  import argparse
+
+  from train import export
+  out = _run("launch", *SLICE, "--accelerator-type", "v5p-32", "--run-name", "ex",
+             "export", "--run-dir", "gs://b/r", "--stage", "sft", "--dtype", "bfloat16")
+  remote = _remote(_commands(out.stdout)[0])
+  words = shlex.split(remote)
+  start = words.index(".venv/bin/cqr-jax")
+  assert words[start + 1] == "export" and words[-1 - words[::-1].index("--distributed")]
+  p = argparse.ArgumentParser()
+  export.add_args(p)
+  args = p.parse_args(words[start + 2:words.index(">", start)])
+  assert (args.run_dir, args.stage, args.dtype, args.distributed) == (
+      "gs://b/r", "sft", "bfloat16", True)
+  clear = remote.index("rm -f /tmp/libtpu_lockfile")
+  assert "lsof -t /dev/accel* /dev/vfio/*" in remote and "kill -9" in remote
+  assert remote.index("agent-worker-number") < clear < remote.index(".venv/bin/cqr-jax")
+  subprocess.run(["bash", "-n", "-c", remote], check=True)
+  kept = _remote(_commands(_run("launch", *SLICE, "--run-name", "ex", "--no-clear-tpu", "export",
+                                "--run-dir", "gs://b/r").stdout)[0])
+  assert "libtpu_lockfile" not in kept and "--distributed" in kept
+
+
+def test_clear_tpu_snippet_kills_only_what_holds_the_tpu(tmp_path):
+  """The snippet run here with stand-ins for sudo and lsof: it kills the pids lsof names and
+  removes the lockfile (the stand-in sudo records `kill` and `rm` instead of running them)."""
+  bindir = tmp_path / "bin"
+  bindir.mkdir()
+  log = tmp_path / "calls"
+  for name, body in (("sudo", f'case $1 in kill | rm) echo "$*" >> {log} ;; *) "$@" ;; esac'),
+                     ("lsof", "echo 4242; echo 4343")):
+    (bindir / name).write_text(f"#!/bin/bash\n{body}\n")
+    (bindir / name).chmod(0o755)
+  show = f'source {ROOT}/tpu_scripts/common.sh; printf %s "$CLEAR_TPU_SNIPPET"'
+  snippet = subprocess.run(["bash", "-c", show], capture_output=True, text=True,
+                           check=True).stdout
+  out = subprocess.run(["bash", "-c", f"W=0; {snippet}"], capture_output=True, text=True,
+                       env={"PATH": f"{bindir}:/usr/bin:/bin"}, check=True)
+  assert log.read_text().splitlines() == ["kill -9 4242", "kill -9 4343",
+                                          "rm -f /tmp/libtpu_lockfile"]
+  assert "[worker 0] stopping pid 4242" in out.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS + ["common"])
+def test_scripts_parse(script):
+  subprocess.run(["bash", "-n", os.path.join(ROOT, "tpu_scripts", f"{script}.sh")], check=True)
+
+
 def test_logs_fetches_one_file_per_worker():
   out = _run("logs", *SLICE, "--accelerator-type", "v5p-32", "--run-name", "r1", "--out", "L")
   cmds = _commands(out.stdout)
@@ -150,7 +202,8 @@ def test_data_commands():
   assert "gcloud storage cp --recursive gs://b/index data/index" in _remote(cmds[0])
   assert "--worker=all" in cmds[0]
   cmds = _commands(_run("data", *SLICE, "mount", "gs://b", "mnt/b").stdout)
-  assert "gcsfuse --implicit-dirs b mnt/b" in _remote(cmds[0])
+  # Orbax finishes a checkpoint by renaming its folder: gcsfuse must allow directory renames.
+  assert "gcsfuse --implicit-dirs --rename-dir-limit=200000 b mnt/b" in _remote(cmds[0])
   subprocess.run(["bash", "-n", "-c", _remote(cmds[0])], check=True)
   cmds = _commands(_run("data", "--dry-run", "upload", "local/x", "gs://b/x").stdout)
   assert cmds == [["gcloud", "storage", "cp", "--recursive", "local/x", "gs://b/x"]]

@@ -190,6 +190,14 @@ remote_path() {
   if [[ $1 == /* ]]; then shell_quote "$1"; else printf '$HOME/%s' "$(shell_quote "$1")"; fi
 }
 
+# Remote shell snippet: stops whatever still holds this worker's TPU (a crashed or stale run
+# keeps /dev/accel* on v4, /dev/vfio/* on v5e/v5p/v6e) and removes libtpu's lockfile, so the new
+# run can open the chips. Needs $W (WORKER_ID_SNIPPET) for its messages.
+CLEAR_TPU_SNIPPET="holders=\$( (sudo lsof -t /dev/accel* /dev/vfio/* 2> /dev/null \
+|| sudo fuser /dev/accel* /dev/vfio/* 2> /dev/null) | tr -s ' ' '\\n' | grep -E '^[0-9]+\$' \
+| sort -u); for p in \$holders; do echo \"[worker \$W] stopping pid \$p, which holds the TPU\"; \
+sudo kill -9 \$p || true; done; sudo rm -f /tmp/libtpu_lockfile"
+
 # Remote shell snippet: this worker's index (0..N-1) from the TPU VM metadata server.
 METADATA_URL=http://metadata.google.internal/computeMetadata/v1/instance/attributes
 WORKER_ID_SNIPPET="W=\$(curl -sf -H Metadata-Flavor:Google $METADATA_URL/agent-worker-number \

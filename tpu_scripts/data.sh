@@ -13,7 +13,9 @@ Commands:
                                   (DIR relative to \$HOME unless absolute); use it for what is
                                   read often: the BM25 index, dense embeddings, tokenizer, model
   mount BUCKET DIR                mount a bucket with gcsfuse at DIR on every worker (installs
-                                  gcsfuse when missing); fine for datasets read once per epoch
+                                  gcsfuse when missing); fine for datasets read once per epoch.
+                                  Mounted with --implicit-dirs and --rename-dir-limit=200000
+                                  (Orbax finishes a checkpoint by renaming its folder)
 
 Run folders and checkpoints need neither: pass gs:// paths to cqr-jax directly (--run-dir
 gs://BUCKET/runs/NAME); Orbax and the readers open gs:// through etils.epath.
@@ -59,7 +61,8 @@ https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" \
 | sudo tee /etc/apt/sources.list.d/gcsfuse.list > /dev/null; \
 sudo apt-get update -q && sudo apt-get install -y -q gcsfuse; fi; \
 mkdir -p $(shell_quote "$DST"); mountpoint -q $(shell_quote "$DST") \
-|| gcsfuse --implicit-dirs $(shell_quote "$BUCKET") $(shell_quote "$DST")"
+|| gcsfuse --implicit-dirs --rename-dir-limit=200000 $(shell_quote "$BUCKET") \
+$(shell_quote "$DST")"
     ;;
   *) die "unknown command '$CMD' (upload, copy or mount)" ;;
 esac

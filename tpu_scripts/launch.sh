@@ -10,7 +10,9 @@ Usage: tpu_scripts/launch.sh [options] STAGE [cqr-jax arguments...]
 Runs 'cqr-jax STAGE [arguments...] --distributed' on every worker of the slice at the same
 time (gcloud compute tpus tpu-vm ssh --worker=all). Every process calls
 jax.distributed.initialize(), which finds the coordinator and the other workers by itself on
-Cloud TPU. Each worker writes \$HOME/LOG_DIR/RUN_NAME/worker-<i>.log (i = the worker's index)
+Cloud TPU. Every stage, export included, takes --distributed. First, on each worker, any
+process that still holds the TPU (/dev/accel*, /dev/vfio/*: a crashed or stale run) is killed
+and libtpu's lockfile (/tmp/libtpu_lockfile) removed. Each worker writes \$HOME/LOG_DIR/RUN_NAME/worker-<i>.log (i = the worker's index)
 and worker-<i>.pid; fetch the logs with tpu_scripts/logs.sh --run-name RUN_NAME.
 
 Everything from STAGE on goes to cqr-jax unchanged: use gs:// paths for the run folder and
@@ -26,12 +28,13 @@ Options (before STAGE):
   --foreground        wait for the run to end (ssh stays open; the exit code is the run's);
                       by default the run is detached (nohup setsid) and survives ssh
   --no-distributed    do not append --distributed (a single-host slice, or a debugging run)
+  --no-clear-tpu      leave processes that hold the TPU and the libtpu lockfile alone
 
 $COMMON_HELP
 EOF
 }
 
-RUN_NAME="" ENVS=() FOREGROUND=0 DISTRIBUTED=1
+RUN_NAME="" ENVS=() FOREGROUND=0 DISTRIBUTED=1 CLEAR_TPU=1
 while (($#)); do
   [[ $1 == --* ]] || break  # STAGE: the rest belongs to cqr-jax
   if [[ $1 == --*=* ]]; then set -- "${1%%=*}" "${1#*=}" "${@:2}"; fi
@@ -46,6 +49,7 @@ while (($#)); do
       ENVS+=("$2"); shift 2 ;;
     --foreground) FOREGROUND=1; shift ;;
     --no-distributed) DISTRIBUTED=0; shift ;;
+    --no-clear-tpu) CLEAR_TPU=0; shift ;;
     *) die "unknown option '$1' (see --help); options go before STAGE" ;;
   esac
 done
@@ -61,7 +65,9 @@ LOGS=$(remote_path "$LOG_DIR/$RUN_NAME")
 CMD=$(join_quoted env "${ENVS[@]}" PYTHONUNBUFFERED=1 .venv/bin/cqr-jax "${CQR_ARGS[@]}")
 LOG="$LOGS/worker-\$W.log"
 PID="$LOGS/worker-\$W.pid"
-PREFIX="set -e; mkdir -p $LOGS; $WORKER_ID_SNIPPET; cd $(remote_path "$REMOTE_DIR")"
+PREFIX="set -e; mkdir -p $LOGS; $WORKER_ID_SNIPPET"
+((CLEAR_TPU)) && PREFIX+="; $CLEAR_TPU_SNIPPET"
+PREFIX+="; cd $(remote_path "$REMOTE_DIR")"
 if ((FOREGROUND)); then
   REMOTE="$PREFIX; echo \$\$ > $PID; set +e; $CMD > $LOG 2>&1 < /dev/null; code=\$?; \
 tail -n 5 $LOG | sed \"s/^/[worker \$W] /\"; exit \$code"

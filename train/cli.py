@@ -8,6 +8,7 @@ when they are missing.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 STAGES = {
@@ -160,15 +161,24 @@ def main(argv: list[str] | None = None) -> int:
   except KeyboardInterrupt:
     if debug:
       raise
-    print(f"cqr-jax {stage}: interrupted. Run the same command again to resume: finished "
-          "batches, steps and checkpoints in the run folder are kept.", file=sys.stderr)
+    _say(f"cqr-jax {stage}: interrupted. Run the same command again to resume: finished "
+         "batches, steps and checkpoints in the run folder are kept.", logging.WARNING)
     return 130
   except Exception as e:  # noqa: BLE001 - one line for the user's errors; the rest propagate
     if debug or not _is_project_error(e):
       raise
-    print(f"cqr-jax {stage}: error: {_one_line(e)} (--debug shows the traceback)",
-          file=sys.stderr)
+    _say(f"cqr-jax {stage}: error: {_one_line(e)} (--debug shows the traceback)")
     return 2
+  finally:
+    from train import runfolder
+    runfolder.close_log_file()
+
+
+def _say(line: str, level: int = logging.ERROR) -> None:
+  """`line` on stderr, and in the run's `logs/<stage>.log` when the command opened it."""
+  from train import runfolder
+  print(line, file=sys.stderr)
+  runfolder.log_to_file(line, level)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from typing import Any
 import jax
 
 from cqr_jax import config as cfglib
+from cqr_jax import distributed, paths
 
 log = logging.getLogger("cqr_jax")
 
@@ -32,24 +33,48 @@ def setup_logging(run_dir: str | None = None, stage: str | None = None):
 
 
 def stage_dir(cfg: cfglib.RunConfig, stage: str, create: bool = True) -> str:
-  """`<run>/<stage>` (design.md "Runs on disk"): sdpw, sft, grpo, eval, export, report."""
+  """`<run>/<stage>` (design.md "Runs on disk"): sdpw, sft, grpo, eval, export, report. The run
+  folder is a local path or a gs:// URI (cqr_jax/paths.py); process 0 creates it."""
   d = os.path.join(cfg.run_dir, stage)
   if create and is_main():
-    os.makedirs(d, exist_ok=True)
+    paths.makedirs(d)
   return d
 
 
 def write_config(cfg: cfglib.RunConfig) -> None:
-  """Records the run's config once; refuses a change that written outputs depend on."""
+  """Records the run's config once (process 0); refuses a change that written outputs depend
+  on. Every process calls it: a barrier follows the write, so all then read the same file."""
   from train import runfolder
   runfolder.record(cfg, main=is_main())
+  distributed.sync("config.yaml")
+
+
+def main_first(fn, name: str):
+  """fn() on process 0, a barrier, then fn() on the others: for a step that process 0 may write
+  (a repair, a record) and the others only read (design.md "Mesh": process 0 alone writes)."""
+  out = fn() if is_main() else None
+  distributed.sync(name)
+  return out if is_main() else fn()
+
+
+def open_append(path: str):
+  """A file that process 0 appends to (`paths.open_append`); on the others a context manager
+  that yields None (nothing to write)."""
+  import contextlib
+  return paths.open_append(path) if is_main() else contextlib.nullcontext(None)
 
 
 def require(path: str, stage: str, what: str) -> str:
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise MissingStageError(
         f"{what} not found at {path}: run `cqr-jax {stage} --run-dir <this run>` first")
   return path
+
+
+# Test hook: "interleave[:RUN]" lays the processes' devices out in turns of RUN (default 1) along
+# the mesh, as a TPU slice's topology order can (distributed.interleaved; issue 32). Unset:
+# jax.devices()' order.
+ENV_DEVICE_ORDER = "CQR_JAX_DEVICE_ORDER"
 
 
 def make_mesh(cfg: cfglib.RunConfig):
@@ -57,6 +82,9 @@ def make_mesh(cfg: cfglib.RunConfig):
   from cqr_jax import sharding
   m = cfg.mesh
   devices = jax.devices()
+  order = os.environ.get(ENV_DEVICE_ORDER, "")
+  if order.split(":")[0] == "interleave":
+    devices = distributed.interleaved(devices, int(order.partition(":")[2] or 1))
   if -1 not in (m.data, m.fsdp, m.tensor):
     devices = devices[:m.data * m.fsdp * m.tensor]
   return sharding.make_mesh(sharding.MeshConfig(data=m.data, fsdp=m.fsdp, tensor=m.tensor),
@@ -166,6 +194,15 @@ def load_stage_policy(cfg: cfglib.RunConfig, stage: str, mesh, step: int | None 
   """(step, model, ModelConfig) with a stage's checkpointed parameters (latest step by default),
   restored straight into the model's shardings: the initial weights are not read."""
   from flax import nnx
+  graphdef, params, rest, mcfg = _abstract_params(cfg, mesh)
+  step, params = restore_stage_params(cfg, stage, params, step)
+  return step, nnx.merge(graphdef, params, rest), mcfg
+
+
+def _abstract_params(cfg: cfglib.RunConfig, mesh):
+  """(graphdef, params as ShapeDtypeStructs with their shardings on `mesh`, rest, ModelConfig)
+  of the policy's architecture: a restore target that reads no weights."""
+  from flax import nnx
   from cqr_jax import sharding
   mcfg = policy_config(cfg)
   graphdef, params, rest = nnx.split(sharding.abstract_model(mcfg, cfg.seed), nnx.Param, ...)
@@ -174,23 +211,19 @@ def load_stage_policy(cfg: cfglib.RunConfig, stage: str, mesh, step: int | None 
   shardings = sharding.state_shardings(params, mesh)
   params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         params, shardings)
-  step, params = restore_stage_params(cfg, stage, params, step)
-  return step, nnx.merge(graphdef, params, rest), mcfg
+  return graphdef, params, rest, mcfg
 
 
 def save_json(path: str, obj: Any) -> None:
+  """Writes `path` atomically on process 0 only (no barrier: a caller whose other processes read
+  the file back syncs first)."""
   if not is_main():
     return
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, sort_keys=False, default=str)
-  os.replace(tmp, path)
+  paths.write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str))
 
 
 def load_json(path: str) -> Any:
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(paths.read_text(path))
 
 
 def stage_args(p):
@@ -388,11 +421,27 @@ def finished_stage_params(cfg: cfglib.RunConfig, stage: str, ckpt, params,
   return latest, restore_stage_params(cfg, stage, params)[1]
 
 
+def finished_stage(cfg: cfglib.RunConfig, stage: str, keep_optimizer: bool):
+  """`finished_stage_params` decided from the checkpoint metadata before any model is loaded:
+  (step, params) of a finished stage, restored into the abstract model (the initial weights are
+  not read), or None while the stage is unfinished (nothing is read then)."""
+  from cqr_jax.checkpoint import Checkpointer
+  d = ckpt_dir(cfg, stage)
+  if not paths.isdir(d):
+    return None
+  with Checkpointer(d) as ckpt:
+    latest = ckpt.latest_step()
+    if latest is None or not ckpt.meta(latest).get("final"):
+      return None
+    params = _abstract_params(cfg, make_mesh(cfg))[1]
+    return finished_stage_params(cfg, stage, ckpt, params, keep_optimizer)
+
+
 def restore_stage_params(cfg: cfglib.RunConfig, stage: str, params, step: int | None = None):
   """(step, params) of a stage's checkpoint (latest by default), restored into `params`' shardings."""
   from cqr_jax.checkpoint import Checkpointer
   d = ckpt_dir(cfg, stage)
-  if not os.path.isdir(d) or Checkpointer(d).latest_step() is None:
+  if not paths.isdir(d) or Checkpointer(d).latest_step() is None:
     raise MissingStageError(f"no {stage} checkpoint under {d}: run `cqr-jax {stage}` first")
   target = {"state": {"params": abstract_like(params)}}  # not the optimizer state
   step, restored, _ = Checkpointer(d).restore(step, target, partial=True)

@@ -21,6 +21,7 @@ import jax
 import numpy as np
 
 from cqr_jax import config as cfglib
+from cqr_jax import distributed, paths
 from cqr_jax.data.trec import read_run, write_run
 from cqr_jax.parsing import passes
 from train import common, rewriting
@@ -45,7 +46,7 @@ def run(args) -> int:
   mesh = common.make_mesh(cfg)
   stage = args.stage
   if stage == "auto":
-    stage = next((s for s in ("grpo", "sft") if os.path.isdir(common.ckpt_dir(cfg, s))),
+    stage = next((s for s in ("grpo", "sft") if paths.isdir(common.ckpt_dir(cfg, s))),
                  "initial")
   from train import runfolder
   out = os.path.join(common.stage_dir(cfg, "eval", create=False), args.name or stage)
@@ -108,8 +109,9 @@ def _retrieve_and_write(ranker, queries: dict[str, str], run_path: str, k: int) 
   qids = list(queries)
   ranked = ranker.search_ranked([queries[q] for q in qids], k, qids=qids) if qids else []
   if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(run_path) or ".", exist_ok=True)
+    paths.makedirs(os.path.dirname(run_path) or ".")
     write_run(run_path, dict(zip(qids, ranked)))
+  distributed.sync("eval:run")  # every process reads the run file back
 
 
 def policy_queries(turns, rewrites, fallback: str, rule: str = "format"
@@ -137,7 +139,8 @@ def evaluate_policy(cfg: cfglib.RunConfig, model, mcfg, mesh, name: str, out: st
   `response_prefix` starts every response (the zero-shot row uses SDPW's, so the untrained
   model is judged with the same help the warm-up gives it)."""
   e = cfg.eval
-  os.makedirs(out, exist_ok=True)
+  if jax.process_index() == 0:
+    paths.makedirs(out)
   ds = common.load_split(cfg, cfg.data.test_split)
   ranker = common.build_ranker(cfg, ds, cfg.retrieval.eval_max_words)
   tokenizer = common.load_tokenizer_for(cfg.model.source)
@@ -146,7 +149,8 @@ def evaluate_policy(cfg: cfglib.RunConfig, model, mcfg, mesh, name: str, out: st
   sampler = rewriting.make_sampler(
       cfg, tokenizer, mesh, mcfg, n=1, temperature=temperature, max_new_tokens=e.max_new_tokens,
       max_prompt_len=rewriting.inference_prompt_len(cfg, prompts, tokenizer, ds.turns,
-                                                    response_prefix))
+                                                    response_prefix),
+      batch_prompts=min(e.batch_prompts, len(ds.turns)))
   seeds = (0,) if e.greedy else e.seeds
   qids = [t.qid for t in ds.turns]
   per_seed = []
@@ -162,7 +166,7 @@ def evaluate_policy(cfg: cfglib.RunConfig, model, mcfg, mesh, name: str, out: st
     run_path = os.path.join(out, f"run_{name}_{tag}.trec")
     _retrieve_and_write(ranker, queries, run_path, cfg.retrieval.top_k)
     if jax.process_index() == 0:
-      with open(os.path.join(out, f"rewrites_{name}_{tag}.jsonl"), "w", encoding="utf-8") as f:
+      with paths.open_file(os.path.join(out, f"rewrites_{name}_{tag}.jsonl"), "w") as f:
         for r in rewrites:
           t = ds.turns[r.turn_index]
           f.write(json.dumps({"qid": t.qid, "question": t.question, "output": r.text,
@@ -274,5 +278,4 @@ def markdown_table(rows: list[dict]) -> str:
 def write_table(rows: list[dict], out: str) -> None:
   common.save_json(os.path.join(out, "metrics.json"), rows)
   if jax.process_index() == 0:
-    with open(os.path.join(out, "metrics.md"), "w", encoding="utf-8") as f:
-      f.write(markdown_table(rows) + "\n")
+    paths.write_text(os.path.join(out, "metrics.md"), markdown_table(rows) + "\n")

@@ -1,7 +1,10 @@
 """`cqr-jax export`: a saved SFT or GRPO step to a Hugging Face folder (issue 8).
 
 Refuses a step that does not exist (listing those that do), a run folder without a config, and
-an existing output folder unless --overwrite.
+an existing output folder unless --overwrite. The run folder and the output may be gs:// URIs
+(issue 32): the folder is written on process 0's local disk, then copied there. On a pod every
+worker runs it (`--distributed`, as tpu_scripts/launch.sh adds): the checkpoint's shards are read
+by the hosts that hold them, and process 0 alone writes.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import logging
 import os
 
 from cqr_jax import config as cfglib
-from cqr_jax import configlib
+from cqr_jax import configlib, distributed, paths
 from train import common
 
 log = logging.getLogger("cqr_jax")
@@ -26,11 +29,13 @@ def add_args(p):
   p.add_argument("--overwrite", action="store_true")
   p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
                  help="upload the folder with huggingface_hub after writing it")
+  p.add_argument("--distributed", action="store_true",
+                 help="multi-host: call jax.distributed.initialize() first (TPU pods)")
 
 
 def run_config(run_dir: str) -> cfglib.RunConfig:
   path = os.path.join(run_dir, "config.yaml")
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise FileNotFoundError(f"{run_dir} has no config.yaml: not a cqr-jax run folder (the model "
                             "config of a run is recorded there by every stage)")
   cfg = configlib.merge(cfglib.RunConfig(), configlib.load_yaml(path))
@@ -38,7 +43,7 @@ def run_config(run_dir: str) -> cfglib.RunConfig:
 
 
 def run(args) -> int:
-  common.setup_logging(args.run_dir if os.path.isdir(args.run_dir) else None, "export")
+  common.setup_logging(args.run_dir if paths.isdir(args.run_dir) else None, "export")
   cfg = run_config(args.run_dir)
   out = args.out or common.stage_dir(cfg, "export", create=False)
   export_stage(cfg, args.stage, args.step, out, overwrite=args.overwrite, dtype=args.dtype,
@@ -130,16 +135,24 @@ def model_card(cfg: cfglib.RunConfig, stage: str, step: int, table: str | None,
 def export_stage(cfg: cfglib.RunConfig, stage: str, step: int | None, out: str, *,
                  overwrite: bool = False, dtype: str = "float32", table: str | None = None,
                  push_to_hub: str | None = None) -> str:
+  import tempfile
+
   from cqr_jax.models import hf_export
-  if os.path.exists(out) and not overwrite:
+  if paths.exists(out) and not overwrite:
     raise FileExistsError(f"{out} exists: pass --overwrite to replace it")
   mesh = common.make_mesh(cfg)
   step, model, mcfg = common.load_stage_policy(cfg, stage, mesh, step)
-  hf_export.export_hf(model, mcfg, out, dtype=dtype,
-                      tokenizer_dir=common.hf_folder_for(cfg.model.source),
-                      model_card=model_card(cfg, stage, step, table, repo=push_to_hub or out),
-                      overwrite=overwrite)
-  log.info("exported %s step %d to %s", stage, step, out)
-  if push_to_hub:
-    hf_export.push_to_hub(out, push_to_hub)
+  with tempfile.TemporaryDirectory(prefix="cqr-export-") as tmp:
+    local = os.path.join(tmp, "export") if paths.is_uri(out) else out
+    hf_export.export_hf(model, mcfg, local, dtype=dtype,
+                        tokenizer_dir=common.hf_folder_for(cfg.model.source),
+                        model_card=model_card(cfg, stage, step, table, repo=push_to_hub or out),
+                        overwrite=overwrite)
+    if local != out and common.is_main():
+      paths.rmtree(out)
+      paths.copy_tree(local, out)
+    log.info("exported %s step %d to %s", stage, step, out)
+    if push_to_hub and common.is_main():
+      hf_export.push_to_hub(local, push_to_hub)
+  distributed.sync("export:written")
   return out

@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from cqr_jax import config as cfglib
+from cqr_jax import paths
 from cqr_jax.parsing import parse_response
 from train import common, rollout_batch, steps
 from train.rewriting import make_sampler
@@ -48,11 +49,20 @@ def run(args) -> int:
   return 0
 
 
+def rollout_prompts(cfg: cfglib.RunConfig) -> int:
+  """Prompts rolled out a step: grpo.rollout_prompts (dynamic sampling) or grpo.batch_prompts."""
+  g = cfg.grpo
+  if g.rollout_prompts and g.rollout_prompts < g.batch_prompts:
+    raise ValueError(f"grpo.rollout_prompts={g.rollout_prompts} must be 0 or at least "
+                     f"grpo.batch_prompts={g.batch_prompts}")
+  return max(g.rollout_prompts, g.batch_prompts)
+
+
 def total_steps(cfg: cfglib.RunConfig, num_turns: int) -> int:
   g = cfg.grpo
   if g.steps:
     return g.steps
-  return max(num_turns // g.batch_prompts, 1) * g.epochs
+  return max(num_turns // rollout_prompts(cfg), 1) * g.epochs
 
 
 def sft_params_or_none(cfg: cfglib.RunConfig, params, init: str):
@@ -62,10 +72,10 @@ def sft_params_or_none(cfg: cfglib.RunConfig, params, init: str):
   try:
     step, sft = common.restore_stage_params(cfg, "sft", params)
   except common.MissingStageError:
-    sdpw_done = os.path.exists(os.path.join(common.stage_dir(cfg, "sdpw", create=False),
-                                            "summary.json"))
-    skipped = os.path.exists(os.path.join(common.stage_dir(cfg, "sft", create=False),
-                                          "skipped.json"))
+    sdpw_done = paths.exists(os.path.join(common.stage_dir(cfg, "sdpw", create=False),
+                                          "summary.json"))
+    skipped = paths.exists(os.path.join(common.stage_dir(cfg, "sft", create=False),
+                                        "skipped.json"))
     if init == "sft" or (sdpw_done and not skipped):
       raise common.MissingStageError(
           f"{common.ckpt_dir(cfg, 'sft')}: no SFT checkpoint, though SDPW has run: run "
@@ -91,7 +101,6 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
 
   The final step's checkpoint holds the parameters only (unless `keep_optimizer`) and replaces
   the earlier ones; the others keep the optimizer state for a resume."""
-  from cqr_jax import rewards as rewards_lib
   from cqr_jax.checkpoint import Checkpointer
   from cqr_jax.data import TurnBatches
   from cqr_jax.metrics_log import CollapseMonitor, MetricsLogger, Timer
@@ -102,6 +111,9 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
     raise ValueError(f"grpo.batch_prompts * grpo.n = {g.batch_prompts * g.n} must be a multiple "
                      f"of grpo.micro_batch = {g.micro_batch}")
   common.write_config(cfg)
+  finished = common.finished_stage(cfg, "grpo", keep_optimizer)  # before the model is loaded
+  if finished is not None:  # (no optimizer state: nothing is left to train)
+    return steps.TrainState(finished[1], None, jnp.asarray(finished[0], jnp.int32)), []
   out = common.stage_dir(cfg, "grpo")
   mesh = common.make_mesh(cfg)
   ds = common.load_split(cfg, cfg.data.train_split)
@@ -124,7 +136,7 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
   tx = common.stage_optimizer(cfg, "grpo")
   state = steps.init_state(params, tx)
   ranker = common.build_ranker(cfg, ds, cfg.retrieval.reward_max_words)
-  batches = TurnBatches(turns, g.batch_prompts, seed=g.seed, drop_last=True)
+  batches = TurnBatches(turns, rollout_prompts(cfg), seed=g.seed, drop_last=True)
   key = jax.random.key(g.seed)
   ckpt = Checkpointer(os.path.join(out, "ckpt"), max_to_keep=g.keep_checkpoints,
                       save_every=g.save_every)
@@ -163,26 +175,29 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
       policy = nnx.merge(graphdef, state.params, rest)
       prompt_ids = [prompts.token_ids(t, tokenizer) for t in turns]
       roll = sampler.generate(policy, prompt_ids, key=sample_key, n=g.n)
+    qids = [turns[i].qid for i in roll.prompt_index]
+    scored, train_roll = None, roll
+    if len(turns) > g.batch_prompts:  # dynamic sampling: the rewards pick the groups to train
+      with timer("reward"):
+        scored = score_rollouts(ranker, roll, qids, turns, g.reward, step, n_steps)
+      keep = select_groups(scored[2], g.n, g.batch_prompts)
+      train_roll = roll.take(keep)
     # Each prompt's samples in groups that share one prompt forward in the update.
-    batch = rollout_batch.assemble(roll, mesh, g.micro_batch, pack=g.pack_completions,
+    batch = rollout_batch.assemble(train_roll, mesh, g.micro_batch, pack=g.pack_completions,
                                    shared_prefix_min=g.shared_prefix_min)
     with timer("reference"):  # async dispatch: runs while the host computes the rewards
       ref_lp = ref_logprobs(ref_params, batch) if use_ref else None
-    with timer("reward"):
-      parsed = [parse_response(t) for t in roll.texts]
-      qids = [turns[i].qid for i in roll.prompt_index]
-      ok = np.array([p.format_ok for p in parsed])
-      # Only responses that pass the format check are sent to the retriever (method.md 4.1);
-      # on several hosts each ranks its own slice of the rollouts, then the ranks are gathered.
-      ranks = host_ranks(ranker, [p.rewrite if p.format_ok else None for p in parsed], qids)
-      reward = rewards_lib.compute_rewards(ok, ranks, g.reward, step=step, total_steps=n_steps,
-                                           num_golds=[len(turns[i].gold_ids)
-                                                      for i in roll.prompt_index])
+    if scored is None:
+      with timer("reward"):
+        scored = score_rollouts(ranker, roll, qids, turns, g.reward, step, n_steps)
+      keep = np.arange(roll.num_prompts)
+    ok, ranks, reward = scored
     with timer("reference"):
       ref_lp = jax.block_until_ready(ref_lp)
     if use_ref:
       batch["ref_logp"] = ref_lp
-    adv = np.asarray(group_advantages(jnp.asarray(reward), g.n))  # after the device is free
+    trained = reward.reshape(-1, g.n)[keep].reshape(-1)
+    adv = np.asarray(group_advantages(jnp.asarray(trained), g.n))  # after the device is free
     with timer("update"):
       batch["adv"] = rollout_batch.place(
           adv.astype(np.float32).reshape(batch["completion"].shape[:2]), mesh)
@@ -191,6 +206,8 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
     finite = bool(um["finite"])
     bad_in_row = 0 if finite else bad_in_row + 1
     m = step_metrics(step + 1, reward, ok, ranks, roll, um, timer)
+    m["groups_flat"] = flat_fraction(reward, g.n)
+    m["trained_groups_flat"] = flat_fraction(trained, g.n)
     history.append(m)
     logger.log(step + 1, m)
     if common.is_main() and g.log_samples:
@@ -269,15 +286,46 @@ def training_turns(cfg: cfglib.RunConfig, turns: list, prompts=None, tokenizer=N
   if prompts is not None:
     turns = fitting_turns(turns, prompts, tokenizer, cfg.rollout.max_prompt_len)
   turns = turns[:g.max_turns] if g.max_turns else turns
-  if len(turns) < g.batch_prompts:
-    raise ValueError(f"GRPO needs at least grpo.batch_prompts={g.batch_prompts} training turns, "
+  if len(turns) < rollout_prompts(cfg):
+    raise ValueError(f"GRPO needs at least {rollout_prompts(cfg)} training turns (grpo."
+                     f"batch_prompts={g.batch_prompts}, rollout_prompts={g.rollout_prompts}), "
                      f"got {len(turns)} (grpo.turns={g.turns!r}, grpo.max_turns={g.max_turns}, "
                      f"data.max_train_turns={cfg.data.max_train_turns})")
   return turns
 
 
+def score_rollouts(ranker, roll, qids, turns, reward_cfg, step: int, n_steps: int):
+  """(format ok [N], gold ranks [N], rewards [N]) of a step's rollouts (method.md 4.1): only
+  responses that pass the format check are sent to the retriever, ranked against the TRAIN
+  qrels; on several hosts each ranks its own slice of the rollouts, then the ranks are
+  gathered."""
+  from cqr_jax import rewards as rewards_lib
+  parsed = [parse_response(t) for t in roll.texts]
+  ok = np.array([p.format_ok for p in parsed])
+  ranks = host_ranks(ranker, [p.rewrite if p.format_ok else None for p in parsed], qids)
+  reward = rewards_lib.compute_rewards(ok, ranks, reward_cfg, step=step, total_steps=n_steps,
+                                       num_golds=[len(turns[i].gold_ids)
+                                                  for i in roll.prompt_index])
+  return ok, ranks, reward
+
+
+def select_groups(reward: np.ndarray, n: int, k: int) -> np.ndarray:
+  """Dynamic sampling (DAPO; grpo.rollout_prompts): the first k prompts, in rollout order, whose
+  n rewards are not all equal, then flat ones (advantage 0) if fewer than k differ."""
+  flat = np.ptp(reward.reshape(-1, n), axis=1) == 0
+  order = np.concatenate([np.flatnonzero(~flat), np.flatnonzero(flat)])
+  return np.sort(order[:k])
+
+
+def flat_fraction(reward: np.ndarray, n: int) -> float:
+  """Fraction of groups whose n rewards are all equal (no policy gradient)."""
+  return float(np.mean(np.ptp(reward.reshape(-1, n), axis=1) == 0))
+
+
 def host_ranks(ranker, texts, qids) -> np.ndarray:
-  """Gold ranks of every rollout; with several processes each ranks its own rows."""
+  """Gold ranks of every rollout; with several processes each ranks its own rows. The split is
+  of host work only (`process_slice` without a mesh: block p to process p, gathered back in
+  process order), tied to no device, so it holds for any device order (issue 32)."""
   if jax.process_count() == 1:
     return ranker.ranks(texts, qids)
   from cqr_jax import distributed
@@ -322,7 +370,6 @@ def step_metrics(step, reward, ok, ranks, roll, um, timer) -> dict:
 
 def write_samples(out: str, step: int, samples: list[dict]) -> None:
   d = os.path.join(out, "samples")
-  os.makedirs(d, exist_ok=True)
-  with open(os.path.join(d, "samples.jsonl"), "a", encoding="utf-8") as f:
-    for s in samples:
-      f.write(json.dumps({"step": step, **s}) + "\n")
+  paths.makedirs(d)
+  paths.append_text(os.path.join(d, "samples.jsonl"),
+                    "".join(json.dumps({"step": step, **s}) + "\n" for s in samples))

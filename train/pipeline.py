@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 
 from cqr_jax import config as cfglib
+from cqr_jax import paths
 from train import common
 
 log = logging.getLogger("cqr_jax")
@@ -22,12 +22,29 @@ USES_CONFIG = True
 def add_args(p):
   common.stage_args(p)
   p.add_argument("--skip-export", action="store_true", help="stop before the HF export")
+  p.add_argument("--keep-optimizer", action="store_true",
+                 help="GRPO keeps its optimizer state and every kept checkpoint (grpo."
+                 "keep_checkpoints), e.g. to evaluate them for a learning curve")
 
 
 def run(args) -> int:
   cfg = common.config_from_args(args)
-  run_pipeline(cfg, export=not args.skip_export)
+  run_pipeline(cfg, export=not args.skip_export, keep_optimizer=args.keep_optimizer)
   return 0
+
+
+_COMPILE_S = [0.0]  # seconds of jax compile events (tracing, lowering, XLA) in this process
+
+
+def _count_compiles() -> None:
+  """Adds jax's compile-event durations to _COMPILE_S (registered once per process)."""
+  import jax
+  if getattr(_count_compiles, "done", False):
+    return
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, secs, **_: _COMPILE_S.__setitem__(0, _COMPILE_S[0] + secs)
+      if event.startswith("/jax/core/compile/") else None)
+  _count_compiles.done = True
 
 
 class Eta:
@@ -49,13 +66,14 @@ class Eta:
       log.info("== %s: starting (no throughput measured yet for an estimate)", phase)
 
 
-def run_pipeline(cfg: cfglib.RunConfig, export: bool = True) -> dict:
+def run_pipeline(cfg: cfglib.RunConfig, export: bool = True, keep_optimizer: bool = False) -> dict:
   from train import evaluate, grpo, sdpw, sft
   t_start = time.time()
   common.write_config(cfg)
   mesh = common.make_mesh(cfg)
   eta = Eta()
-  timings = {}
+  timings, compiling = {}, {}
+  _count_compiles()
   test_turns = len(common.load_split(cfg, cfg.data.test_split).turns)
   train_turns = len(common.load_split(cfg, cfg.data.train_split).turns)
   e = cfg.eval
@@ -63,10 +81,11 @@ def run_pipeline(cfg: cfglib.RunConfig, export: bool = True) -> dict:
 
   def phase(name, fn, gen_tokens):
     eta.say(name, gen_tokens)
-    t0 = time.time()
+    t0, c0 = time.time(), _COMPILE_S[0]
     out = fn()
-    timings[name] = time.time() - t0
-    log.info("== %s done in %.0f s", name, timings[name])
+    timings[name], compiling[name] = time.time() - t0, _COMPILE_S[0] - c0
+    log.info("== %s done in %.0f s (%.0f s of it compiling)", name, timings[name],
+             compiling[name])
     return out
 
   rows = []
@@ -87,13 +106,14 @@ def run_pipeline(cfg: cfglib.RunConfig, export: bool = True) -> dict:
   rows += evaluate.evaluate_baselines(cfg, os.path.join(eval_dir, "baselines"))
   s = cfg.sdpw
   summary = phase("self-distillation (SDPW)", lambda: sdpw.run_sdpw(cfg),
-                  train_turns * s.samples_per_turn * s.max_new_tokens)
+                  min(train_turns, s.max_turns or train_turns) * s.samples_per_turn
+                  * s.max_new_tokens)
   sft_state = phase("SFT", lambda: sft.train_sft(cfg), 0)
   if sft_state is not None:
     rows += phase("SFT evaluation", lambda: eval_stage("sft", "sft"),
                   test_turns * e.max_new_tokens * nseeds)
   g = cfg.grpo
-  _, history = phase("GRPO", lambda: grpo.train_grpo(cfg),
+  _, history = phase("GRPO", lambda: grpo.train_grpo(cfg, keep_optimizer=keep_optimizer),
                      g.steps * g.batch_prompts * g.n * cfg.rollout.max_new_tokens)
   rows += phase("GRPO evaluation", lambda: eval_stage("grpo", "grpo"),
                 test_turns * e.max_new_tokens * nseeds)
@@ -105,33 +125,34 @@ def run_pipeline(cfg: cfglib.RunConfig, export: bool = True) -> dict:
         table=evaluate.markdown_table(evaluate.add_bootstrap(rows, cfg))), 0)
   timings["total"] = time.time() - t_start
   rows = evaluate.add_bootstrap(rows, cfg)
-  report = write_report(cfg, rows, history, summary, timings, export_dir)
+  report = write_report(cfg, rows, history, summary, timings, export_dir, compiling)
   print(evaluate.markdown_table(rows))
   log.info("pipeline finished in %.0f s; report in %s", timings["total"], report)
   return {"rows": rows, "timings": timings, "report": report}
 
 
-def write_report(cfg, rows, history, summary, timings, export_dir) -> str:
+def write_report(cfg, rows, history, summary, timings, export_dir, compiling=None) -> str:
   from cqr_jax.metrics_log import plot_curves
   from train import evaluate
   out = common.stage_dir(cfg, "report")
   common.save_json(os.path.join(out, "metrics.json"), {
-      "rows": rows, "sdpw": summary, "timings_s": timings, "export": export_dir,
+      "rows": rows, "sdpw": summary, "timings_s": timings, "compile_s": compiling or {},
+      "export": export_dir,
       "grpo_steps": len(history), "config": cfg.name})
   if common.is_main():
-    with open(os.path.join(out, "metrics.md"), "w", encoding="utf-8") as f:
-      f.write(f"# cqr-jax pipeline report: {cfg.name}\n\n")
-      f.write(evaluate.markdown_table(rows) + "\n\n")
-      f.write(f"SDPW: kept {summary['kept']} of {summary['sampled']} samples "
-              f"({summary['dropped']}).\n\n")
-      f.write("Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + "\n")
+    paths.write_text(os.path.join(out, "metrics.md"), "".join([
+        f"# cqr-jax pipeline report: {cfg.name}\n\n", evaluate.markdown_table(rows) + "\n\n",
+        (f"SDPW: kept {summary['kept']} of {summary['sampled']} samples "
+         f"({summary['dropped']}).\n\n"),
+        "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()) + "\n\n",
+        "Of which compiling (s): " + ", ".join(f"{k} {v:.0f}" for k, v in
+                                               (compiling or {}).items()) + "\n"]))
     rw = os.path.join(out, "rewrites")
-    os.makedirs(rw, exist_ok=True)
+    paths.makedirs(rw)
     eval_dir = common.stage_dir(cfg, "eval", create=False)
-    for root, _, files in os.walk(eval_dir):
-      for fn in files:
-        if fn.endswith(".jsonl") or fn.endswith(".trec"):
-          shutil.copy(os.path.join(root, fn), os.path.join(rw, fn))
+    for f in paths.files_under(eval_dir):
+      if f.endswith((".jsonl", ".trec")):
+        paths.copy(f, os.path.join(rw, os.path.basename(f)))
     plot_curves(os.path.join(common.stage_dir(cfg, "grpo", create=False), "metrics.jsonl"),
                 os.path.join(out, "grpo_curves.png"), ["reward_mean", "format_pass", "batch_mrr"])
   return out

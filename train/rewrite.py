@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import jax
 
+from cqr_jax import paths
 from train import common, rewriting
 
 log = logging.getLogger("cqr_jax")
@@ -53,7 +53,7 @@ def parse_conversation(text: str | None) -> list:
 def pick_stage(cfg, stage: str) -> str:
   if stage != "auto":
     return stage
-  return next((s for s in ("grpo", "sft") if os.path.isdir(common.ckpt_dir(cfg, s))), "initial")
+  return next((s for s in ("grpo", "sft") if paths.isdir(common.ckpt_dir(cfg, s))), "initial")
 
 
 def run(args) -> int:

@@ -6,40 +6,40 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cqr_jax import distributed, sharding
+from cqr_jax import sharding
 
 
 def place(x: np.ndarray, mesh) -> jax.Array:
   """Puts a host array on the mesh with its leading (batch) axis over data x fsdp.
 
   `x` is the whole global batch, identical on every process (every process runs the same seeded
-  pipeline). One process: a plain `device_put`. Several processes (design.md "Mesh"): each
-  process hands over only the rows its own devices hold (`distributed.process_slice` read off
-  the sharding) and `jax.make_array_from_process_local_data` stitches the global array, so no
-  process ships, or needs to address, another process's rows.
+  pipeline). One process: a plain `device_put`. Several processes (design.md "Mesh"): the global
+  array is built from `x` with `jax.make_array_from_callback`, each process handing its own
+  devices the rows they hold. That holds for any device order: a TPU slice's mesh can interleave
+  the processes along the batch axis (0,1,2,3,0,1,2,3,... on v4-32 / v5p-32, issue 32), so a
+  process's rows need not be one contiguous block.
   """
   if mesh is None:
     return jax.device_put(x)
-  spec = P(("data", "fsdp"), *([None] * (x.ndim - 1)))
-  sharding = NamedSharding(mesh, spec)
-  if jax.process_count() == 1:
-    return jax.device_put(x, sharding)
   x = np.asarray(x)
   if x.ndim == 0:
     raise ValueError("rollout_batch.place: expected an array with a leading batch axis, got a "
                      "scalar")
-  rows = distributed.process_slice(x.shape[0], mesh, spec)
-  return jax.make_array_from_process_local_data(sharding, x[rows], x.shape)
+  return _from_host(x, NamedSharding(mesh, P(("data", "fsdp"), *([None] * (x.ndim - 1)))))
 
 
 def place_replicated(x: np.ndarray, mesh) -> jax.Array:
   """Puts a host array, identical on every process, on every device of the mesh."""
   if mesh is None:
     return jax.device_put(x)
-  sharding = NamedSharding(mesh, P())
+  return _from_host(np.asarray(x), NamedSharding(mesh, P()))
+
+
+def _from_host(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """The global array `x` (held whole by every process) laid out as `sharding`."""
   if jax.process_count() == 1:
     return jax.device_put(x, sharding)
-  return jax.make_array_from_process_local_data(sharding, x, x.shape)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
 def group_size(n: int, micro_batch: int, data_parallel: int = 1) -> int:
@@ -66,9 +66,8 @@ def assemble(roll, mesh, micro_batch: int, pack: bool = False,
   compiled shape per row count. With `pack` and
   `shared_prefix_min` > 0, when the prompts share a prefix of at least that many tokens
   (`cqr_jax.sampler.shared_prefix_layout`: rounded down to a multiple of 16), also "prefix" [S]
-  (replicated), and the prompts hold only what follows it [G, Lp - S], left-padded (the
-  bucket's width, not the sampler's trimmed one: a width per step would multiply the compiled
-  (width, row count) pairs): the update runs the prefix once a step rather than once a group."""
+  (replicated), and the prompts hold only what follows it [G, Lp - S], left-padded: the update
+  runs the prefix once a step rather than once a group."""
   rows = len(roll.finish_reasons)
   m = group_size(roll.n, micro_batch, sharding.data_parallel_size(mesh))
   lc = roll.completion_ids.shape[1]
@@ -83,8 +82,7 @@ def assemble(roll, mesh, micro_batch: int, pack: bool = False,
   if pack and shared_prefix_min > 0:
     from cqr_jax.sampler import shared_prefix_layout
     ids, mask, s = shared_prefix_layout(batch["prompt"], batch["prompt_mask"],
-                                        len(batch["prompt"]), shared_prefix_min, 0,
-                                        trim=False)
+                                        len(batch["prompt"]), shared_prefix_min, 0)
     if s:
       prefix, batch["prompt"], batch["prompt_mask"] = ids[0, :s], ids[:, s:], mask[:, s:]
   out = {k: as_device(v) for k, v in batch.items()}
@@ -114,13 +112,20 @@ def micro_groups(groups: int, m: int, micro_batch: int) -> list[np.ndarray]:
   return [np.arange(i, groups, n) for i in range(n)]
 
 
+# Packed rows per group come in multiples of this (at most the unpacked layout's count): a run
+# compiles its update and reference pass for a few row counts, not one per count the data gives
+# (the pipeline's wall time: bench/results/cpu_default_recipe.md).
+PACK_ROW_MULTIPLE = 4
+
+
 def pack_groups(prompt_gp: np.ndarray, prompt_mask_gp: np.ndarray, completion_gmc: np.ndarray,
                 mask_gmc: np.ndarray) -> dict[str, np.ndarray]:
   """Each group's prompt (its real tokens) then its m completions (their masked tokens, a prefix
   of each row) laid end to end in k rows of Lc slots, k = ceil(the longest group's token count /
-  Lc), the same k for every group (one micro-batch's groups: the update and the reference pass
-  compile once per k): `Decoder.packed_completion_logprobs`' inputs. Only the last row's tail is
-  empty: the prompt's left padding and the completions' right padding are gone.
+  Lc) rounded up to a multiple of PACK_ROW_MULTIPLE (at most ceil((Lp + m * Lc) / Lc)), the same
+  k for every group (one micro-batch's groups: the update and the reference pass compile once
+  per k): `Decoder.packed_completion_logprobs`' inputs. Only the tail is empty: the prompt's
+  left padding and the completions' right padding are gone.
 
   Returns packed [G, k, Lc] (tokens, 0 in empty slots); packed_segment [G, k, Lc] (the
   completion 0..m-1 a slot holds, m for the prompt, -1 if empty); packed_position [G, k, Lc]
@@ -136,7 +141,9 @@ def pack_groups(prompt_gp: np.ndarray, prompt_mask_gp: np.ndarray, completion_gm
   if min(len(r) for r in prompts) == 0:
     raise ValueError("pack_groups: every group needs at least one real prompt token")
   longest = max(len(r) + int(n) for r, n in zip(prompts, lengths_gm.sum(-1)))
-  slots = max(1, -(-longest // lc)) * lc
+  k = -(-max(longest, 1) // lc)
+  k_max = -(-(prompt_gp.shape[1] + m * lc) // lc)
+  slots = min(-(-k // PACK_ROW_MULTIPLE) * PACK_ROW_MULTIPLE, k_max) * lc
   tokens = np.zeros((g, slots), np.int32)
   segment = np.full((g, slots), -1, np.int32)
   position = np.zeros((g, slots), np.int32)

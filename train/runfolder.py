@@ -1,5 +1,6 @@
 """The run folder is the record (issue 36): its config is written once and checked by every later
-command, its logs go to `<run>/logs/<stage>.log`, and outputs are not overwritten silently.
+command, its logs go to `<run>/logs/<stage>.log`, and outputs are not overwritten silently. The
+folder is a local path or a gs:// URI (cqr_jax/paths.py; issue 32).
 
 A later command starts from `<run>/config.yaml`; a `--preset`, `--config` or `--set` that changes
 a field that outputs already in the folder depend on is refused, naming the field. Fields no
@@ -13,7 +14,7 @@ import os
 from typing import Any
 
 from cqr_jax import config as cfglib
-from cqr_jax import configlib
+from cqr_jax import configlib, paths
 
 CONFIG_FILE = "config.yaml"
 FREE = ("eval.", "mesh.", "run_dir", "name", "data.test_split", "data.max_test_turns")
@@ -91,8 +92,7 @@ def flat(cfg: Any, prefix: str = "") -> dict[str, Any]:
 
 def written(run_dir: str) -> list[str]:
   """The stages with outputs in the run folder."""
-  return [s for s in OUTPUTS if os.path.isdir(os.path.join(run_dir, s))
-          and os.listdir(os.path.join(run_dir, s))]
+  return [s for s in OUTPUTS if paths.nonempty_dir(os.path.join(run_dir, s))]
 
 
 def conflicts(recorded: cfglib.RunConfig, cfg: cfglib.RunConfig, run_dir: str
@@ -113,7 +113,7 @@ def conflicts(recorded: cfglib.RunConfig, cfg: cfglib.RunConfig, run_dir: str
 
 def load_recorded(run_dir: str) -> cfglib.RunConfig | None:
   path = os.path.join(run_dir, CONFIG_FILE)
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return None
   try:
     return configlib.merge(cfglib.RunConfig(), configlib.load_yaml(path))
@@ -153,10 +153,7 @@ def record(cfg: cfglib.RunConfig, main: bool = True) -> None:
     logging.getLogger("cqr_jax").info("%s: recording %s (no output depends on them yet)", path,
                                       ", ".join(changed[:6]))
   try:
-    os.makedirs(cfg.run_dir, exist_ok=True)
-    tmp = path + ".tmp"
-    configlib.dump_yaml(cfg, tmp)
-    os.replace(tmp, path)
+    paths.write_text(path, configlib.to_yaml(cfg))
   except OSError as e:
     raise RunFolderError(f"--run-dir {cfg.run_dir}: cannot write {CONFIG_FILE} ({e.strerror}): "
                          "choose a folder you can write to") from None
@@ -187,7 +184,7 @@ def resolve(preset: str | None, yaml_path: str | None, overrides: list[str],
 
 def guard_output(path: str, overwrite: bool, what: str, hint: str = "") -> None:
   """Refuses to replace an existing output folder or file unless `overwrite`."""
-  if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)) and not overwrite:
+  if paths.exists(path) and (not paths.isdir(path) or paths.listdir(path)) and not overwrite:
     raise RunFolderError(f"{path} holds {what} already: pass --overwrite to replace it{hint}")
 
 
@@ -221,7 +218,9 @@ def setup_logging(run_dir: str | None = None, stage: str | None = None) -> None:
         lg.removeHandler(h)
         h.close()
   handlers = [_TqdmHandler(sys.stderr)]
-  if run_dir and stage:
+  # An object store cannot append: with a gs:// run folder the console is the log
+  # (tpu_scripts/launch.sh keeps one per worker).
+  if run_dir and stage and not paths.is_uri(run_dir):
     try:
       os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
       handlers.append(logging.FileHandler(os.path.join(run_dir, "logs", f"{stage}.log"),
@@ -241,6 +240,28 @@ def setup_logging(run_dir: str | None = None, stage: str | None = None) -> None:
   warnings.formatwarning = lambda msg, cat, *_a, **_k: f"{cat.__name__}: {msg}"
   for noisy in ("absl", "orbax", "jax._src", "etils"):
     logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _log_files() -> list[logging.FileHandler]:
+  return [h for h in logging.getLogger("cqr_jax").handlers
+          if getattr(h, "_cqr_jax", False) and isinstance(h, logging.FileHandler)]
+
+
+def log_to_file(line: str, level: int = logging.ERROR) -> None:
+  """Copies a line the CLI printed itself (its one-line error) into `<run>/logs/<stage>.log`
+  when that file is open (not to the console, which has it already)."""
+  record = logging.LogRecord("cqr_jax", level, __file__, 0, line, None, None)
+  for h in _log_files():
+    h.handle(record)
+
+
+def close_log_file() -> None:
+  """Detaches and closes `<run>/logs/<stage>.log` (the command is over: a later command in the
+  same process must not write into this run's log)."""
+  for h in _log_files():
+    for lg in (logging.getLogger("cqr_jax"), logging.getLogger("py.warnings")):
+      lg.removeHandler(h)
+    h.close()
 
 
 def fault(point: str, batch: int | None, f, text: str) -> None:

@@ -19,6 +19,7 @@ import re
 import jax
 
 from cqr_jax import config as cfglib
+from cqr_jax import distributed, paths
 from cqr_jax.parsing import passes
 from train import common, rewriting
 
@@ -40,10 +41,10 @@ def run(args) -> int:
 def _read_jsonl(path: str, torn: list | None = None) -> list[dict]:
   """The records of a JSONL file up to its first unreadable line (a torn write from a crash);
   `torn` (a list) gets that line's number appended."""
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return []
   out = []
-  with open(path, encoding="utf-8") as f:
+  with paths.open_file(path) as f:
     for lineno, line in enumerate(f, 1):
       line = line.strip()
       if line:
@@ -57,12 +58,7 @@ def _read_jsonl(path: str, torn: list | None = None) -> list[dict]:
 
 
 def _write_jsonl_atomic(path: str, records: list[dict]) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write("".join(json.dumps(r) + "\n" for r in records))
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  paths.write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def repair(out: str) -> dict[str, dict]:
@@ -97,7 +93,7 @@ def _random_state(out: str, s, key, num_turns: int) -> None:
   path = os.path.join(out, STATE_FILE)
   state = {"seed": s.seed, "key": key_to_json(key), "batch_prompts": s.batch_prompts,
            "turns": num_turns, "batch_key": "fold_in(key, b) for turns[b*batch_prompts:]"}
-  if os.path.exists(path):
+  if paths.exists(path):
     old = common.load_json(path)
     if {k: old.get(k) for k in state} != state:
       raise RunFolderError(f"{path}: recorded random state {old} differs from this run's: the "
@@ -112,13 +108,19 @@ def run_sdpw(cfg: cfglib.RunConfig, model=None, mcfg=None) -> dict:
   out = common.stage_dir(cfg, "sdpw")
   data_path, done_path = os.path.join(out, DATA_FILE), os.path.join(out, DONE_FILE)
   ds = common.load_split(cfg, cfg.data.train_split)
-  done = repair(out)
-  turns = list(ds.turns)
+  turns = list(ds.turns)[:s.max_turns or None]  # sdpw.max_turns: the SFT set's source
+  key = jax.random.key(s.seed)
+
+  def repair_and_record() -> dict[str, dict]:
+    done = repair(out)
+    _random_state(out, s, key, len(turns))
+    return done
+
+  # Process 0 repairs and records; the others then read what it wrote (design.md "Mesh").
+  done = common.main_first(repair_and_record, "sdpw:repair")
   todo = [t for t in turns if t.qid not in done]
   log.info("SDPW: %d training turns, %d already done, %d to sample", len(turns), len(done),
            len(todo))
-  key = jax.random.key(s.seed)
-  _random_state(out, s, key, len(turns))
   if todo:
     # Batches are fixed slices of the whole split (batch b: fold_in(key, b)), so a resumed run
     # draws exactly what an uninterrupted one would (rewriting.rewrite_batches' `start`).
@@ -134,9 +136,9 @@ def run_sdpw(cfg: cfglib.RunConfig, model=None, mcfg=None) -> dict:
     sampler = rewriting.make_sampler(
         cfg, tokenizer, mesh, mcfg, n=s.samples_per_turn, temperature=s.temperature,
         max_new_tokens=s.max_new_tokens, max_prompt_len=rewriting.inference_prompt_len(
-            cfg, few_shot, tokenizer, turns, s.response_prefix))
-    with open(data_path, "a", encoding="utf-8") as fdata, \
-         open(done_path, "a", encoding="utf-8") as fdone:
+            cfg, few_shot, tokenizer, turns, s.response_prefix),
+        batch_prompts=min(s.batch_prompts, len(turns)))
+    with common.open_append(data_path) as fdata, common.open_append(done_path) as fdone:
       for end, rewrites, _ in rewriting.rewrite_batches(
           model, sampler, tokenizer, few_shot, turns, key=key, n=s.samples_per_turn,
           batch_prompts=s.batch_prompts, temperature=s.temperature, desc="sdpw",
@@ -145,8 +147,10 @@ def run_sdpw(cfg: cfglib.RunConfig, model=None, mcfg=None) -> dict:
         _filter_and_write(rewrites, turns, ranker, zero_shot, s.rank_threshold, fdata, fdone,
                           s.lenient_candidates, s.keep_rule,
                           batch=(end - 1) // s.batch_prompts)
-  summary = summarize(_read_jsonl(done_path), len(ds.turns))
+  distributed.sync("sdpw:written")  # process 0's appends, read back by every process
+  summary = summarize(_read_jsonl(done_path), len(turns))
   common.save_json(os.path.join(out, SUMMARY_FILE), summary)
+  distributed.sync("sdpw:summary")
   log.info("SDPW kept %d of %d sampled (%s)", summary["kept"], summary["sampled"],
            summary["dropped"])
   return summary
@@ -233,11 +237,12 @@ def _filter_and_write(rewrites, turns, ranker, zero_shot, threshold, fdata, fdon
     done_lines.append(json.dumps(rec) + "\n")
   from train.runfolder import fault
   for f, lines, point in ((fdata, data_lines, "sdpw_data"), (fdone, done_lines, "sdpw_done")):
+    if f is None:  # not process 0: it alone writes
+      continue
     text = "".join(lines)
     fault(point, batch, f, text)
     f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
+    paths.fsync(f)
 
 
 def summarize(done: list[dict], num_turns: int) -> dict:

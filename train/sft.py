@@ -18,6 +18,7 @@ import jax
 import numpy as np
 
 from cqr_jax import config as cfglib
+from cqr_jax import distributed
 from cqr_jax.parsing import canonical_response
 from train import common, rollout_batch, sdpw, steps
 
@@ -152,6 +153,7 @@ def train_sft(cfg: cfglib.RunConfig, model=None, mcfg=None, keep_optimizer: bool
     if s.allow_empty:
       log.warning(msg)
       common.save_json(os.path.join(out, "skipped.json"), {"reason": "empty SFT set"})
+      distributed.sync("sft:skipped")  # GRPO reads it next (the pipeline: in this process)
       return None
     raise EmptySFTSetError(msg)
   mesh = common.make_mesh(cfg)

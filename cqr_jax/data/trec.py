@@ -51,8 +51,10 @@ Run = dict[str, dict[str, float]]  # qid -> {pid: score}
 
 def write_run(path: str | os.PathLike, ranked: Mapping[str, Sequence[str]],
               scores: Mapping[str, Sequence[float]] | None = None, tag: str = "cqr-jax") -> None:
-  """Writes ranked lists as a TAB-separated TREC run (score = 200 - rank unless given)."""
-  with open(path, "w", encoding="utf-8") as f:
+  """Writes ranked lists as a TAB-separated TREC run (score = 200 - rank unless given); `path`
+  is local or a gs:// URI (cqr_jax/paths.py)."""
+  from cqr_jax import paths
+  with paths.open_file(path, "w") as f:
     for qid, pids in ranked.items():
       for i, pid in enumerate(pids):
         s = scores[qid][i] if scores is not None else 200 - (i + 1)
@@ -60,8 +62,9 @@ def write_run(path: str | os.PathLike, ranked: Mapping[str, Sequence[str]],
 
 
 def read_run(path: str | os.PathLike) -> Run:
+  from cqr_jax import paths
   run: Run = {}
-  with open(path, encoding="utf-8") as f:
+  with paths.open_file(path) as f:
     for lineno, line in enumerate(f, 1):
       if not line.strip():
         continue

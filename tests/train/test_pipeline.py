@@ -50,6 +50,11 @@ def test_artifacts_exist_and_parse(tiny_run):
   assert {"zero_shot", "grpo", "baseline:raw", "baseline:all_questions",
           "baseline:rewrite:oracle"} <= systems
   assert open(os.path.join(report, "metrics.md")).read().count("|") > 20
+  # every phase's wall time, and the part of it spent compiling (the run's first programs)
+  phases = set(metrics["timings_s"]) - {"total"}
+  assert phases >= {"zero-shot evaluation", "SFT", "GRPO"} and set(metrics["compile_s"]) == phases
+  assert all(0 <= metrics["compile_s"][k] <= metrics["timings_s"][k] for k in phases)
+  assert metrics["compile_s"]["zero-shot evaluation"] > 0
   with open(os.path.join(report, "grpo_curves.png"), "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
   rewrites = [fn for fn in os.listdir(os.path.join(report, "rewrites")) if fn.endswith(".jsonl")]

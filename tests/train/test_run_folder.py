@@ -38,7 +38,7 @@ def test_1_later_commands_load_the_recorded_config(tmp_path):
 
 def test_1_a_changed_field_that_outputs_depend_on_is_refused(tmp_path):
   cfg = _new_run(tmp_path, "cpu-default")
-  with pytest.raises(runfolder.RunFolderError, match=r"data\.max_train_turns=8 \(recorded 192"):
+  with pytest.raises(runfolder.RunFolderError, match=r"data\.max_train_turns=8 \(recorded 0"):
     runfolder.resolve("tiny", None, [], cfg.run_dir)
   # evaluation-only fields may differ; a stage section with no output yet is recorded
   ok = runfolder.resolve(None, None, ["eval.greedy=true", "grpo.steps=3"], cfg.run_dir)
@@ -287,6 +287,19 @@ def test_6_messages_name_the_file_and_the_input(tmp_path, capsys):
   assert "--run-dir /proc/x36: cannot write" in capsys.readouterr().err
 
 
+def test_6_the_one_line_error_is_also_in_the_run_log(tmp_path, capsys):
+  root = _generic(str(tmp_path / "flat"))  # files only at the root: train and test the same
+  run = _run(tmp_path)
+  assert cli.main(["sdpw", "--preset", "tiny", "--run-dir", run,
+                   "--set", f"data.dataset={root}"]) == 2
+  err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("cqr-jax sdpw: error:")]
+  assert len(err) == 1 and "only at the folder's root" in err[0]
+  path = os.path.join(run, "logs", "sdpw.log")
+  assert f"ERROR {err[0]}" in open(path).read()
+  logging.getLogger("cqr_jax").info("a later line")  # the command is over: its log is closed
+  assert "a later line" not in open(path).read()
+
+
 def test_6_invalid_gguf_and_overlong_prompt_are_named(tmp_path):
   bad = tmp_path / "bad.gguf"
   bad.write_bytes(b"not a gguf")
@@ -378,3 +391,38 @@ def test_8_final_checkpoint_is_parameters_only(tmp_path, tiny_llama_dir):
   _, state, _ = ck.restore(4)
   assert set(state["state"]) == {"params", "step"}
   assert sft.train_sft(cfg) is not None  # a rerun of a finished stage trains nothing
+
+
+def test_8_rerun_of_finished_grpo_stops_before_loading_the_model(tmp_path, tiny_llama_dir,
+                                                                 monkeypatch):
+  import jax
+  import numpy as np
+  from flax import nnx
+  from cqr_jax import sharding
+  from cqr_jax.checkpoint import Checkpointer
+  from train import grpo
+  cfg = cfglib.resolve("tiny", None, [f"run_dir={tmp_path / 'run'}",
+                                      f"model.source={tiny_llama_dir}", "mesh.fsdp=1"])
+  model = sharding.create_model(common.policy_config(cfg), common.make_mesh(cfg), seed=0)
+  params = nnx.split(model, nnx.Param, ...)[1]
+  final = jax.tree.map(lambda x: x + 1, params)
+  ck = Checkpointer(common.ckpt_dir(cfg, "grpo"), max_to_keep=None)
+  ck.save(1, {"state": {"params": params}}, meta={"final": False}, force=True)
+  ck.save(2, {"state": {"params": final}}, meta={"final": True}, force=True)
+  ck.wait()
+
+  def loaded(*a, **k):
+    raise AssertionError("a finished GRPO stage loaded its model or data")
+  for name in ("load_policy", "load_split", "load_tokenizer_for"):
+    monkeypatch.setattr(common, name, loaded)
+  runfolder.setup_logging(cfg.run_dir, "grpo")
+  try:
+    state, history = grpo.train_grpo(cfg)
+  finally:
+    runfolder.close_log_file()
+  assert history == [] and int(state.step) == 2
+  for x, y in zip(jax.tree.leaves(state.params), jax.tree.leaves(final)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  assert Checkpointer(common.ckpt_dir(cfg, "grpo")).all_steps() == [2]  # step 1 removed
+  assert "GRPO already finished (final checkpoint step 2" in open(
+      os.path.join(cfg.run_dir, "logs", "grpo.log")).read()

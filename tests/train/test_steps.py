@@ -83,7 +83,7 @@ def test_group_size():
     ("seq_mean_token_mean", True, False, 0, 8), ("token_mean", False, True, 0, 4),
     ("seq_mean_token_mean", True, True, 0, 8), ("token_mean", False, True, 16, 3),
     ("seq_mean_token_mean", True, True, 16, 8)])
-def test_micro_batches_equal_the_formula(aggregation, scan, pack, shared, block):
+def test_micro_batches_equal_the_formula(aggregation, scan, pack, shared, block, monkeypatch):
   """The grouped update (each prompt's forward shared by its samples, 4 micro-batches of one
   group) gives the gradient of combine_microbatches' step loss computed here from flat rows
   prompt ++ completion, layer by layer: prefix sharing, packed completions, the step's common
@@ -93,6 +93,7 @@ def test_micro_batches_equal_the_formula(aggregation, scan, pack, shared, block)
   that straddle micro-batches and groups (the last block of 3 is short)."""
   cfg = grpo_obj.GRPOLossConfig(aggregation=aggregation, token_mean_seqs=block)
   mesh = sharding.make_mesh(sharding.MeshConfig(), devices=jax.devices()[:1])
+  monkeypatch.setattr(rollout_batch, "PACK_ROW_MULTIPLE", 1)  # row counts as the data gives
   roll, flat, batch = make_batch(mesh=mesh, micro_batch=2, pack=pack, shared=shared)
   if pack:  # micro-batches packed in different row counts
     assert len({p["packed"].shape[1] for p in batch["packs"]}) == 2
@@ -224,7 +225,9 @@ def test_packed_logprobs_equal_padded_rows(scan):
   mask = np.arange(lc)[None, None] < lengths[..., None]
   comp = np.where(mask, rng.integers(2, 97, (g, m, lc)), 0).astype(np.int32)
   pack = rollout_batch.pack_groups(prompt, prompt_mask, comp, mask)
-  assert pack["packed"].shape == (g, 5, lc)  # 16 + 13 tokens -> 5 rows of 6; 11 + 10 -> 4
+  # 16 + 13 tokens -> 5 rows of 6, rounded up to 8 (PACK_ROW_MULTIPLE), capped at the unpacked
+  # layout's ceil((16 + 3 * 6) / 6) = 6: the last row is empty
+  assert pack["packed"].shape == (g, 6, lc)
   want = model.completion_logprobs(prompt, prompt_mask, comp.reshape(g * m, lc),
                                    mask.reshape(g * m, lc), m, temperature=0.7, with_entropy=True)
   got = model.packed_completion_logprobs(
@@ -240,7 +243,8 @@ def test_pack_groups_layout():
   """Each group's prompt (real tokens) then its completions end to end: unpack gives back every
   completion token, segments name its completion (m for the prompt, -1 empty), positions
   continue from the prompt's length, a token's source is the slot before it (the prompt's last
-  for a completion's first token), k = ceil(longest group / Lc)."""
+  for a completion's first token), k = ceil(longest group / Lc) rounded up to a multiple of
+  PACK_ROW_MULTIPLE, at most the unpacked layout's rows."""
   rng = np.random.default_rng(0)
   lengths = np.array([[3, 5, 4], [1, 2, 1]])
   comp = rng.integers(2, 50, (2, 3, 5)).astype(np.int32)
@@ -248,7 +252,14 @@ def test_pack_groups_layout():
   prompt = rng.integers(2, 50, (2, 4)).astype(np.int32)
   prompt_mask = np.array([[False, True, True, True], [False, False, False, True]])
   out = rollout_batch.pack_groups(prompt, prompt_mask, np.where(mask, comp, 0), mask)
-  assert out["packed"].shape == (2, 3, 5)  # 3 + 12 tokens in the first group -> 3 rows of 5
+  # 3 + 12 tokens in the first group -> 3 rows of 5 -> 4 (PACK_ROW_MULTIPLE; the cap is
+  # ceil((4 + 3 * 5) / 5) = 4)
+  assert rollout_batch.PACK_ROW_MULTIPLE == 4 and out["packed"].shape == (2, 4, 5)
+  # a longer completion budget: still 4 rows (a multiple of 4), not 3
+  wide = rollout_batch.pack_groups(prompt, prompt_mask, np.pad(np.where(mask, comp, 0),
+                                                               ((0, 0), (0, 0), (0, 5))),
+                                   np.pad(mask, ((0, 0), (0, 0), (0, 5))))
+  assert wide["packed"].shape == (2, 4, 10)
   flat = {k: v.reshape(2, -1) for k, v in out.items() if k != "packed_unpack"}
   plen = prompt_mask.sum(-1)
   for i in range(2):
@@ -263,7 +274,7 @@ def test_pack_groups_layout():
                                     plen[i] + np.arange(lengths[i, j]))
       np.testing.assert_array_equal(flat["packed_source"][i, slots],
                                     np.concatenate([[plen[i] - 1], slots[:-1]]))
-  assert (flat["packed_segment"][0] >= 0).all()
+  assert (flat["packed_segment"][0, :15] >= 0).all() and (flat["packed_segment"][0, 15:] == -1).all()
   assert (flat["packed_segment"][1, 1 + 4:] == -1).all()
   with pytest.raises(ValueError, match="prefix of ones"):
     rollout_batch.pack_groups(prompt, prompt_mask, comp, mask[:, :, ::-1])
