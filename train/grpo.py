@@ -141,11 +141,6 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
   ckpt = Checkpointer(os.path.join(out, "ckpt"), max_to_keep=g.keep_checkpoints,
                       save_every=g.save_every)
   full = total_steps(cfg, len(turns))  # the stage's last step (max_steps may stop earlier)
-  finished = common.finished_stage_params(cfg, "grpo", ckpt, state.params, keep_optimizer)
-  if finished is not None:
-    import dataclasses
-    return dataclasses.replace(state, params=finished[1],
-                               step=jnp.asarray(finished[0], jnp.int32)), []
   latest = ckpt.latest_step()
   if latest is not None:
     step0, restored, meta = ckpt.restore(None, {"state": common.abstract_like(_as_dict(state))})
