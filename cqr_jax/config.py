@@ -200,6 +200,10 @@ class EvalSection:
   seeds: tuple[int, ...] = (0,)
   max_new_tokens: int = 4096
   batch_prompts: int = 32
+  # The evaluation sampler's prompt-length buckets (empty: rollout.prompt_buckets). Turns are
+  # rewritten shortest prompt first, so finer buckets than the rollout's cut each batch's padding
+  # for a few more compiled programs (bench/results/eval_buckets.md).
+  prompt_buckets: tuple[int, ...] = ()
   baselines: bool = True
   # What the retriever gets when an output fails the format check: "question" (the user's raw
   # question, as a deployed rewriter would fall back) or "none" (nothing: the query is a miss).
@@ -296,7 +300,10 @@ def _cpu_default() -> dict:
                "lr": 1e-4, "warmup_steps": 0, "train_top_layers": 10,
                "loss": {"kl_coef": 0.0, "token_mean_seqs": 0}, "save_every": 7,
                "reference": "sft"},
-      "eval": {"max_new_tokens": new, "batch_prompts": 32, "score_rule": "format"},
+      # Test prompts run 173-334 tokens (with the zero-shot row's response prefix): sorted by
+      # length, 4 of 7 batches fit 256 and the rest 336, two programs for all three evaluations.
+      "eval": {"max_new_tokens": new, "batch_prompts": 32, "score_rule": "format",
+               "prompt_buckets": (256, 336, 512)},
   }
 
 

@@ -12,6 +12,7 @@ data provides.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -150,7 +151,9 @@ def evaluate_policy(cfg: cfglib.RunConfig, model, mcfg, mesh, name: str, out: st
       cfg, tokenizer, mesh, mcfg, n=1, temperature=temperature, max_new_tokens=e.max_new_tokens,
       max_prompt_len=rewriting.inference_prompt_len(cfg, prompts, tokenizer, ds.turns,
                                                     response_prefix),
-      batch_prompts=min(e.batch_prompts, len(ds.turns)))
+      batch_prompts=min(e.batch_prompts, len(ds.turns)), prompt_buckets=e.prompt_buckets)
+  order = length_order(ds.turns, prompts, tokenizer)
+  by_length = [ds.turns[i] for i in order]
   seeds = (0,) if e.greedy else e.seeds
   qids = [t.qid for t in ds.turns]
   per_seed = []
@@ -158,10 +161,11 @@ def evaluate_policy(cfg: cfglib.RunConfig, model, mcfg, mesh, name: str, out: st
     tag = "greedy" if e.greedy else f"seed{seed}"
     rewrites = []
     for _, batch, _ in rewriting.rewrite_batches(
-        model, sampler, tokenizer, prompts, ds.turns, key=jax.random.key(seed), n=1,
+        model, sampler, tokenizer, prompts, by_length, key=jax.random.key(seed), n=1,
         batch_prompts=e.batch_prompts, temperature=temperature, desc=f"eval {name} {tag}",
         response_prefix=response_prefix):
-      rewrites += batch
+      rewrites += [dataclasses.replace(r, turn_index=int(order[r.turn_index])) for r in batch]
+    rewrites.sort(key=lambda r: (r.turn_index, r.sample))
     queries, parsed = policy_queries(ds.turns, rewrites, e.fallback, e.score_rule)
     run_path = os.path.join(out, f"run_{name}_{tag}.trec")
     _retrieve_and_write(ranker, queries, run_path, cfg.retrieval.top_k)
@@ -185,6 +189,12 @@ def evaluate_policy(cfg: cfglib.RunConfig, model, mcfg, mesh, name: str, out: st
   if checkpoint is not None:
     row["checkpoint"] = checkpoint
   return [row]
+
+
+def length_order(turns, prompts, tokenizer) -> np.ndarray:
+  """Turn indices, shortest prompt first (stable): each batch then pads to a tight bucket
+  (eval.prompt_buckets)."""
+  return np.argsort([len(prompts.token_ids(t, tokenizer)) for t in turns], kind="stable")
 
 
 def _row(name: str, per_seed: list[dict], cfg: cfglib.RunConfig) -> dict:

@@ -32,17 +32,19 @@ class Rewrite:
 
 
 def make_sampler(cfg, tokenizer, mesh, mcfg, *, n: int, temperature: float, max_new_tokens: int,
-                 max_prompt_len: int | None = None, batch_prompts: int | None = None):
+                 max_prompt_len: int | None = None, batch_prompts: int | None = None,
+                 prompt_buckets: Sequence[int] = ()):
   """The stage's sampler; `max_prompt_len` (e.g. `inference_prompt_len`) replaces
-  rollout.max_prompt_len. `batch_prompts`: a stage's prompts per call; a last, partial batch
-  is padded to it, so the stage compiles one program per prompt bucket."""
+  rollout.max_prompt_len, and `prompt_buckets` (when not empty) rollout.prompt_buckets.
+  `batch_prompts`: a stage's prompts per call; a last, partial batch is padded to it, so the
+  stage compiles one program per prompt bucket."""
   from cqr_jax.sampler import Sampler, SamplerConfig
   ro = cfg.rollout
   return Sampler(SamplerConfig(
       max_prompt_len=max_prompt_len or ro.max_prompt_len, max_new_tokens=max_new_tokens,
       temperature=temperature,
       top_p=ro.top_p, top_k=ro.top_k, n=n, truncate_prompt_left=ro.truncate_prompt_left,
-      prompt_len_buckets=tuple(ro.prompt_buckets), compute_dtype=ro.compute_dtype,
+      prompt_len_buckets=tuple(prompt_buckets or ro.prompt_buckets), compute_dtype=ro.compute_dtype,
       shared_prefix_min=ro.shared_prefix_min,
       batch_buckets=(batch_prompts,) if batch_prompts else ()),
       tokenizer, mesh=mesh, model_eos_ids=mcfg.eos_token_ids)
