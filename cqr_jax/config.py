@@ -62,6 +62,10 @@ class RetrievalSection:
   dense_model: str = ""       # HF folder of the encoder (ANCE / sentence-transformers)
   dense_pooling: str = "cls_linear_ln"
   within_domain: bool = True  # MTRAG-style corpora: search the conversation's domain only
+  # What a parsed rewrite sends to the retriever, in the reward, the SDPW filter and evaluation
+  # alike (cqr_jax.parsing.retrieval_query): "rewrite" (the paper) or "question+rewrite" (the
+  # user's question, then the rewrite: a rewrite adds context but cannot drop the question).
+  query: str = "rewrite"
 
 
 @dataclasses.dataclass(frozen=True)

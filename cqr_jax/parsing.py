@@ -68,6 +68,19 @@ def passes(parsed: ParsedResponse, rule: str) -> bool:
   raise ValueError(f"keep/score rule {rule!r}: expected one of {RULES}")
 
 
+QUERY_FORMS = ("rewrite", "question+rewrite")
+
+
+def retrieval_query(question: str, rewrite: str, form: str) -> str:
+  """The text retrieved for a parsed `rewrite` of `question` (retrieval.query): the rewrite
+  alone (the paper, method.md 4.1 point 2), or the question followed by the rewrite."""
+  if form == "rewrite":
+    return rewrite
+  if form == "question+rewrite":
+    return f"{question} {rewrite}"
+  raise ValueError(f"retrieval.query={form!r}: expected one of {QUERY_FORMS}")
+
+
 def canonical_response(think: str, rewrite: str) -> str:
   """The SFT target of method.md 3.3: tags around the untrimmed texts, one newline between."""
   return f"<think>{think}</think>\n<rewrite>{rewrite}</rewrite>"

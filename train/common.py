@@ -243,6 +243,9 @@ def enable_compilation_cache() -> None:
 def config_from_args(args) -> cfglib.RunConfig:
   from train.cli import resolve_config
   cfg = resolve_config(args)
+  from cqr_jax.parsing import QUERY_FORMS
+  if cfg.retrieval.query not in QUERY_FORMS:  # before any stage work
+    raise ValueError(f"retrieval.query={cfg.retrieval.query!r}: expected one of {QUERY_FORMS}")
   setup_logging(cfg.run_dir, getattr(args, "stage_name", None))
   enable_compilation_cache()
   return cfg

@@ -24,7 +24,7 @@ import numpy as np
 from cqr_jax import config as cfglib
 from cqr_jax import distributed, paths
 from cqr_jax.data.trec import read_run, write_run
-from cqr_jax.parsing import passes
+from cqr_jax.parsing import passes, retrieval_query
 from train import common, rewriting
 
 log = logging.getLogger("cqr_jax")
@@ -115,11 +115,11 @@ def _retrieve_and_write(ranker, queries: dict[str, str], run_path: str, k: int) 
   distributed.sync("eval:run")  # every process reads the run file back
 
 
-def policy_queries(turns, rewrites, fallback: str, rule: str = "format"
-                   ) -> tuple[dict[str, str], np.ndarray]:
+def policy_queries(turns, rewrites, fallback: str, rule: str = "format",
+                   query_form: str = "rewrite") -> tuple[dict[str, str], np.ndarray]:
   """({qid: query} sent to the retriever, [Q] parsed flags) for one sample per turn: the parsed
-  rewrite (an output that passes eval.score_rule: cqr_jax.parsing.passes), else the raw
-  question (fallback "question") or nothing (fallback "none")."""
+  rewrite (an output that passes eval.score_rule: cqr_jax.parsing.passes) as retrieval.query
+  forms it, else the raw question (fallback "question") or nothing (fallback "none")."""
   if fallback not in ("question", "none"):
     raise ValueError(f"eval.fallback={fallback!r}: expected 'question' or 'none'")
   by_turn = {r.turn_index: r for r in rewrites}
@@ -127,7 +127,7 @@ def policy_queries(turns, rewrites, fallback: str, rule: str = "format"
   for i, t in enumerate(turns):
     r = by_turn.get(i)
     if r is not None and passes(r.parsed, rule):
-      queries[t.qid], parsed[i] = r.parsed.rewrite, True
+      queries[t.qid], parsed[i] = retrieval_query(t.question, r.parsed.rewrite, query_form), True
     elif fallback == "question":
       queries[t.qid] = t.question
   return queries, parsed
@@ -166,7 +166,8 @@ def evaluate_policy(cfg: cfglib.RunConfig, model, mcfg, mesh, name: str, out: st
         response_prefix=response_prefix):
       rewrites += [dataclasses.replace(r, turn_index=int(order[r.turn_index])) for r in batch]
     rewrites.sort(key=lambda r: (r.turn_index, r.sample))
-    queries, parsed = policy_queries(ds.turns, rewrites, e.fallback, e.score_rule)
+    queries, parsed = policy_queries(ds.turns, rewrites, e.fallback, e.score_rule,
+                                     cfg.retrieval.query)
     run_path = os.path.join(out, f"run_{name}_{tag}.trec")
     _retrieve_and_write(ranker, queries, run_path, cfg.retrieval.top_k)
     if jax.process_index() == 0:

@@ -21,7 +21,7 @@ from flax import nnx
 
 from cqr_jax import config as cfglib
 from cqr_jax import paths
-from cqr_jax.parsing import parse_response
+from cqr_jax.parsing import parse_response, retrieval_query
 from train import common, rollout_batch, steps
 from train.rewriting import make_sampler
 
@@ -174,7 +174,8 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
     scored, train_roll = None, roll
     if len(turns) > g.batch_prompts:  # dynamic sampling: the rewards pick the groups to train
       with timer("reward"):
-        scored = score_rollouts(ranker, roll, qids, turns, g.reward, step, n_steps)
+        scored = score_rollouts(ranker, roll, qids, turns, g.reward, step, n_steps,
+                                cfg.retrieval.query)
       keep = select_groups(scored[2], g.n, g.batch_prompts)
       train_roll = roll.take(keep)
     # Each prompt's samples in groups that share one prompt forward in the update.
@@ -184,7 +185,8 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
       ref_lp = ref_logprobs(ref_params, batch) if use_ref else None
     if scored is None:
       with timer("reward"):
-        scored = score_rollouts(ranker, roll, qids, turns, g.reward, step, n_steps)
+        scored = score_rollouts(ranker, roll, qids, turns, g.reward, step, n_steps,
+                                cfg.retrieval.query)
       keep = np.arange(roll.num_prompts)
     ok, ranks, reward = scored
     with timer("reference"):
@@ -289,15 +291,18 @@ def training_turns(cfg: cfglib.RunConfig, turns: list, prompts=None, tokenizer=N
   return turns
 
 
-def score_rollouts(ranker, roll, qids, turns, reward_cfg, step: int, n_steps: int):
+def score_rollouts(ranker, roll, qids, turns, reward_cfg, step: int, n_steps: int,
+                   query_form: str = "rewrite"):
   """(format ok [N], gold ranks [N], rewards [N]) of a step's rollouts (method.md 4.1): only
-  responses that pass the format check are sent to the retriever, ranked against the TRAIN
-  qrels; on several hosts each ranks its own slice of the rollouts, then the ranks are
-  gathered."""
+  responses that pass the format check are sent to the retriever (as retrieval.query forms
+  them), ranked against the TRAIN qrels; on several hosts each ranks its own slice of the
+  rollouts, then the ranks are gathered."""
   from cqr_jax import rewards as rewards_lib
   parsed = [parse_response(t) for t in roll.texts]
   ok = np.array([p.format_ok for p in parsed])
-  ranks = host_ranks(ranker, [p.rewrite if p.format_ok else None for p in parsed], qids)
+  texts = [retrieval_query(turns[i].question, p.rewrite, query_form) if p.format_ok else None
+           for p, i in zip(parsed, roll.prompt_index)]
+  ranks = host_ranks(ranker, texts, qids)
   reward = rewards_lib.compute_rewards(ok, ranks, reward_cfg, step=step, total_steps=n_steps,
                                        num_golds=[len(turns[i].gold_ids)
                                                   for i in roll.prompt_index])

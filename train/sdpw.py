@@ -20,7 +20,7 @@ import jax
 
 from cqr_jax import config as cfglib
 from cqr_jax import distributed, paths
-from cqr_jax.parsing import passes
+from cqr_jax.parsing import passes, retrieval_query
 from train import common, rewriting
 
 log = logging.getLogger("cqr_jax")
@@ -146,7 +146,7 @@ def run_sdpw(cfg: cfglib.RunConfig, model=None, mcfg=None) -> dict:
         rewrites = [r for r in rewrites if turns[r.turn_index].qid not in done]
         _filter_and_write(rewrites, turns, ranker, zero_shot, s.rank_threshold, fdata, fdone,
                           s.lenient_candidates, s.keep_rule,
-                          batch=(end - 1) // s.batch_prompts)
+                          batch=(end - 1) // s.batch_prompts, query_form=cfg.retrieval.query)
   distributed.sync("sdpw:written")  # process 0's appends, read back by every process
   summary = summarize(_read_jsonl(done_path), len(turns))
   common.save_json(os.path.join(out, SUMMARY_FILE), summary)
@@ -186,7 +186,8 @@ def _think_of(text: str, rewrite: str, max_words: int = 60) -> str:
 
 
 def _filter_and_write(rewrites, turns, ranker, zero_shot, threshold, fdata, fdone,
-                      lenient: bool = False, keep_rule: str = "format", batch: int | None = None):
+                      lenient: bool = False, keep_rule: str = "format", batch: int | None = None,
+                      query_form: str = "rewrite"):
   """Ranks a batch's samples and appends its kept samples, then its done records (the commit),
   each in one write and fsync; a crash in between is undone by `repair`."""
   # (turn, sample, candidate text, is_lenient) for every query to rank; sdpw.keep_rule decides
@@ -197,7 +198,8 @@ def _filter_and_write(rewrites, turns, ranker, zero_shot, threshold, fdata, fdon
       queries.append((r, r.parsed.rewrite, False))
     elif lenient:
       queries += [(r, c, True) for c in lenient_candidates(r.text)]
-  rk = ranker.ranks([q[1] for q in queries],
+  rk = ranker.ranks([retrieval_query(turns[q[0].turn_index].question, q[1], query_form)
+                     for q in queries],
                     [turns[q[0].turn_index].qid for q in queries]) if queries else []
   best: dict[tuple[int, int], tuple] = {}  # (turn, sample) -> (rank, text, lenient)
   for (r, text, len_), x in zip(queries, rk):

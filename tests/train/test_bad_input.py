@@ -74,6 +74,7 @@ def cases(tmp, tiny_llama_dir):
   return [
       ("a fraction for an integer field", ["sdpw", "--run-dir", fresh, "--set", "grpo.steps=1.5"]),
       ("a misspelt field", ["sdpw", "--run-dir", fresh, "--set", "grpo.nn=3"]),
+      ("an unknown query form", ["sdpw", "--run-dir", fresh, "--set", "retrieval.query=rewritten"]),
       ("an unknown preset", ["sdpw", "--run-dir", fresh, "--preset", "tinyy"]),
       ("another preset on a run with outputs", ["sdpw", "--run-dir", cpu, "--preset", "tiny"]),
       ("evaluating over an earlier evaluation", ["evaluate", "--run-dir", evald, "--stage", "grpo"]),

@@ -40,7 +40,7 @@ def test_the_update_gets_the_groups_whose_rewards_differ(tiny_llama_dir, tmp_pat
   seen = {"rolls": [], "batches": []}
   real_update = steps.make_grpo_update
 
-  def fake_score(ranker, roll, qids, turns, reward_cfg, step, n_steps):
+  def fake_score(ranker, roll, qids, turns, reward_cfg, step, n_steps, query_form="rewrite"):
     seen["rolls"].append(roll)
     # prompts 1 and 3 have rewards that differ; 0 and 2 are flat
     reward = np.array([1, 1, 0, 2, 2, 2, 0, 1], np.float32)
