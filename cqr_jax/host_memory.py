@@ -8,18 +8,31 @@ glibc's `glibc.malloc.hugetlb=1` tunable marks its mmap'd chunks MADV_HUGEPAGE, 
 memory arrives in 2 MiB pages (a 1 GiB temporary: ~393k faults -> ~1k, the call 1.9x faster).
 
 Tunables are read when the process starts, so `ensure_huge_pages` re-executes the process once
-with the tunable added to GLIBC_TUNABLES. It does nothing off Linux, when THP is `always` (not
-needed) or `never` (no use), when the tunable is already set, or with CQR_JAX_HUGE_PAGES=0.
+with the tunable added to GLIBC_TUNABLES. It does nothing where JAX will not run on the CPU (an
+accelerator's host: `cpu_backend`), off Linux, when THP is `always` (not needed) or `never` (no
+use), when the tunable is already set, or with CQR_JAX_HUGE_PAGES=0.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 OPT_OUT = "CQR_JAX_HUGE_PAGES"
+# Device files of the accelerators JAX would pick over the CPU (TPU VMs: accel or vfio; GPUs).
+ACCELERATOR_FILES = ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")
+
+
+def cpu_backend(environ, accelerator_files=ACCELERATOR_FILES) -> bool:
+  """Whether JAX will run on the CPU, decided before JAX is imported: the first platform of
+  JAX_PLATFORMS when it is set, else whether no accelerator device file exists."""
+  platforms = environ.get("JAX_PLATFORMS", "").strip()
+  if platforms:
+    return platforms.split(",")[0].strip() == "cpu"
+  return not any(glob.glob(p) for p in accelerator_files)
 
 
 def thp_mode(path: str = THP_MODE) -> str | None:
@@ -37,6 +50,8 @@ def tunables_with_huge_pages(environ) -> str | None:
   """The GLIBC_TUNABLES value that adds TUNABLE, or None if no re-exec is due."""
   current = environ.get("GLIBC_TUNABLES", "")
   if environ.get(OPT_OUT) == "0" or "glibc.malloc.hugetlb" in current:
+    return None
+  if not cpu_backend(environ):
     return None
   if not sys.platform.startswith("linux") or thp_mode() != "madvise":
     return None

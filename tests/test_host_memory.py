@@ -18,7 +18,18 @@ def test_thp_mode_reads_the_bracketed_word(tmp_path):
   assert host_memory.thp_mode(str(tmp_path / "missing")) is None
 
 
+def test_cpu_backend_from_jax_platforms_or_device_files(tmp_path):
+  none = (str(tmp_path / "accel[0-9]*"),)
+  assert host_memory.cpu_backend({}, none)
+  (tmp_path / "accel0").write_text("")
+  assert not host_memory.cpu_backend({}, none)  # a TPU VM's chip
+  assert host_memory.cpu_backend({"JAX_PLATFORMS": "cpu"}, none)
+  assert not host_memory.cpu_backend({"JAX_PLATFORMS": "tpu,cpu"}, ())
+  assert host_memory.cpu_backend({"JAX_PLATFORMS": " cpu "}, ())
+
+
 def test_tunables_value(monkeypatch):
+  monkeypatch.setattr(host_memory, "cpu_backend", lambda environ: True)
   monkeypatch.setattr(host_memory.sys, "platform", "linux")
   monkeypatch.setattr(host_memory, "thp_mode", lambda: "madvise")
   assert host_memory.tunables_with_huge_pages({}) == "glibc.malloc.hugetlb=1"
@@ -32,6 +43,9 @@ def test_tunables_value(monkeypatch):
     assert host_memory.tunables_with_huge_pages({}) is None
   monkeypatch.setattr(host_memory, "thp_mode", lambda: "madvise")
   monkeypatch.setattr(host_memory.sys, "platform", "darwin")
+  assert host_memory.tunables_with_huge_pages({}) is None
+  monkeypatch.setattr(host_memory.sys, "platform", "linux")
+  monkeypatch.setattr(host_memory, "cpu_backend", lambda environ: False)  # an accelerator host
   assert host_memory.tunables_with_huge_pages({}) is None
 
 
