@@ -10,6 +10,7 @@ ORDER = ["forward", "sampler", "sampler_avx2", "sampler_weights_first_avx2",
          "grpo_step_session16_avx2", "grpo_step_session17_avx2",
          "grpo_step_session18_avx2", "grpo_step_session19_avx2", "rollout_compaction_avx2",
          "sft_update_prefix_avx2", "sampler_cpu_default_dtype", "learning_curve",
+         "learning_curve_mtrag", "eval_buckets",
          "cpu_default_recipe", "compile", "bm25", "dense", "export", "data", "memory_plan"]
 SKIP = ("history",)  # bench/results/history.md: the record of past runs, not collected
 

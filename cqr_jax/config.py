@@ -333,11 +333,13 @@ def _cpu_mtrag() -> dict:
   retrieved within its domain. Training turns stay capped as in cpu-default (the split's first
   turns, a hash-ordered mix of conversations); all 95 test turns are evaluated. MTRAG's answers
   are paragraphs (prompts up to ~1,800 SmolLM2 tokens): the context keeps the most recent turns
-  within 256 tokens, so every prompt, few-shot ones included, fits 576."""
+  within 256 tokens, so every prompt, few-shot ones included, fits 576. MTRAG's questions mostly
+  stand alone (the raw question beats every concatenation), so the retriever gets the question
+  followed by the rewrite: a rewrite can add context but not lose the user's words."""
   return _nested_update(_cpu_default(), {
       "name": "cpu-mtrag",
       "data": {"dataset": "mtrag", "max_test_turns": 0},
-      "retrieval": {"within_domain": True},
+      "retrieval": {"within_domain": True, "query": "question+rewrite"},
       "rollout": {"max_context_tokens": 256, "max_prompt_len": 576,
                   "prompt_buckets": (384, 512, 576)},
       "sft": {"max_len": 640},
