@@ -1,27 +1,32 @@
-"""Compiler memory plan (issue 9): per-device bytes of the real GRPO update and the real sampler
-program for Qwen2.5-3B / Llama-3.2-3B on meshes of 8-32 devices, from the compiler.
+"""Compiler memory plan (issues 9, 32): per-device bytes of the real GRPO update and the real
+sampler program for Qwen2.5-3B / Llama-3.2-3B on meshes of 8-32 devices, from the compiler.
 
 No weights are made: parameters, AdamW state and batches are `jax.ShapeDtypeStruct`s carrying the
 shardings the trainer gives them (`cqr_jax.sharding.state_shardings`, batch rows over data x fsdp);
-`jax.jit(...).lower(...).compile().memory_analysis()` reports the per-device buffer sizes after
-SPMD partitioning. Programs, as `train/grpo.py` runs them:
-- "train": `train.steps.make_grpo_update` (f32 master params + AdamW, bf16 matmul operands, remat
-  per layer, the 1,024-rollout batch cut into micro-batches of `micro` rows per device), jitted
-  as `steps.jit_state_step` does (state donated, output shardings pinned to the input's).
-- "sampler": `cqr_jax.sampler._generate_program` as `Sampler.generate` calls it on an
-  accelerator (bf16 compute, bf16 KV cache, parameters cast to bf16 inside): 128 prompts of
-  1,536 tokens, 8 samples each, 1,024 new tokens.
-By default both get sharding constraints that keep batch rows on data x fsdp (see
-`_micro_constraint`, `_activation_constraints`, `_linear_constraints`: without them GSPMD
-replicates the activations, 1.9 TB/device for the 3B train step); `--as-written` drops them.
-Besides the program's own bytes the chip holds what lives across the step: the frozen reference
-policy (f32, as train/grpo.py copies it) always, and the AdamW moments while sampling.
+`.lower(...).compile().memory_analysis()` reports the per-device buffer sizes after SPMD
+partitioning. The programs are the library's, lowered as `train/grpo.py` runs them:
+- "train": `train.steps.make_grpo_update(..., mesh=mesh)` through its own jit (`.lower`: state
+  donated, output shardings pinned to the input's): f32 master params + AdamW, bf16 matmul
+  operands, remat "full", the blocks as one scan (cqr_jax.config.ModelSection's defaults), the
+  1,024-rollout batch grouped as rollout_batch.assemble groups it (unpacked) and cut into
+  micro-batches of `micro` rows per device.
+- "sampler": `cqr_jax.sampler._generate_program` under `jax.set_mesh`, as `Sampler.generate` calls
+  it on an accelerator (bf16 compute, bf16 KV cache, parameters cast to bf16 inside, scanned
+  blocks, no row compaction, no shared prefix): 128 prompts of 1,536 tokens, 8 samples each,
+  1,024 new tokens.
+The library keeps batch rows on data x fsdp inside both programs (cqr_jax/sharding.py
+`constrain_rows`, `constrain_params`); `--no-constraints` lowers them without a mesh in context
+(make_grpo_update(mesh=None), the sampler outside `jax.set_mesh`), i.e. GSPMD's own choice, to
+show what the constraints buy. Besides the program's own bytes the chip holds what lives across
+the step: the frozen reference policy (f32, as train/grpo.py copies it) always, and the AdamW
+moments while sampling.
 Compilers: fake CPU devices (XLA:CPU with its memory-minimising scheduler), or `--target
 tpu:<topology>`: deviceless ahead-of-time compilation by the TPU compiler in libtpu. Each job
 runs in its own subprocess; results are appended to a JSON-lines file.
 
   python bench/memory_plan.py --out bench/results/memory_plan.jsonl          # the default set
   python bench/memory_plan.py --jobs "qwen2.5-3b:train:1,16,1:2"            # one job, micro 2
+  python bench/memory_plan.py --jobs "qwen2.5-3b:train:1,16,1" --num-layers 4  # fewer layers
   PYTHONPATH=/path/to/libtpu python bench/memory_plan.py --target tpu:v5p:2x2x4 \
       --jobs "qwen2.5-3b:sampler:1,16,1"
   python bench/memory_plan.py --out bench/results/memory_plan.jsonl --table  # markdown
@@ -35,12 +40,13 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
 
 MODELS = {"qwen2.5-3b": "qwen2p5_3b", "llama3.2-3b": "llama3p2_3b",
-          "smollm2-135m": "smollm2_135m"}  # the last: a quick smoke run
+          "smollm2-135m": "smollm2_135m"}  # the last: a quick smoke run (tests/bench)
 GIB = 1024 ** 3
 
 
@@ -55,12 +61,9 @@ class Job:
   prompt_len: int = 1536
   gen_len: int = 1024
   remat: str = "full"
-  # train: pin each micro-batch's rows over data x fsdp (see _micro_constraint). False lowers
-  # train/steps.py exactly as it is.
-  constrain_micro: bool = True
-  # train: also pin the activations between layers and before the LM head to batch rows over
-  # data x fsdp (see _activation_constraints).
-  constrain_acts: bool = True
+  scan: bool = True             # the blocks as one lax.scan (the trainer's default)
+  # False: no mesh in context while lowering, so none of the library's activation constraints.
+  constraints: bool = True
   num_layers: int | None = None  # override (quick diagnostics); None = the preset's
   # "cpu": fake CPU devices (XLA:CPU). "tpu:<topology>" (e.g. "tpu:v5e:4x4"): deviceless
   # ahead-of-time compilation by the real TPU compiler (needs libtpu importable, see main()).
@@ -77,7 +80,7 @@ def _model_config(job: Job):
   from cqr_jax.models.config import ModelConfig
   extra = {} if job.num_layers is None else {"num_layers": job.num_layers}
   return ModelConfig.preset(MODELS[job.model], param_dtype="float32", compute_dtype="bfloat16",
-                            remat=job.remat, **extra)
+                            remat=job.remat, scan_layers=job.scan, **extra)
 
 
 def _with_shardings(tree, shardings):
@@ -109,98 +112,6 @@ def _opt_shardings(opt_sds, params_sds, mesh):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=p.sharding)
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, PartitionSpec()))
   return jax.tree_util.tree_map_with_path(one, opt_sds)
-
-
-@contextlib.contextmanager
-def _raw_steps():
-  """make_grpo_update hands its update function to steps.jit_state_step, which jits on the first
-  call; capture the function instead so it can be lowered on abstract inputs."""
-  from train import steps
-  real = steps.jit_state_step
-  steps.jit_state_step = lambda fn: fn
-  try:
-    yield
-  finally:
-    steps.jit_state_step = real
-
-
-@contextlib.contextmanager
-def _micro_constraint(mesh):
-  """steps._split_micro reshapes the [B, ...] batch (rows over data x fsdp) to [M, B / M, ...].
-  Device d holds a contiguous block of rows, so after the reshape XLA shards the micro-batch
-  index M instead of the rows; the scan then slices a sharded axis, every micro-batch arrives
-  unsharded over the batch, and the activations take the parameters' fsdp sharding of the model
-  dimension instead (XLA warns "Involuntary full rematerialization"): each device then holds
-  whole-micro-batch attention scores. Constraining the rows of each micro-batch back onto
-  data x fsdp (one all-to-all of the input batch per step) restores data parallelism inside
-  the scan."""
-  import jax
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  from train import steps
-  real = steps._split_micro
-
-  def split(x, n_micro):
-    y = real(x, n_micro)
-    spec = P(None, ("data", "fsdp"), *([None] * (y.ndim - 2)))
-    return jax.lax.with_sharding_constraint(y, NamedSharding(mesh, spec))
-
-  steps._split_micro = split
-  try:
-    yield
-  finally:
-    steps._split_micro = real
-
-
-@contextlib.contextmanager
-def _activation_constraints(mesh):
-  """Pins the residual stream [B, T, D] at every layer boundary, and the final hidden states
-  before the chunked LM head, to rows over data x fsdp. Without it GSPMD (Auto axes) may follow
-  the parameters' fsdp sharding of D into the activations and all-gather the micro-batch rows
-  instead of the weights (FSDP's intent: gather weights, keep rows local)."""
-  import jax
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  from cqr_jax.models import decoder
-  real_layer, real_head = decoder._remat_layer, decoder.chunked_logprobs
-  rows = lambda x: jax.lax.with_sharding_constraint(  # noqa: E731
-      x, NamedSharding(mesh, P(("data", "fsdp"), *([None] * (x.ndim - 1)))))
-
-  def layer(block, apply, x, remat):  # x: [B, T, D], or (prompts, completions) when grouped
-    return jax.tree.map(rows, real_layer(block, apply, jax.tree.map(rows, x), remat))
-
-  def head(h_btd, *args, **kw):
-    return real_head(rows(h_btd), *args, **kw)
-
-  decoder._remat_layer, decoder.chunked_logprobs = layer, head
-  try:
-    yield
-  finally:
-    decoder._remat_layer, decoder.chunked_logprobs = real_layer, real_head
-
-
-@contextlib.contextmanager
-def _linear_constraints(mesh):
-  """Sampler: pins the input and output rows of every projection (`layers.Linear`) and the
-  embedding output to data x fsdp. As written, the prompt pass follows the parameters' fsdp
-  sharding of D and computes every prompt's MLP on every device (f32 [128, 1,536, 11,008] per
-  device for Qwen2.5-3B)."""
-  import jax
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  from cqr_jax.models import layers
-  real_linear, real_embed = layers.Linear.__call__, layers.Embed.__call__
-  rows = lambda x: jax.lax.with_sharding_constraint(  # noqa: E731
-      x, NamedSharding(mesh, P(("data", "fsdp"), *([None] * (x.ndim - 1)))))
-
-  def linear(self, x, compute_dtype):
-    return rows(real_linear(self, rows(x), compute_dtype))
-
-  def embed(self, tokens):
-    return rows(real_embed(self, tokens))
-
-  layers.Linear.__call__, layers.Embed.__call__ = linear, embed
-  try:
-    yield
-  finally:
-    layers.Linear.__call__, layers.Embed.__call__ = real_linear, real_embed
 
 
 def _stats(compiled) -> dict:
@@ -272,17 +183,10 @@ def run_job(job: Job) -> dict:
              "adv": batch_arr((g, m), jnp.float32)}
     state = steps.TrainState(params=params_sds, opt_state=opt_sds,
                              step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
-    with _raw_steps():
-      update = steps.make_grpo_update(graphdef, rest, tx, GRPOLossConfig(), temperature=0.7,
-                                      micro_batch=job.micro * dp)
-    shardings = jax.tree.map(lambda x: x.sharding, state)
-    fn = jax.jit(update, donate_argnums=(0,), out_shardings=(shardings, None))
-    with contextlib.ExitStack() as stack:
-      if job.constrain_micro:
-        stack.enter_context(_micro_constraint(mesh))
-      if job.constrain_acts:
-        stack.enter_context(_activation_constraints(mesh))
-      lowered = fn.lower(state, batch)
+    update = steps.make_grpo_update(graphdef, rest, tx, GRPOLossConfig(), temperature=0.7,
+                                    micro_batch=job.micro * dp,
+                                    mesh=mesh if job.constraints else None)
+    lowered = update.lower(state, batch)
     # Resident next to the update: the frozen reference policy.
     extra = resident["ref_params_f32"]
   elif job.program == "sampler":
@@ -297,14 +201,13 @@ def run_job(job: Job) -> dict:
     scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=rep)  # noqa: E731
     eos = jax.ShapeDtypeStruct((8,), jnp.int32, sharding=rep)
     bf16 = jnp.dtype(jnp.bfloat16)
-    with jax.set_mesh(mesh), (_linear_constraints(mesh) if job.constrain_acts
-                              else contextlib.nullcontext()):
+    with jax.set_mesh(mesh) if job.constraints else contextlib.nullcontext():
       lowered = sampler_lib.jitted_program().lower(
           gdef, state_sds, ids, mask, key, scalar(jnp.int32), scalar(jnp.float32), None, eos,
           n=job.n, gen_len=job.gen_len, top_k=0, pad_id=0, cache_dtype=bf16,
           compute_dtype="bfloat16", prefill_dtype="bfloat16", param_dtype=bf16,
-          attention="matmul", scan=bool(abstract.config.scan_layers),
-          batch_spec=("data", "fsdp"))
+          attention="matmul", scan=job.scan, weights_first=(False,), shared=0,
+          stages=(rows,))
     # Resident while sampling: the AdamW moments and the reference policy.
     extra = resident["adamw_moments"] + resident["ref_params_f32"]
   else:
@@ -336,6 +239,59 @@ def fits(peak_bytes: int, margin: float = 0.9) -> str:
   return ", ".join(ok) if ok else "none"
 
 
+def _variant(r: dict) -> str:
+  """What sets a result apart besides model, program and mesh."""
+  parts = [f"{r['micro']} seq / micro-batch / chip"] if r["program"] == "train" else []
+  if not r.get("scan", True):
+    parts.append("unrolled blocks")
+  if not r.get("constraints", True):
+    parts.append("**no constraints**")
+  if r.get("num_layers"):
+    parts.append(f"{r['num_layers']} layers")
+  if r.get("target", "cpu") != "cpu":
+    parts.append(r["target"])
+  return ", ".join(parts) or "-"
+
+
+def gen_cache_bytes(r: dict) -> int:
+  """Per-device bytes of a sampler job's bf16 generation cache: k and v [L, rows, KVH, G, Dh]."""
+  job = Job(**{k: (tuple(v) if k == "mesh" else v) for k, v in r.items()
+               if k in {f.name for f in dataclasses.fields(Job)}})
+  cfg = _model_config(job)
+  rows = job.prompts * job.n // (job.mesh[0] * job.mesh[1])
+  return 2 * cfg.num_layers * rows * job.gen_len * cfg.num_kv_heads * cfg.head_dim * 2
+
+
+# XLA:CPU runs a bf16 dot as an f32 one: in the sampler's decode loop it converts the whole
+# loop-invariant bf16 generation cache to f32 once (2 x its bytes more), which a TPU, with bf16
+# matrix units, does not (bench/results/memory_plan.md). The table's estimate takes it off.
+CPU_SAMPLER_NOTE = "est. without XLA:CPU's f32 copy of the generation cache"
+
+
+def summary(results: list[dict]) -> str:
+  """Peak GiB per chip: one row per model x program x variant, one column per device count, for
+  meshes with fsdp over all devices (data = tensor = 1); for XLA:CPU sampler jobs also the peak
+  less 2 x the bf16 generation cache (`CPU_SAMPLER_NOTE`)."""
+  rows, counts = {}, set()
+  for r in results:
+    if "error" in r or r["mesh"][0] != 1 or r["mesh"][2] != 1:
+      continue
+    counts.add(r["devices"])
+    rows.setdefault((r["model"], r["program"], _variant(r)), {})[r["devices"]] = r["peak_bytes"]
+    if r["program"] == "sampler" and r.get("target", "cpu") == "cpu" and r.get("constraints",
+                                                                                True):
+      variant = ", ".join(x for x in (_variant(r), CPU_SAMPLER_NOTE) if x != "-")
+      rows.setdefault((r["model"], r["program"], variant), {})[r["devices"]] = (
+          r["peak_bytes"] - 2 * gen_cache_bytes(r))
+  counts = sorted(counts)
+  lines = ["| model | program | variant | " + " | ".join(f"{c} chips" for c in counts) + " |",
+           "|---|---|---|" + "---|" * len(counts)]
+  for (model, program, variant), peaks in sorted(rows.items()):
+    cells = [f"{peaks[c] / GIB:.2f}" if c in peaks else "-" for c in counts]
+    lines.append(f"| {model} | {program} | {variant} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n\nPeak GiB per chip (program + resident).\n"
+
+
 def markdown(results: list[dict]) -> str:
   head = ("| model | compiler | devices | mesh (data, fsdp, tensor) | program | per device | "
           "arguments | outputs | aliased | temps | program total | + resident | peak / chip | "
@@ -343,17 +299,11 @@ def markdown(results: list[dict]) -> str:
   lines = [head]
   g = lambda b: f"{b / GIB:.2f}"  # noqa: E731
   order = lambda r: (r["model"], r.get("target", "cpu"), r["devices"], tuple(r["mesh"]),  # noqa
-                     r["program"], not r.get("constrain_micro", True))
+                     r["program"], _variant(r))
   for r in sorted(results, key=order):
     dp = r["mesh"][0] * r["mesh"][1]
-    if r["program"] == "train":
-      what = f"{r['micro']} seq / micro-batch"
-    else:
-      what = f"{r['prompts'] * r['n'] // dp} rollouts"
-    if not (r.get("constrain_micro", True) and r.get("constrain_acts", True)):
-      what += ", **as written** (no constraints)"
-    if r.get("num_layers"):
-      what += f", {r['num_layers']} layers"
+    what = f"{r['prompts'] * r['n'] // dp} rollouts" if r["program"] == "sampler" else ""
+    what = ", ".join(x for x in (what, _variant(r)) if x and x != "-")
     first = (f"| {r['model']} | {r.get('target', 'cpu')} | {r['devices']} | {tuple(r['mesh'])} | "
              f"{r['program']} | {what} |")
     if "error" in r:
@@ -368,17 +318,23 @@ def markdown(results: list[dict]) -> str:
 
 
 def default_jobs() -> list[Job]:
-  """Both models x meshes of 8, 16, 32 devices (fsdp over all) x both programs, then a data x
-  fsdp variant and the train step exactly as train/steps.py is (no sharding constraints)."""
+  """Both models x meshes of 16, 8, 32 devices (fsdp over all) x both programs, then both
+  programs at 16 devices without the library's constraints (what they buy)."""
   jobs = []
   for devices in (16, 8, 32):
     for model in ("qwen2.5-3b", "llama3.2-3b"):
       for program in ("train", "sampler"):
         jobs.append(Job(model, program, (1, devices, 1)))
-  for model in ("qwen2.5-3b", "llama3.2-3b"):
-    jobs.append(Job(model, "train", (2, 16, 1)))
-  jobs.append(Job("qwen2.5-3b", "train", (1, 16, 1), constrain_micro=False, constrain_acts=False))
+  for program in ("train", "sampler"):
+    jobs.append(Job("qwen2.5-3b", program, (1, 16, 1), constraints=False))
   return jobs
+
+
+def _key(d: dict) -> tuple:
+  """A job's identity in the results file (older records lack the newer fields)."""
+  return (d["model"], d["program"], tuple(d["mesh"]), d["micro"], d.get("scan", True),
+          d.get("constraints", True), d.get("target", "cpu"), d.get("num_layers"),
+          d.get("prompts", 128), d.get("n", 8), d.get("prompt_len", 1536), d.get("gen_len", 1024))
 
 
 def main(argv=None) -> int:
@@ -387,17 +343,19 @@ def main(argv=None) -> int:
   ap.add_argument("--jobs", default="default",
                   help="'default', or ';'-separated model:program:data,fsdp,tensor[:micro] "
                   "(model: qwen2.5-3b, llama3.2-3b, smollm2-135m; program: train, sampler)")
-  ap.add_argument("--out", default="bench/results/memory_plan.json",
+  ap.add_argument("--out", default="bench/results/memory_plan.jsonl",
                   help="JSON lines, appended (finished jobs are skipped on a rerun)")
   ap.add_argument("--timeout", type=float, default=900, help="seconds per job")
-  ap.add_argument("--table", action="store_true", help="print the table of --out and exit")
+  ap.add_argument("--table", action="store_true", help="print the tables of --out and exit")
   ap.add_argument("--target", default="cpu",
                   help="'cpu' (fake devices) or 'tpu:<topology>', e.g. tpu:v5p:2x2x4 (16 chips); "
                   "the TPU compiler needs libtpu importable (pip install libtpu; a --target "
                   "folder on PYTHONPATH is enough)")
   ap.add_argument("--num-layers", type=int, default=None, help="override the layer count")
-  ap.add_argument("--as-written", action="store_true",
-                  help="no sharding constraints: lower train/steps.py and the sampler as they are")
+  ap.add_argument("--no-scan", action="store_true", help="unrolled blocks instead of a scan")
+  ap.add_argument("--no-constraints", action="store_true",
+                  help="lower without a mesh in context: none of the library's activation "
+                  "constraints (what they buy)")
   args = ap.parse_args(argv)
   if args.job:
     d = json.loads(args.job)
@@ -409,7 +367,7 @@ def main(argv=None) -> int:
     with open(args.out) as f:
       results = [json.loads(line) for line in f if line.strip()]
   if args.table:
-    print(markdown(results))
+    print(summary(results) + "\n" + markdown(results))
     return 0
   if args.jobs == "default":
     jobs = default_jobs()
@@ -419,17 +377,13 @@ def main(argv=None) -> int:
       parts = spec.split(":")
       mesh = tuple(int(x) for x in parts[2].split(","))
       jobs.append(Job(parts[0], parts[1], mesh, *([int(parts[3])] if len(parts) > 3 else []),
-                      constrain_micro=not args.as_written, constrain_acts=not args.as_written,
+                      scan=not args.no_scan, constraints=not args.no_constraints,
                       num_layers=args.num_layers, target=args.target))
-  key = lambda d: (d["model"], d["program"], tuple(d["mesh"]), d["micro"],  # noqa: E731
-                   d.get("constrain_micro", True), d.get("constrain_acts", True),
-                   d.get("target", "cpu"), d.get("num_layers"))
-  done = {key(r) for r in results if "error" not in r}
+  done = {_key(r) for r in results if "error" not in r}
   env = dict(os.environ)
   need = max(j.devices for j in jobs)
-  if "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
-                        f" --xla_force_host_platform_device_count={need}").strip()
+  flags = re.sub(r"--xla_force_host_platform_device_count=(\d+)", "", env.get("XLA_FLAGS", ""))
+  env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={need}".strip()
   env.setdefault("JAX_PLATFORMS", "cpu")
   # XLA:CPU's default scheduler favours concurrency over memory: it hoists every layer's
   # rematerialised forward next to the original one and keeps the activations alive (a 3B train
@@ -438,9 +392,10 @@ def main(argv=None) -> int:
   if "xla_cpu_enable_concurrency_optimized_scheduler" not in env["XLA_FLAGS"]:
     env["XLA_FLAGS"] += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
   for job in jobs:
-    if key(dataclasses.asdict(job)) in done:
+    if _key(dataclasses.asdict(job)) in done:
       continue
-    print(f"{job.model} {job.program} mesh={job.mesh} micro={job.micro} ...", flush=True)
+    print(f"{job.model} {job.program} mesh={job.mesh} {_variant(dataclasses.asdict(job))} ...",
+          flush=True)
     t0 = time.perf_counter()
     try:
       p = subprocess.run([sys.executable, __file__, "--job", json.dumps(dataclasses.asdict(job))],
@@ -461,7 +416,7 @@ def main(argv=None) -> int:
     results.append(r)
     with open(args.out, "a") as f:
       f.write(json.dumps(r) + "\n")
-  print(markdown(results))
+  print(summary(results) + "\n" + markdown(results))
   return 0
 
 

@@ -349,7 +349,7 @@ def compaction_stages(rows: int, min_rows: int, multiple: int) -> tuple[int, ...
 def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_steps,
                       temperature, top_p, eos_e, *, n: int, gen_len: int, top_k: int,
                       pad_id: int, cache_dtype, compute_dtype, prefill_dtype, param_dtype,
-                      attention, scan, weights_first, shared, batch_spec, stages):
+                      attention, scan, weights_first, shared, stages):
   """Prefill + decode loops. temperature, top_p (None = off) and the eos ids eos_e [E] (-1 =
   unused slot) are traced. Returns tokens [B*n, G], logprobs [B*n, G], lengths [B*n],
   eos_hit [B*n], steps run, and the row count of the last stage that ran a step.
@@ -358,7 +358,9 @@ def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_s
   loop runs at stages[0] rows until at most stages[1] rows are unfinished, then keeps those
   (and finished ones to fill up) in stages[1] rows, and so on: finished rows stop costing
   matmuls. The kept rows' caches are gathered (each gets its own copy of its prompt's slots);
-  each row keeps its own random draws (`uniform_b`), so the tokens are those of one loop."""
+  each row keeps its own random draws (`uniform_b`), so the tokens are those of one loop.
+  Traced under a mesh (`jax.set_mesh`), every per-row array and cache keeps its rows on
+  ("data", "fsdp") (`sharding.constrain_rows`); without one, nothing is constrained."""
   if param_dtype is not None:
     state = _cast_floats(state, param_dtype)
   model = nnx.merge(graphdef, state)
@@ -366,16 +368,9 @@ def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_s
   if not sampler_kv.fast_path_ok(model):
     stages = stages[:1]
 
-  def constrain(x):
-    if batch_spec is None:
-      return x
-    spec = jax.sharding.PartitionSpec(batch_spec, *([jax.sharding.PartitionSpec.UNCONSTRAINED]
-                                                    * (x.ndim - 1)))
-    return jax.lax.with_sharding_constraint(x, spec)
-
+  constrain = sharding.constrain_rows
   steps_kw = dict(gen_len=gen_len, cache_dtype=cache_dtype, prefill_dtype=prefill_dtype,
-                  compute_dtype=compute_dtype, attention=attention, scan=scan, shared=shared,
-                  constrain=constrain)
+                  compute_dtype=compute_dtype, attention=attention, scan=scan, shared=shared)
   prefill, decode = sampler_kv.make_steps(model, n=n, weights_first=weights_first[0],
                                           **steps_kw)
   mask_bp = prompt_mask_bp.astype(bool)
@@ -430,9 +425,8 @@ def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_s
       order = jnp.argsort(done_r if idx is None else done_r[idx], stable=True)[:r_k]
       idx = order if idx is None else idx[order]
       kept_cache = (
-          sampler_kv.constrain_rows(sampler_kv.take_rows(prompt_cache, idx // n, scan),
-                                    constrain),
-          jax.tree.map(constrain, sampler_kv.take_rows(gen_cache, order, scan)),
+          sampler_kv.constrain_cache(sampler_kv.take_rows(prompt_cache, idx // n, scan), scan),
+          sampler_kv.constrain_cache(sampler_kv.take_rows(gen_cache, order, scan), scan),
           constrain(prompt_mask_bq[idx // n]))
       c = (i, idx, constrain(pos[order]), constrain(logits[order]), kept_cache, *outputs)
       decode = sampler_kv.make_steps(model, n=1, weights_first=weights_first[k], **steps_kw)[1]
@@ -460,8 +454,7 @@ def jitted_program():
   return jax.jit(_traced_program, static_argnums=(0,),
                  static_argnames=("n", "gen_len", "top_k", "pad_id", "cache_dtype",
                                   "compute_dtype", "prefill_dtype", "param_dtype",
-                                  "attention", "scan", "weights_first", "shared",
-                                  "batch_spec", "stages"),
+                                  "attention", "scan", "weights_first", "shared", "stages"),
                  compiler_options=compiler_options())
 
 
@@ -598,8 +591,7 @@ class Sampler:
                            else None),
               attention=cfg.decode_attention or ("reduce" if on_cpu else "matmul"),
               scan=(cfg.scan_layers if cfg.scan_layers is not None
-                    else not on_cpu and bool(getattr(mcfg, "scan_layers", False))),
-              batch_spec=None if self.mesh is None else ("data", "fsdp"))
+                    else not on_cpu and bool(getattr(mcfg, "scan_layers", False))))
     eos_ids = self.eos_ids_for(mcfg)
     compact = cfg.compact_rows if cfg.compact_rows is not None else on_cpu
     compact = compact and bool(eos_ids) and gen_len > 1

@@ -16,6 +16,9 @@ prompt and generation slots: the same attention as one concatenated cache.
 
 Projections, norms, RoPE, MLP and LM head are the Decoder's own modules. A model without that
 structure falls back to its `init_cache` / `decode` (full cache repeated n times).
+
+Under a mesh (`jax.set_mesh`, as `Sampler` calls the program), the residual stream between blocks
+and the caches keep their rows on ("data", "fsdp") (`cqr_jax.sharding.constrain_rows`).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cqr_jax import sharding
 from cqr_jax.models import layers
 from cqr_jax.models.attention import (
   NEG_INF,
@@ -135,7 +139,8 @@ def prefill(model, tokens_bp, positions_bp, mask_bp, compute_dtype, cache_dtype,
       kp, vp = kv_prefix
       o = attend_shared_prefix(q, kp, vp, k, v, jnp.ones((1, s), bool), mask, b, cdt)
     x_bqd = x_bqd + layer.attn.o_proj(o, cdt)
-    return x_bqd + layer.mlp(layer.mlp_norm(x_bqd), cdt), (heads_major(k), heads_major(v))
+    x_bqd = sharding.constrain_rows(x_bqd + layer.mlp(layer.mlp_norm(x_bqd), cdt))
+    return x_bqd, (heads_major(k), heads_major(v))
 
   def cache_of(kv_prefix, kv):
     k, v = kv
@@ -162,7 +167,8 @@ def prefill(model, tokens_bp, positions_bp, mask_bp, compute_dtype, cache_dtype,
     cos_p, sin_p = model._rope(positions_bp[:1, :s])
     kv_prefix = run(model.embed(tokens_bp[:1, :s]), cos_p, sin_p,
                     jnp.tril(jnp.ones((s, s), bool))[None], None)[1]
-  x_bqd, kv = run(model.embed(tokens_bp[:, s:]), cos, sin, own_bqq, kv_prefix)
+  x_bqd, kv = run(sharding.constrain_rows(model.embed(tokens_bp[:, s:])), cos, sin, own_bqq,
+                  kv_prefix)
   if scan:
     cache = cache_of(kv_prefix, kv)
   else:
@@ -179,9 +185,11 @@ def map_rows(cache, fn):
   return one(cache) if isinstance(cache, dict) else list(map(one, cache))
 
 
-def constrain_rows(prompt_cache, constrain):
-  """`constrain` on the per-row prompt cache entries; the common prefix's stays replicated."""
-  return map_rows(prompt_cache, constrain)
+def constrain_cache(cache, scan: bool):
+  """The per-row cache entries with their rows (axis 0, or 1 under a stacked [L] with `scan`)
+  sharded as the batch (`sharding.constrain_rows`); the common prefix's one copy is left as it
+  is (replicated)."""
+  return map_rows(cache, lambda x: sharding.constrain_rows(x, axis=1 if scan else 0))
 
 
 def take_rows(cache, idx_r, scan: bool):
@@ -231,9 +239,9 @@ def decode_step(model, tokens_r, positions_r, prompt_cache, gen_cache, step, pro
     gc, stored = write(heads_major(k), heads_major(v))
     o = _attend_step(q, pc, gc, prompt_mask_bp, step, n, gc["k"].dtype, attention)
     x_r1d = x_r1d + layer.attn.o_proj(o, cdt)
-    return x_r1d + layer.mlp(layer.mlp_norm(x_r1d), cdt), stored
+    return sharding.constrain_rows(x_r1d + layer.mlp(layer.mlp_norm(x_r1d), cdt)), stored
 
-  x_r1d = model.embed(tokens_r[:, None])
+  x_r1d = sharding.constrain_rows(model.embed(tokens_r[:, None]))
   if scan:
     # The stacked caches are read-only scan inputs; each layer attends over a local copy of its
     # slice with the new slot written, and emits the new K/V. The stacked generation cache gets
@@ -267,13 +275,12 @@ def decode_step(model, tokens_r, positions_r, prompt_cache, gen_cache, step, pro
 
 
 def make_steps(model, *, n: int, gen_len: int, cache_dtype, prefill_dtype, compute_dtype,
-               attention: str, scan: bool, weights_first: bool = False, shared: int = 0,
-               constrain=lambda x: x):
+               attention: str, scan: bool, weights_first: bool = False, shared: int = 0):
   """(prefill_fn, decode_fn) for the generation loop.
 
   prefill_fn(tokens_bp, positions_bp, mask_bp) -> (logits [B * n, V], state);
   decode_fn(tokens_r, positions_r, state, step) -> (logits [R, V], state). `state` is the
-  cache pytree (rows sharded like the batch through `constrain`). `attention`: see
+  cache pytree (rows sharded like the batch under a mesh: `constrain_cache`). `attention`: see
   `_attend_step`; `scan`: the blocks as one lax.scan rather than unrolled; `weights_first`:
   the decode step's projections and LM head as W x^T over a copy of the kernels transposed once
   per call (`layers.weights_first`; unrolled blocks only); `shared`: the prompts' common prefix
@@ -288,8 +295,7 @@ def make_steps(model, *, n: int, gen_len: int, cache_dtype, prefill_dtype, compu
       rows = tokens_bp.shape[0] * n
       gc = init_gen_cache(model.config, rows, gen_len, cache_dt, attention, scan)
       # Rows are sharded like the batch; the common prefix (one copy) is replicated.
-      pc = constrain_rows(pc, constrain)
-      state = (pc, jax.tree.map(constrain, gc), mask_bp[:, shared:])
+      state = (constrain_cache(pc, scan), constrain_cache(gc, scan), mask_bp[:, shared:])
       return jnp.repeat(logits_bv, n, axis=0), state
 
     decode_model, switch = model, contextlib.nullcontext
@@ -312,8 +318,8 @@ def make_steps(model, *, n: int, gen_len: int, cache_dtype, prefill_dtype, compu
     cache = model.init_cache(b, p + gen_len, dtype=cache_dtype)
     logits, cache = model.decode(tokens_bp, positions_bp, cache, 0, kv_valid_bs,
                                  compute_dtype=prefill_dtype)
-    cache = jax.tree.map(lambda x: constrain(jnp.repeat(x, n, axis=0)), cache)
-    kv_valid_rs = constrain(jnp.repeat(kv_valid_bs, n, axis=0))
+    cache = sharding.constrain_rows(jax.tree.map(lambda x: jnp.repeat(x, n, axis=0), cache))
+    kv_valid_rs = sharding.constrain_rows(jnp.repeat(kv_valid_bs, n, axis=0))
     state = (cache, kv_valid_rs, jnp.int32(p))
     return jnp.repeat(logits[:, -1].astype(jnp.float32), n, axis=0), state
 

@@ -1,4 +1,5 @@
-"""Device mesh, the one partition table, and sharded model creation.
+"""Device mesh, the one partition table, sharded model creation, and the constraints that keep
+activations data parallel.
 
 Mesh axes ("data", "fsdp", "tensor") use `AxisType.Auto`: classic GSPMD propagation, where only
 parameters and inputs carry shardings and XLA infers every intermediate's layout (no
@@ -8,12 +9,21 @@ parameters and inputs carry shardings and XLA infers every intermediate's layout
   them to mesh axes: the model dimension over "fsdp" (ZeRO-3 style; gathered per layer by XLA),
   the heads / MLP / vocab dimensions over "tensor" (Megatron style). Parameters are replicated
   over "data". A dimension that does not divide by its mesh axes' size stays unsharded.
-- Batches (and the KV cache) are sharded over ("data", "fsdp") on their leading axis.
+- Batches (and the KV cache) are sharded over ("data", "fsdp") on their leading axis: the
+  table's "batch" entry.
+- Inside a program, Auto propagation alone lets the parameters' fsdp sharding of D flow into the
+  activations, so that every device computes whole batches (bench/results/memory_plan.md). The
+  model, the sampler and the step functions therefore pin batch rows (`constrain_rows`: the
+  residual stream between blocks, the LM head's input and logits, each micro-batch, the KV
+  cache) to the mesh named by `activation_mesh` (or by `jax.set_mesh`). Without a mesh in that
+  context, or on one device, it does nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -21,13 +31,16 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from cqr_jax.models.config import ModelConfig
-from cqr_jax.models.decoder import Decoder
+
+if TYPE_CHECKING:  # imported where used: the model imports this module
+  from cqr_jax.models.decoder import Decoder
 
 AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
 
-# THE partition table: logical parameter axis -> mesh axis (or None = replicated).
+# THE partition table: logical axis -> mesh axis (or None = replicated). Parameters name theirs
+# in cqr_jax/models/layers.py; "batch" is the rows of batches, caches and activations.
 PARTITION_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),  # batch rows: data parallel over both axes
     "vocab": "tensor",     # embedding / lm_head rows
     "embed": "fsdp",       # model dimension D of every matrix
     "q_heads": "tensor",   # H * Dh (q projection out, o projection in)
@@ -35,6 +48,7 @@ PARTITION_RULES: dict[str, str | tuple[str, ...] | None] = {
     "mlp": "tensor",       # intermediate F
     "norm": None,          # RMSNorm scales (small): replicated
 }
+BATCH_AXES = PARTITION_RULES["batch"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +113,7 @@ def state_shardings(state: nnx.State, mesh) -> nnx.State:
 def create_model(config: ModelConfig, mesh=None, seed: int = 0) -> Decoder:
   """A randomly initialised Decoder whose parameters are created directly in their shardings
   (the init runs under jit with out_shardings: no full copy ever sits on one device)."""
+  from cqr_jax.models.decoder import Decoder
   if mesh is None:
     mesh = make_mesh(MeshConfig(), jax.devices()[:1])
   graphdef, abstract = nnx.split(abstract_model(config, seed))
@@ -114,6 +129,7 @@ def create_model(config: ModelConfig, mesh=None, seed: int = 0) -> Decoder:
 
 def abstract_model(config: ModelConfig, seed: int = 0) -> Decoder:
   """The model with ShapeDtypeStruct leaves (no memory): for shapes, shardings, restores."""
+  from cqr_jax.models.decoder import Decoder
   return nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(seed)))
 
 
@@ -163,3 +179,47 @@ def cache_shardings(cache, mesh):
     heads = "tensor" if t > 1 and x.shape[2] % t == 0 else None
     return NamedSharding(mesh, P(BATCH_AXES, None, heads, None))
   return jax.tree.map(one, cache)
+
+
+# ---------------------------------------------------------------------- constraints in programs
+def activation_mesh(mesh):
+  """Context in which `constrain_rows` pins to `mesh`: JAX's abstract-mesh context, which, unlike
+  `jax.set_mesh` (which sets it too), may be entered while a function is traced. None: no
+  constraints."""
+  if mesh is None:
+    return contextlib.nullcontext()
+  return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def _constraint_mesh():
+  """The mesh in context if it has this module's axes and more than one device, else None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1 or not set(AXES) <= set(mesh.axis_names):
+    return None
+  return mesh
+
+
+def constrain_rows(x, axis: int = 0):
+  """`x` (an array or a pytree of them) with dimension `axis`, its batch rows, sharded as
+  PARTITION_RULES["batch"] says on the context mesh (`activation_mesh`); the other dimensions
+  are left to the partitioner (e.g. heads over "tensor").
+
+  Without it, GSPMD may carry the parameters' fsdp sharding of D into the activations and
+  gather the rows instead of the weights (FSDP's intent is the reverse: gather a layer's
+  weights, keep the rows local). No-op without a mesh in context, on one device, or when the
+  rows do not divide by the data-parallel size (e.g. a prefix run once for all rows)."""
+  mesh = _constraint_mesh()
+  if mesh is None:
+    return x
+
+  def one(a):
+    axes = [None] * a.ndim
+    axes[axis] = "batch"
+    rows = logical_to_spec(tuple(axes), a.shape, mesh)[axis]
+    if rows is None:
+      return a
+    spec = [P.UNCONSTRAINED] * a.ndim
+    spec[axis] = rows
+    return jax.lax.with_sharding_constraint(a, NamedSharding(mesh, P(*spec)))
+  return jax.tree.map(one, x)
+

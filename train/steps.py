@@ -9,6 +9,11 @@ SFT rows: `tokens_bl` holds prompt then response, `mask_bl` marks real tokens, p
 position t is token t + 1, so a response token at index i has its log-prob at i - 1.
 GRPO batches are grouped (rollout_batch.assemble): each prompt once, its completions beside it,
 so the update runs a prompt's forward (and backward) once for its whole group.
+
+With a `mesh`, every step function is traced under `sharding.activation_mesh(mesh)`: each
+micro-batch's rows and the model's residual stream and LM head stay sharded over
+("data", "fsdp") (`sharding.constrain_rows`). Without one (or on one device) nothing is
+constrained.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from cqr_jax import partial_training
+from cqr_jax import partial_training, sharding
 from cqr_jax.compile_options import compiler_options
 from cqr_jax.objectives import grpo as grpo_obj
 from cqr_jax.objectives import sft as sft_obj
@@ -102,19 +107,28 @@ def _prefix_kv(graphdef, rest, params, prefix_s, top_layers: int = 0):
   return _policy(graphdef, rest, params, top_layers)[0].prefix_kv(prefix_s)
 
 
-def _split_micro(x, n_micro: int, mesh=None):
+def _on_mesh(fn: Callable, mesh) -> Callable:
+  """`fn` traced under `sharding.activation_mesh(mesh)` (its constraints pin to `mesh`)."""
+  if mesh is None:
+    return fn
+
+  @functools.wraps(fn)
+  def traced(*args, **kw):
+    with sharding.activation_mesh(mesh):
+      return fn(*args, **kw)
+  return traced
+
+
+def _split_micro(x, n_micro: int):
   """[B, ...] -> [M, B/M, ...] with micro-batch m = rows m, m + M, m + 2M, ... (strided).
 
   A batch sharded over (data, fsdp) in contiguous blocks then keeps every micro-batch spread over
   all devices (a contiguous split would put whole micro-batches on single devices and serialise
-  the scan); with a mesh, the [B/M] axis is pinned to (data, fsdp) as well.
+  the scan). Under a mesh the [B/M] axis is pinned to (data, fsdp) too: after the reshape the
+  partitioner would shard M instead, and each device would then run whole micro-batches.
   """
   out = x.reshape((x.shape[0] // n_micro, n_micro) + x.shape[1:]).swapaxes(0, 1)
-  if mesh is not None:
-    from jax.sharding import NamedSharding, PartitionSpec
-    spec = PartitionSpec(None, ("data", "fsdp"), *([None] * (x.ndim - 1)))
-    out = jax.lax.with_sharding_constraint(out, NamedSharding(mesh, spec))
-  return out
+  return sharding.constrain_rows(out, axis=1)
 
 
 def _merge_micro(x):
@@ -128,16 +142,16 @@ def _num_micro(batch: dict, micro_batch: int) -> int:
   return rollout_batch.num_micro(g, m, micro_batch)
 
 
-def _micro_slice(x, i, n_micro: int, mesh=None):
+def _micro_slice(x, i, n_micro: int):
   """Micro-batch `i` (a traced index) of `_split_micro(x, n_micro)`: rows i, i + M, ..."""
-  out = _split_micro(x, n_micro, mesh)
+  out = _split_micro(x, n_micro)
   return jax.lax.dynamic_index_in_dim(out, i, axis=0, keepdims=False)
 
 
-def _packed_micro(batch: dict, pack: dict, i, n_micro: int, mesh=None) -> dict:
+def _packed_micro(batch: dict, pack: dict, i, n_micro: int) -> dict:
   """Micro-batch `i` of a batch whose completions are packed per micro-batch (`pack`:
   rollout_batch.assemble's "packs"[i]): its rows of the [G, ...] arrays, with its packing."""
-  rows = {k: _micro_slice(v, i, n_micro, mesh) for k, v in batch.items() if k != "packs"}
+  rows = {k: _micro_slice(v, i, n_micro) for k, v in batch.items() if k != "packs"}
   return {**rows, **pack}
 
 
@@ -150,6 +164,7 @@ def make_logprob_fn(graphdef, rest, *, temperature: float, micro_batch: int,
   drop = ("adv", "ref_logp", "old_logp")
 
   @functools.partial(jax.jit, compiler_options=compiler_options())
+  @functools.partial(_on_mesh, mesh=mesh)
   def logprobs(params, batch):
     batch = {k: v for k, v in batch.items() if k not in drop}
     n_micro = _num_micro(batch, micro_batch)
@@ -158,12 +173,13 @@ def make_logprob_fn(graphdef, rest, *, temperature: float, micro_batch: int,
       lp = _completion_logprobs(graphdef, rest, params, mb, temperature, False)
       return None, lp.reshape(mb["completion"].shape)
 
-    _, out = jax.lax.scan(one, None, jax.tree.map(lambda x: _split_micro(x, n_micro, mesh), batch))
+    _, out = jax.lax.scan(one, None, jax.tree.map(lambda x: _split_micro(x, n_micro), batch))
     return _merge_micro(out)
 
   @functools.partial(jax.jit, compiler_options=compiler_options())
+  @functools.partial(_on_mesh, mesh=mesh)
   def packed_one(params, batch, pack, i, common):
-    mb = _packed_micro(batch, pack, i, _num_micro(batch, micro_batch), mesh)
+    mb = _packed_micro(batch, pack, i, _num_micro(batch, micro_batch))
     lp = _completion_logprobs(graphdef, rest, params, mb, temperature, False, common=common)
     return lp.reshape(mb["completion"].shape)
 
@@ -220,16 +236,22 @@ def _apply(tx, state: TrainState, grads, loss):
 
 def jit_state_step(fn: Callable) -> Callable:
   """jit(fn) over (state, batch), donating the state and pinning the new state's shardings to the
-  old one's, so step 2 onward reuses step 1's executable (one compile per batch shape)."""
+  old one's, so step 2 onward reuses step 1's executable (one compile per batch shape).
+  `.lower(state, batch)` lowers that jit without running it (e.g. on ShapeDtypeStructs that
+  carry shardings: bench/memory_plan.py)."""
   cache = {}
 
-  def call(state, batch):
+  def jitted(state):
     if "f" not in cache:
       shardings = jax.tree.map(lambda x: x.sharding, state)
       cache["f"] = jax.jit(fn, donate_argnums=(0,), out_shardings=(shardings, None),
                            compiler_options=compiler_options())
-    return cache["f"](state, batch)
+    return cache["f"]
 
+  def call(state, batch):
+    return jitted(state)(state, batch)
+
+  call.lower = lambda state, batch: jitted(state).lower(state, batch)
   return call
 
 
@@ -277,14 +299,15 @@ def make_grpo_update(graphdef, rest, tx, loss_cfg, *, temperature: float,
 
   def step_total(batch, n_micro):
     lc = batch["completion"].shape[-1]
-    masks = _split_micro(batch["completion_mask"], n_micro, mesh)
+    masks = _split_micro(batch["completion_mask"], n_micro)
     return jnp.sum(jax.vmap(lambda m: grpo_obj.aggregation_count(m.reshape(-1, lc), loss_cfg))(
         masks))
 
+  @functools.partial(_on_mesh, mesh=mesh)
   def update(state: TrainState, batch: dict):
     n_micro = _num_micro(batch, micro_batch)
     batch = _with_seq_weights(batch)
-    micro = jax.tree.map(lambda x: _split_micro(x, n_micro, mesh), batch)
+    micro = jax.tree.map(lambda x: _split_micro(x, n_micro), batch)
     total = step_total(batch, n_micro)
     scale = lambda c: (1.0 if loss_cfg.blocks else  # noqa: E731
                        grpo_obj.accumulation_scale(loss_cfg, c, n_micro, total))
@@ -294,17 +317,19 @@ def make_grpo_update(graphdef, rest, tx, loss_cfg, *, temperature: float,
     return new_state, {"loss": loss, "grad_norm": gnorm, "finite": finite,
                        **grpo_obj.finalize_metrics(raw)}
 
+  @functools.partial(_on_mesh, mesh=mesh)
   def packed_micro_step(params, common, grads, batch, pack, i):
     """grads + micro-batch i's scaled gradient (`_accumulate`'s term), its scaled loss, metrics.
     grads = (parameters', the common prefix keys' (`_prefix_kv`) or None)."""
     n_micro = _num_micro(batch, micro_batch)
     batch = _with_seq_weights(batch)
-    mb = _packed_micro(batch, pack, i, n_micro, mesh)
+    mb = _packed_micro(batch, pack, i, n_micro)
     (s, (c, metrics)), g = packed_loss_and_grad(params, mb, common)
     w = (1.0 if loss_cfg.blocks else
          grpo_obj.accumulation_scale(loss_cfg, c, n_micro, step_total(batch, n_micro)))
     return jax.tree.map(lambda a, b: a + b * w, grads, g), s * w, metrics
 
+  @functools.partial(_on_mesh, mesh=mesh)
   def packed_finish(state: TrainState, acc):
     """The optimizer step on the summed gradient; the prefix keys' gradient goes back through
     the prefix's forward (run again here: S tokens) into the parameters'."""
@@ -344,6 +369,7 @@ def make_grpo_update(graphdef, rest, tx, loss_cfg, *, temperature: float,
       raws.append(raw)
     return finish(state, (grads, losses, raws, prefix))
 
+  call.lower = scanned.lower  # the scanned update (a batch without "packs"), unrun
   return call
 
 
@@ -363,12 +389,13 @@ def make_sft_update(graphdef, rest, tx, *, micro_batch: int, mesh=None,
     s, c = sft_obj.sft_loss(logp, mb["loss_mask"][:, 1:])
     return s, (c, {})
 
+  @functools.partial(_on_mesh, mesh=mesh)
   def update(state: TrainState, batch: dict):
     batch = dict(batch)
     prefix = batch.pop("prefix", None)
     loss_and_grad = jax.value_and_grad(lambda p, mb: loss_fn(p, mb, prefix), has_aux=True)
     n_micro = max(batch["tokens"].shape[0] // micro_batch, 1)
-    micro = jax.tree.map(lambda x: _split_micro(x, n_micro, mesh), batch)
+    micro = jax.tree.map(lambda x: _split_micro(x, n_micro), batch)
     scale = lambda c: 1.0 / (jnp.maximum(c, 1.0) * n_micro)  # noqa: E731
     loss, grads, count, _ = _accumulate(loss_and_grad, state.params, micro, scale,
                                         lambda a, b: a)

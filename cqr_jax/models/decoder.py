@@ -31,6 +31,10 @@ Query t of a `decode` call sees slot s iff kv_valid_bs[b, s] and s <= cache_inde
 writes its own K/V before attending, so kv_valid_bs must already mark the new slots as valid.
 `compute_dtype=` on any method overrides the config's (e.g. float32 for skinny decode matmuls on
 CPU while training uses bfloat16).
+
+Traced under a mesh (`cqr_jax.sharding.activation_mesh` or `jax.set_mesh`), the residual stream
+between blocks and the LM head's input and logits keep their batch rows on ("data", "fsdp")
+(`sharding.constrain_rows`); without one that is a no-op.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cqr_jax import sharding
 from cqr_jax.models.attention import Attention
 from cqr_jax.models.config import ModelConfig
 from cqr_jax.models.layers import Embed, RMSNorm, dtype_of, init_normal, mm_rows
@@ -170,12 +175,15 @@ class Decoder(nnx.Module):
     unrolled; the config's remat on each trainable block, none on the bottom `frozen_layers`.
     `xs`: per-layer inputs stacked on a leading [L] axis (xs_l = layer l's slice), or None."""
     remat = self.config.remat
+    rows = sharding.constrain_rows  # the residual stream between blocks: batch rows sharded
+    block = lambda layer, x, xs_l: rows(apply(layer, x, xs_l))  # noqa: E731
+    x = rows(x)
 
     def take(lo, hi):
       return None if xs is None else jax.tree.map(lambda a: a[lo:hi], xs)
 
     if self.config.scan_layers:
-      body = lambda layer, x, xs_l: (apply(layer, x, xs_l), None)  # noqa: E731
+      body = lambda layer, x, xs_l: (block(layer, x, xs_l), None)  # noqa: E731
       if frozen_layers:
         x, _ = scan_blocks(self.layers[:frozen_layers], body, x, take(0, frozen_layers))
       x, _ = scan_blocks(self.layers[frozen_layers:], body, x, take(frozen_layers, None),
@@ -184,9 +192,9 @@ class Decoder(nnx.Module):
     for i, layer in enumerate(self.layers):
       xs_l = None if xs is None else jax.tree.map(lambda a: a[i], xs)  # noqa: B023
       if remat == "none" or i < frozen_layers:
-        x = apply(layer, x, xs_l)
+        x = block(layer, x, xs_l)
       else:
-        x = _remat_layer(layer, apply, x, xs_l, remat)
+        x = _remat_layer(layer, block, x, xs_l, remat)
     return x
 
   def shared_prefix_hidden(self, prompt_bp, prompt_mask_bp, completion_bc, completion_mask_bc,
@@ -243,8 +251,9 @@ class Decoder(nnx.Module):
     return self.final_norm(xp_bpd), self.final_norm(xc_bcd)
 
   def logits(self, h_btd, *, compute_dtype=None) -> jax.Array:
-    """LM head on hidden states: [B, T, D] -> float32 [B, T, V]."""
-    return mm_rows(h_btd, self.lm_head_vd(), self._cdt(compute_dtype), w_out_in=True)
+    """LM head on hidden states: [B, T, D] -> float32 [B, T, V] (rows sharded as the batch)."""
+    rows = sharding.constrain_rows
+    return rows(mm_rows(rows(h_btd), self.lm_head_vd(), self._cdt(compute_dtype), w_out_in=True))
 
   def __call__(self, tokens_bt, positions_bt, mask_bt, *, compute_dtype=None) -> jax.Array:
     """Float32 logits [B, T, V] for a left- or right-padded batch."""
@@ -362,10 +371,11 @@ class Decoder(nnx.Module):
     causal_ts = jnp.arange(s, dtype=jnp.int32)[None, :] <= q_pos_t[:, None]
     mask_bts = causal_ts[None] & kv_valid_bs[:, None, :].astype(bool)
     cos, sin = self._rope(positions_bt)
-    x_btd = self.embed(tokens_bt)
+    x_btd = sharding.constrain_rows(self.embed(tokens_bt))
     new_cache = []
     for layer, layer_cache in zip(self.layers, cache):
       x_btd, layer_cache = layer.decode(x_btd, cos, sin, layer_cache, cache_index, mask_bts, cdt)
+      x_btd = sharding.constrain_rows(x_btd)
       new_cache.append(layer_cache)
     if last_only:
       x_btd = x_btd[:, -1:]
@@ -417,17 +427,22 @@ def chunked_logprobs(h_btd, w_vd, targets_bt, *, temperature=1.0, chunk_size=128
   backward pass, so no [B, chunk, V] block outlives its chunk; a policy name saves what it
   allows (the logits are a dot without batch dims); "none" keeps every chunk's logits and
   probabilities, B x T x V floats (cheap for a small model), and the LM head's forward then runs
-  once instead of twice in an update (SmolLM2-135M, the GRPO benchmark's update: 1.05x)."""
+  once instead of twice in an update (SmolLM2-135M, the GRPO benchmark's update: 1.05x).
+  Under a mesh, the hidden states and each chunk's logits keep their rows sharded as the batch
+  (`sharding.constrain_rows`)."""
+  rows = sharding.constrain_rows
   b, t, d = h_btd.shape
   c = max(1, min(chunk_size, t))
   n = -(-t // c)
   pad = n * c - t
-  h_nbcd = jnp.pad(h_btd, ((0, 0), (0, pad), (0, 0))).reshape(b, n, c, d).transpose(1, 0, 2, 3)
+  h_nbcd = jnp.pad(rows(h_btd), ((0, 0), (0, pad), (0, 0))).reshape(b, n, c, d)
+  h_nbcd = rows(h_nbcd.transpose(1, 0, 2, 3), axis=1)
   tg_nbc = jnp.pad(targets_bt, ((0, 0), (0, pad))).reshape(b, n, c).transpose(1, 0, 2)
+  tg_nbc = rows(tg_nbc, axis=1)
   inv_temp = 1.0 / temperature
 
   def chunk(w_vd, h_bcd, tg_bc):
-    z_bcv = mm_rows(h_bcd, w_vd, compute_dtype, w_out_in=True) * inv_temp
+    z_bcv = rows(mm_rows(rows(h_bcd), w_vd, compute_dtype, w_out_in=True)) * inv_temp
     lse_bc = jax.nn.logsumexp(z_bcv, axis=-1)
     logp_bc = jnp.take_along_axis(z_bcv, tg_bc[..., None].astype(jnp.int32), -1)[..., 0] - lse_bc
     if not with_entropy:
