@@ -62,6 +62,9 @@ class RetrievalSection:
   dense_model: str = ""       # HF folder of the encoder (ANCE / sentence-transformers)
   dense_pooling: str = "cls_linear_ln"
   within_domain: bool = True  # MTRAG-style corpora: search the conversation's domain only
+  analyzer: str = ""          # BM25 analyzer ("": lucene_english, okapi: whitespace_lower)
+  bm25_index: str = ""        # BM25 index from `cqr-jax index` (path or gs://; "": built in memory)
+  rank_workers: int = 0       # BM25 search processes per host over bm25_index (0: in-process)
   # What a parsed rewrite sends to the retriever, in the reward, the SDPW filter and evaluation
   # alike (cqr_jax.parsing.retrieval_query): "rewrite" (the paper) or "question+rewrite" (the
   # user's question, then the rewrite: a rewrite adds context but cannot drop the question).

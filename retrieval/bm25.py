@@ -7,8 +7,9 @@ Two scorers share one index layout (docs/retrieval.md):
   length stored lossily in one byte (SmallFloat), float32 term scores summed in float64.
 `RankBM25Searcher` wraps rank_bm25 itself: the reference, and a backend for small corpora.
 
-Search, per query and shard: each query term's posting list is added into a dense score vector
-with np.add.at (term at a time, in query order), then a top-k by np.partition (numpy only).
+Search, per query and shard: each query term's posting list is added into a reused score buffer
+(term at a time, in query order); only the rows the postings touched are then scored and
+partitioned for the top k (numpy only; `search_dense`, the dense-vector path, is the reference).
 A document with score exactly 0 (no query term) is never returned: results are padded with
 row -1 / score -inf instead. Ties: passage id ascending (`searcher.id_order`), as pyserini does.
 Large corpora are split into document shards of < 2**31 postings (int32 offsets); their top-k
@@ -275,6 +276,62 @@ class SparseBM25:
                   self._contrib(shard, t, c, slice(lo, hi)))
     return scores
 
+  def _buffers(self, s: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shard s's reusable (scores [n] float64, touched [n] bool), all zero between queries."""
+    bufs = self.__dict__.setdefault("_bufs", {})
+    if s not in bufs:
+      bufs[s] = (np.zeros(n), np.zeros(n, bool))
+    return bufs[s]
+
+  def _shard_top_k(self, s: int, apps: list[tuple[int, int]], k: int):
+    """(rows, scores) of one query's k best hits in shard s, or None without a hit.
+
+    The query terms' contributions are added term at a time into a reused buffer (the float64
+    additions of `_shard_scores`, in the same order); then only the hit rows are scored and
+    partitioned, and the buffer is zeroed again at those rows. The hit rows are collected from
+    the postings while adding when the query's postings are fewer than half the shard's
+    documents, else by one scan of the buffer (cheaper when most documents are hit).
+    """
+    shard = self.shards[s]
+    acc, seen = self._buffers(s, shard.num_docs)
+    ptr = shard.indptr
+    spans = [(t, c, int(ptr[t]), int(ptr[t + 1])) for t, c in apps]
+    spans = [x for x in spans if x[3] > x[2]]
+    if not spans:
+      return None
+    track = 2 * sum(hi - lo for _, _, lo, hi in spans) < shard.num_docs
+    touched = []
+    try:
+      for t, c, lo, hi in spans:
+        rows = shard.rows[lo:hi].astype(np.intp)  # intp: numpy's fast indexing paths
+        if track:
+          new = rows[~seen[rows]] if touched else rows
+          seen[new] = True
+          touched.append(new)
+        np.add.at(acc, rows, self._contrib(shard, t, c, slice(lo, hi)))
+      cand = (np.concatenate(touched) if len(touched) > 1 else touched[0]) if track else (
+          np.flatnonzero(acc))
+      scores = self._finish(acc[cand])
+      if track or 8 * len(cand) < len(acc):
+        acc[cand] = 0.0  # every non-zero entry is in cand
+      else:
+        acc.fill(0.0)
+      if track:
+        seen[cand] = False
+    except BaseException:
+      acc[:] = 0.0
+      seen[:] = False
+      raise
+    hit = scores != 0
+    if not hit.all():
+      scores, cand = scores[hit], cand[hit]
+    if len(scores) > k:  # the k-th best score, then only those at least as good
+      kth = np.partition(scores, len(scores) - k)[len(scores) - k]
+      keep = scores >= kth
+      scores, cand = scores[keep], cand[keep]
+    cand = cand.astype(np.int64) + shard.start
+    return searcher_lib.top_k(scores, cand, self.tie[cand], k)
+
   def _merge(self, parts, k):
     if not parts:
       return np.zeros(0, np.int64), np.zeros(0)
@@ -284,20 +341,38 @@ class SparseBM25:
     return searcher_lib.top_k(np.concatenate([s for _, s in parts]), rows, self.tie[rows], k)
 
   def search(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k rows and scores per query: (rows int64 [Q, k], scores float64 [Q, k])."""
+    """Top-k rows and scores per query: (rows int64 [Q, k], scores float64 [Q, k]).
+
+    Uses per-shard buffers of this object: one search at a time per object (processes each
+    open their own; retrieval/rank_pool.py)."""
+    return self._search_shards(queries, k, self._shard_top_k)
+
+  def search_dense(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`search` by a dense score vector per shard and a partition over all of it: the
+    reference the sparse path is tested against."""
+    return self._search_shards(queries, k, self._shard_top_k_dense)
+
+  def _shard_top_k_dense(self, s, apps, k):
+    shard = self.shards[s]
+    scores = self._shard_scores(shard, apps)
+    if scores is None:
+      return None
+    local, best = searcher_lib.top_k_dense(
+        self._finish(scores), self.tie[shard.start:shard.start + shard.num_docs], k)
+    return local + shard.start, best
+
+  def _search_shards(self, queries, k, shard_top_k):
+    """Per query: each shard's top k by `shard_top_k(shard, applications, k)`, merged."""
     if k <= 0:
       raise ValueError(f"k must be positive, got {k}")
     results = []
     for text in queries:
       apps = self._applications(self.analyze(text))
       parts = []
-      for shard in self.shards if apps else ():
-        scores = self._shard_scores(shard, apps)
-        if scores is None:
-          continue
-        local, best = searcher_lib.top_k_dense(
-            self._finish(scores), self.tie[shard.start:shard.start + shard.num_docs], k)
-        parts.append((local + shard.start, best))
+      for s in range(len(self.shards)) if apps else ():
+        part = shard_top_k(s, apps, k)
+        if part is not None and len(part[0]):
+          parts.append(part)
       results.append(self._merge(parts, k))
     return searcher_lib.pad_results(results, k)
 
@@ -329,26 +404,40 @@ class ExactOkapiBM25(SparseBM25):
     _check_corpus(texts, ids)
     an = analyzer if analyzer is not None else get_analyzer(p.analyzer)
     vocab, doc_len, indptr, rows, tf = invert(texts, len(texts), an, show_progress)
-    n = len(texts)
-    avgdl = int(doc_len.sum()) / n
     df = np.diff(indptr)
-    idf = np.empty(len(vocab))
+    idf, stats = cls.idf_and_stats(p, df, doc_len)
+    term = np.repeat(np.arange(len(vocab)), df)
+    value = cls.values(p, stats, idf[term], tf, doc_len[rows])
+    stats["num_postings"] = int(rows.size)
+    return cls(p, list(ids), vocab, idf, doc_len.astype(np.int32),
+               searcher_lib.id_order(ids), split_shards(indptr, rows, tf, value, doc_len,
+                                                         shard_docs), stats, an)
+
+  @staticmethod
+  def idf_and_stats(p: BM25Params, df: np.ndarray, doc_len: np.ndarray) -> tuple[np.ndarray, dict]:
+    """(idf [V] float64, stats) from document frequencies in term-id order (rank_bm25's
+    first-occurrence order: the order its mean idf is summed in) and every passage's length."""
+    n = len(doc_len)
+    avgdl = int(doc_len.sum()) / n
+    idf = np.empty(len(df))
     idf_sum, negative = 0.0, []
     for t, f in enumerate(df.tolist()):  # math.log and this summation order, as rank_bm25
       idf[t] = math.log(n - f + 0.5) - math.log(f + 0.5)
       idf_sum += idf[t]
       if idf[t] < 0:
         negative.append(t)
-    mean_idf = idf_sum / len(vocab) if len(vocab) else 0.0
+    mean_idf = idf_sum / len(df) if len(df) else 0.0
     idf[negative] = p.epsilon * mean_idf
-    denom_d = p.k1 * (1 - p.b + p.b * doc_len / avgdl)  # [N], same operations as rank_bm25
-    tf64 = tf.astype(np.int64)
-    term = np.repeat(np.arange(len(vocab)), df)
-    value = idf[term] * (tf64 * (p.k1 + 1) / (tf64 + denom_d[rows]))  # rank_bm25's product
-    stats = {"num_docs": n, "avgdl": avgdl, "mean_idf": mean_idf, "num_postings": int(rows.size)}
-    return cls(p, list(ids), vocab, idf, doc_len.astype(np.int32),
-               searcher_lib.id_order(ids), split_shards(indptr, rows, tf, value, doc_len,
-                                                         shard_docs), stats, an)
+    return idf, {"num_docs": n, "avgdl": avgdl, "mean_idf": mean_idf}
+
+  @staticmethod
+  def values(p: BM25Params, stats: dict, idf_p: np.ndarray, tf_p: np.ndarray,
+             doc_len_p: np.ndarray) -> np.ndarray:
+    """float64 value of each posting, from its term's idf, its tf and its passage's length:
+    rank_bm25's operations, element by element (the same bits whichever postings are given)."""
+    denom = p.k1 * (1 - p.b + p.b * doc_len_p / stats["avgdl"])
+    tf64 = tf_p.astype(np.int64)
+    return idf_p * (tf64 * (p.k1 + 1) / (tf64 + denom))
 
   def _applications(self, terms):
     return [(t, 1) for t in terms]  # every token, repeats included, in query order
@@ -375,21 +464,32 @@ class LuceneBM25(SparseBM25):
     _check_corpus(texts, ids)
     an = analyzer if analyzer is not None else get_analyzer(p.analyzer)
     vocab, doc_len, indptr, rows, tf = invert(texts, len(texts), an, show_progress)
-    doc_count = int(np.count_nonzero(doc_len))
-    avgdl = np.float32(int(doc_len.sum()) / doc_count) if doc_count else np.float32(1)
     df = np.diff(indptr)
-    idf = np.array([math.log(1 + (doc_count - f + 0.5) / (f + 0.5)) for f in df.tolist()],
-                   np.float32)
+    idf, stats = cls.idf_and_stats(p, df, doc_len)
     norms = encode_lengths(doc_len)
-    norm_inv = cls._norm_inverse(p, avgdl)
     term = np.repeat(np.arange(len(vocab)), df)
-    value = cls._term_score(idf[term], tf, norm_inv[norms[rows]])  # float32
-    stats = {"num_docs": len(texts), "doc_count": doc_count, "avgdl": float(avgdl),
-             "num_postings": int(rows.size)}
+    value = cls.values(p, stats, idf[term], tf, norms[rows])  # float32
+    stats["num_postings"] = int(rows.size)
     obj = cls(p, list(ids), vocab, idf, doc_len.astype(np.int32), searcher_lib.id_order(ids),
               split_shards(indptr, rows, tf, value, doc_len, shard_docs), stats, an)
     obj.norms = norms
     return obj
+
+  @staticmethod
+  def idf_and_stats(p: BM25Params, df: np.ndarray, doc_len: np.ndarray) -> tuple[np.ndarray, dict]:
+    """(idf [V] float32, stats) from document frequencies and every passage's length."""
+    doc_count = int(np.count_nonzero(doc_len))
+    avgdl = np.float32(int(doc_len.sum()) / doc_count) if doc_count else np.float32(1)
+    idf = np.array([math.log(1 + (doc_count - f + 0.5) / (f + 0.5)) for f in df.tolist()],
+                   np.float32)
+    return idf, {"num_docs": len(doc_len), "doc_count": doc_count, "avgdl": float(avgdl)}
+
+  @classmethod
+  def values(cls, p: BM25Params, stats: dict, idf_p: np.ndarray, tf_p: np.ndarray,
+             norm_p: np.ndarray) -> np.ndarray:
+    """float32 score of one query occurrence per posting, from its term's idf, its tf and its
+    passage's norm byte (element by element: the same bits whichever postings are given)."""
+    return cls._term_score(idf_p, tf_p, cls._norm_inverse(p, np.float32(stats["avgdl"]))[norm_p])
 
   @staticmethod
   def _norm_inverse(p: BM25Params, avgdl: np.float32) -> np.ndarray:
@@ -469,6 +569,7 @@ def build_bm25(collection_or_texts, ids: Sequence[str] | None = None, kind: str 
     analyzer: analyzer name (default: "lucene_english" for lucene, "whitespace_lower" for okapi).
     shard_docs: documents per shard (default: as few shards as int32 indices allow).
   """
+  p = params_for(kind, k1, b, epsilon, analyzer)
   if ids is None:
     if not hasattr(collection_or_texts, "ids"):
       raise ValueError("ids are required when passing texts")
@@ -476,12 +577,18 @@ def build_bm25(collection_or_texts, ids: Sequence[str] | None = None, kind: str 
     texts = [p.contents for p in collection_or_texts]
   else:
     texts = collection_or_texts
+  cls = ExactOkapiBM25 if kind == "okapi" else LuceneBM25
+  return cls.build(texts, ids, p, show_progress=show_progress, shard_docs=shard_docs)
+
+
+def params_for(kind: str = "lucene", k1: float | None = None, b: float | None = None,
+               epsilon: float = 0.25, analyzer: str | None = None) -> BM25Params:
+  """The parameters `build_bm25` uses: okapi defaults to k1/b 1.5/0.75 and "whitespace_lower",
+  lucene to 0.9/0.4 and "lucene_english"."""
   if kind == "okapi":
-    p = okapi_params(1.5 if k1 is None else k1, 0.75 if b is None else b, epsilon,
-                     analyzer or "whitespace_lower")
-    return ExactOkapiBM25.build(texts, ids, p, show_progress=show_progress, shard_docs=shard_docs)
+    return okapi_params(1.5 if k1 is None else k1, 0.75 if b is None else b, epsilon,
+                        analyzer or "whitespace_lower")
   if kind == "lucene":
-    p = BM25Params("lucene", TOPIOCQA_K1_B[0] if k1 is None else k1,
-                   TOPIOCQA_K1_B[1] if b is None else b, epsilon, analyzer or "lucene_english")
-    return LuceneBM25.build(texts, ids, p, show_progress=show_progress, shard_docs=shard_docs)
+    return BM25Params("lucene", TOPIOCQA_K1_B[0] if k1 is None else k1,
+                      TOPIOCQA_K1_B[1] if b is None else b, epsilon, analyzer or "lucene_english")
   raise ValueError(f"kind must be 'lucene' or 'okapi', got {kind!r}")

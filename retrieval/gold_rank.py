@@ -79,8 +79,9 @@ class GoldRanker:
         continue
       rows, _ = searcher.search([truncate_words(texts[i], self.max_query_words) for i in live], k)
       ids = searcher.ids
+      take = getattr(ids, "take", None)  # a batch lookup (index_io.MappedLines)
       for i, r in zip(live, rows.tolist()):
-        out[i] = [ids[x] for x in r if x >= 0]
+        out[i] = take([x for x in r if x >= 0]) if take else [ids[x] for x in r if x >= 0]
     return out
 
   def ranks(self, texts: Sequence[str | None], qids: Sequence[str],

@@ -248,7 +248,32 @@ def config_from_args(args) -> cfglib.RunConfig:
     raise ValueError(f"retrieval.query={cfg.retrieval.query!r}: expected one of {QUERY_FORMS}")
   setup_logging(cfg.run_dir, getattr(args, "stage_name", None))
   enable_compilation_cache()
+  check_retrieval(cfg, getattr(args, "stage_name", None))
   return cfg
+
+
+# The stages that retrieve, and the splits they retrieve over.
+RETRIEVING = {"sdpw": ("train",), "grpo": ("train",), "evaluate": ("test",), "data": ("test",),
+              "pipeline": ("train", "test")}
+
+
+def check_retrieval(cfg: cfglib.RunConfig, stage: str | None) -> None:
+  """At a stage's start, before any model loads: refuses retrieval.rank_workers without an
+  index, and opens retrieval.bm25_index for the splits the stage retrieves over (checked
+  against the run's collection and BM25 settings; `build_searcher` then reuses it)."""
+  r = cfg.retrieval
+  if r.rank_workers < 0:
+    raise ValueError(f"retrieval.rank_workers={r.rank_workers}: expected 0 (in-process) or more")
+  if r.rank_workers and not r.bm25_index and r.kind == "bm25":
+    raise ValueError(f"retrieval.rank_workers={r.rank_workers} needs retrieval.bm25_index (the "
+                     "workers open the index from disk): build one with `cqr-jax index`, or "
+                     "set retrieval.rank_workers=0")
+  if not r.bm25_index or stage not in RETRIEVING or (r.kind != "bm25" and stage != "data"):
+    return
+  bm25_cfg = dataclasses.replace(cfg, retrieval=dataclasses.replace(r, kind="bm25"))
+  for which in RETRIEVING[stage]:
+    split = cfg.data.train_split if which == "train" else cfg.data.test_split
+    build_searcher(bm25_cfg, load_split(cfg, split))
 
 
 
@@ -337,21 +362,27 @@ def build_searcher(cfg: cfglib.RunConfig, ds):
   from retrieval.domains import rows_by_domain
   r = cfg.retrieval
   coll = ds.collection
-  key = (id(coll), r.kind, r.bm25, r.k1, r.b, r.dense_model, r.within_domain)
+  key = (id(coll), r.kind, r.bm25, r.k1, r.b, r.analyzer, r.dense_model, r.within_domain,
+         r.bm25_index, r.rank_workers)
   if key in _SEARCHERS:
     return _SEARCHERS[key][1]
+  if r.kind == "bm25" and r.bm25_index:
+    searcher = open_bm25_index(cfg, coll)
+    _SEARCHERS[key] = (coll, searcher)
+    return searcher
   groups = None  # streamed collections (TopiOCQA, QReCC) carry no domains: not scanned
   if r.within_domain and not isinstance(coll, FileCollection):
     groups = rows_by_domain([p.domain for p in coll], coll.ids())
   if r.kind == "bm25":
     from retrieval.bm25 import build_bm25
-    kw = {"k1": r.k1, "b": r.b} if r.bm25 == "lucene" else {}
+    bp = bm25_params(r)
+    kw = {"kind": bp.kind, "k1": bp.k1, "b": bp.b, "analyzer": bp.analyzer}
     if groups is None:
-      searcher = build_bm25(coll, kind=r.bm25, **kw)
+      searcher = build_bm25(coll, **kw)
     else:
       ids, texts = list(coll.ids()), [p.contents for p in coll]
-      searcher = {d: build_bm25([texts[i] for i in rows], [ids[i] for i in rows], kind=r.bm25,
-                                **kw) for d, rows in groups.items()}
+      searcher = {d: build_bm25([texts[i] for i in rows], [ids[i] for i in rows], **kw)
+                  for d, rows in groups.items()}
   elif r.kind == "dense":
     from retrieval.dense import DenseEncoder, DenseSearcher
     if not r.dense_model:
@@ -368,6 +399,58 @@ def build_searcher(cfg: cfglib.RunConfig, ds):
     raise ValueError(f"retrieval.kind={r.kind!r}: expected 'bm25' or 'dense'")
   _SEARCHERS[key] = (coll, searcher)  # holding the collection: its id is not reused
   return searcher
+
+
+def bm25_params(r: cfglib.RetrievalSection):
+  """The BM25Params of retrieval.bm25 / k1 / b / analyzer (okapi keeps rank_bm25's k1/b)."""
+  from retrieval.bm25 import params_for
+  kw = {"k1": r.k1, "b": r.b} if r.bm25 == "lucene" else {}
+  return params_for(r.bm25, analyzer=r.analyzer or None, **kw)
+
+
+def by_domain(cfg: cfglib.RunConfig, coll) -> bool:
+  """Whether BM25 is split by passage domain for this collection (streamed ones carry none)."""
+  from cqr_jax.data.collection import FileCollection
+  return cfg.retrieval.within_domain and not isinstance(coll, FileCollection)
+
+
+_BM25_INDEXES: dict = {}  # (path, params) -> [local folder, manifest, parts, {workers: pool}]
+
+
+def open_bm25_index(cfg: cfglib.RunConfig, coll):
+  """retrieval.bm25_index checked against `coll` and this run's BM25 settings (a one-line
+  ValueError otherwise), opened memory-mapped once per process: a searcher, or {domain:
+  searcher}; with retrieval.rank_workers, searchers whose searches run in a pool of worker
+  processes (retrieval/rank_pool.py) shared by every collection of the process."""
+  from retrieval import bm25_store
+  r = cfg.retrieval
+  params = bm25_params(r)
+  t0 = time.time()
+  local, m = bm25_store.check_index(
+      r.bm25_index, params, lambda: bm25_store.cached_fingerprint(coll, by_domain(cfg, coll)))
+  key = (r.bm25_index, params)
+  if key not in _BM25_INDEXES or _BM25_INDEXES[key][1] != m:
+    _BM25_INDEXES[key] = [local, m, bm25_store.load_parts(r.bm25_index, local, m), {}]
+  _, _, parts, pools = _BM25_INDEXES[key]
+  if r.rank_workers:
+    from retrieval.rank_pool import PooledSearcher, RankPool
+    dirs = bm25_store.part_dirs(local, m)
+    if r.rank_workers not in pools:
+      pools[r.rank_workers] = RankPool(r.rank_workers, list(dirs.values()))
+    parts = {d: PooledSearcher(pools[r.rank_workers], dirs[d], idx) for d, idx in parts.items()}
+  log.info("BM25 index %s: %d passages in %d part(s), %s, checked and opened in %.1fs%s",
+           r.bm25_index, m["corpus"]["num_docs"], len(parts), m["kind"], time.time() - t0,
+           f"; {r.rank_workers} rank workers" if r.rank_workers else "")
+  return parts[None] if list(parts) == [None] else parts
+
+
+def close_rank_pools() -> None:
+  """Stops the rank worker processes (they also stop when this process exits)."""
+  for entry in _BM25_INDEXES.values():
+    for pool in entry[3].values():
+      pool.close()
+    entry[3].clear()
+  _SEARCHERS.clear()
 
 
 def build_ranker(cfg: cfglib.RunConfig, ds, max_words: int):

@@ -4,7 +4,8 @@ folder is a local path or a gs:// URI (cqr_jax/paths.py; issue 32).
 
 A later command starts from `<run>/config.yaml`; a `--preset`, `--config` or `--set` that changes
 a field that outputs already in the folder depend on is refused, naming the field. Fields no
-output depends on (`FREE`: the eval section, the mesh, the run's name and folder) may differ.
+output depends on (`FREE`: the eval section, the mesh, the run's name and folder, the BM25
+index's location and its workers) may differ.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from cqr_jax import config as cfglib
 from cqr_jax import configlib, paths
 
 CONFIG_FILE = "config.yaml"
-FREE = ("eval.", "mesh.", "run_dir", "name", "data.test_split", "data.max_test_turns")
+FREE = ("eval.", "mesh.", "run_dir", "name", "data.test_split", "data.max_test_turns",
+        "retrieval.bm25_index", "retrieval.rank_workers")  # (an index is checked against the run)
 TRAINING = ("sdpw", "sft", "grpo")  # a section's outputs feed every later stage and eval
 OUTPUTS = TRAINING + ("eval", "export")
 
