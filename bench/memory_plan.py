@@ -248,6 +248,8 @@ def _variant(r: dict) -> str:
     parts.append("**no constraints**")
   if r.get("num_layers"):
     parts.append(f"{r['num_layers']} layers")
+  if r["program"] == "sampler" and r.get("prompts", 128) != 128:
+    parts.append(f"{r['prompts']} prompts per call (rollout.prompts_per_call)")
   if r.get("target", "cpu") != "cpu":
     parts.append(r["target"])
   return ", ".join(parts) or "-"
@@ -327,6 +329,8 @@ def default_jobs() -> list[Job]:
         jobs.append(Job(model, program, (1, devices, 1)))
   for program in ("train", "sampler"):
     jobs.append(Job("qwen2.5-3b", program, (1, 16, 1), constraints=False))
+  for prompts in (64, 32):  # the step's 128 prompts sampled in 2 or 4 calls
+    jobs.append(Job("llama3.2-3b", "sampler", (1, 16, 1), prompts=prompts))
   return jobs
 
 
@@ -352,6 +356,8 @@ def main(argv=None) -> int:
                   "the TPU compiler needs libtpu importable (pip install libtpu; a --target "
                   "folder on PYTHONPATH is enough)")
   ap.add_argument("--num-layers", type=int, default=None, help="override the layer count")
+  ap.add_argument("--prompts", type=int, default=128,
+                  help="sampler: prompts per call (rollout.prompts_per_call; 128 = a step's)")
   ap.add_argument("--no-scan", action="store_true", help="unrolled blocks instead of a scan")
   ap.add_argument("--no-constraints", action="store_true",
                   help="lower without a mesh in context: none of the library's activation "
@@ -378,7 +384,7 @@ def main(argv=None) -> int:
       mesh = tuple(int(x) for x in parts[2].split(","))
       jobs.append(Job(parts[0], parts[1], mesh, *([int(parts[3])] if len(parts) > 3 else []),
                       scan=not args.no_scan, constraints=not args.no_constraints,
-                      num_layers=args.num_layers, target=args.target))
+                      num_layers=args.num_layers, target=args.target, prompts=args.prompts))
   done = {_key(r) for r in results if "error" not in r}
   env = dict(os.environ)
   need = max(j.devices for j in jobs)

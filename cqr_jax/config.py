@@ -65,6 +65,7 @@ class RetrievalSection:
   analyzer: str = ""          # BM25 analyzer ("": lucene_english, okapi: whitespace_lower)
   bm25_index: str = ""        # BM25 index from `cqr-jax index` (path or gs://; "": built in memory)
   rank_workers: int = 0       # BM25 search processes per host over bm25_index (0: in-process)
+  dense_index: str = ""       # from `cqr-jax index --dense` (path or gs://; "": encoded in memory)
   # What a parsed rewrite sends to the retriever, in the reward, the SDPW filter and evaluation
   # alike (cqr_jax.parsing.retrieval_query): "rewrite" (the paper) or "question+rewrite" (the
   # user's question, then the rewrite: a rewrite adds context but cannot drop the question).
@@ -91,12 +92,16 @@ class RolloutSection:
   # buckets waste fewer tokens in the update, at one compile per bucket used.
   prompt_buckets: tuple[int, ...] = ()
   # Matmul dtype of sampling ("float32" / "bfloat16"; None: model.compute_dtype). On a CPU with
-  # AMX-BF16 a bf16 rollout is ~1.4x faster than f32 while the f32 update stays the faster one
-  # (bench/results/sampler.md); on AVX2-only CPUs bf16 is the slow path.
+  # BF16 instructions a bf16 rollout beats f32 while the f32 update stays the faster one
+  # (bench/results/sampler_cpu_default_dtype.md); on AVX2-only CPUs bf16 is the slow path.
   compute_dtype: str | None = None
   # The prompt pass runs the prompts' common prefix (the template's instructions) once when it
   # spans at least this many tokens (SamplerConfig.shared_prefix_min; 0 = off).
   shared_prefix_min: int = 64
+  # GRPO samples a step's prompts in calls of at most this many (0 = one call): the generation
+  # cache scales with a call's rows, so this bounds the sampler's memory per chip
+  # (bench/results/memory_plan.md). The rollouts are those of one call with other random draws.
+  prompts_per_call: int = 0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -156,15 +156,13 @@ def main_only(fn: Callable[..., T]) -> Callable[..., T | None]:
 
 def process_slice(global_batch_size: int, mesh: Mesh | None = None,
                   spec: PartitionSpec | None = None) -> slice:
-  """The rows of a global batch that this process feeds.
+  """The rows of a global batch that this process feeds, as one block.
 
   Without a mesh the batch splits evenly in process order (process p gets block p): a division
   of host work (e.g. GRPO's gold ranks, gathered back in process order by `allgather`) that is
-  tied to no device, so it holds for any mesh. With `mesh` and `spec` (the batch array's
-  PartitionSpec) the rows are read off the sharding itself, so they also hold for batches
-  replicated over some mesh axes; they must then be one contiguous block, which a TPU slice's
-  topology order need not give (issue 32): arrays that every process holds whole are placed with
-  `jax.make_array_from_callback` instead (train/rollout_batch.place, the sampler).
+  tied to no device, so it holds for any mesh. With `mesh` and `spec` it is `process_rows` as a
+  slice, and refuses when those rows are not one block, which a TPU slice's topology order need
+  not give (issue 32): use `process_rows` then.
   """
   if global_batch_size < 1:
     raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
@@ -175,17 +173,27 @@ def process_slice(global_batch_size: int, mesh: Mesh | None = None,
                        f"{n} processes")
     per = global_batch_size // n
     return slice(p * per, (p + 1) * per)
+  rows = process_rows(global_batch_size, mesh, spec)
+  if not len(rows):
+    raise ValueError("this process holds no device of the mesh, so no rows of the batch")
+  if rows[-1] - rows[0] + 1 != len(rows):
+    raise ValueError(f"this process's rows of the batch are not contiguous under spec {spec} "
+                     f"(rows {rows.tolist()}): use distributed.process_rows")
+  return slice(int(rows[0]), int(rows[-1]) + 1)
+
+
+def process_rows(global_batch_size: int, mesh: Mesh, spec: PartitionSpec | None) -> np.ndarray:
+  """The rows (increasing indices) of a global batch that this process's devices hold when the
+  batch is laid out by `spec` (its first entry shards the rows; the rest is ignored) on `mesh`,
+  for any device order: on a mesh that interleaves the processes along the batch axis, every
+  other block. `global_batch_from_local` takes this process's rows in this order."""
+  if global_batch_size < 1:
+    raise ValueError(f"global_batch_size must be >= 1, got {global_batch_size}")
   batch_spec = PartitionSpec(spec[0]) if spec is not None and len(spec) else PartitionSpec()
   sharding = NamedSharding(mesh, batch_spec)
   index_map = sharding.addressable_devices_indices_map((global_batch_size,))
-  rows = sorted({idx[0].indices(global_batch_size)[:2] for idx in index_map.values()})
-  start, stop = rows[0][0], rows[0][1]
-  for a, b in rows[1:]:
-    if a != stop:
-      raise ValueError(f"this process's rows of the batch are not contiguous under spec {spec} "
-                       f"(blocks {rows}); order the mesh so each process's devices are adjacent")
-    stop = b
-  return slice(start, stop)
+  blocks = {idx[0].indices(global_batch_size)[:2] for idx in index_map.values()}
+  return np.array(sorted({r for a, b in blocks for r in range(a, b)}), np.int64)
 
 
 def interleaved(devices: list | None = None, run: int = 1) -> list:
@@ -210,11 +218,14 @@ def _is_spec(x: Any) -> bool:
 
 
 def global_batch_from_local(local_tree: Any, mesh: Mesh, spec: Any) -> Any:
-  """Builds global jax.Arrays from each process's own rows (jax.make_array_from_process_local_data).
+  """Builds global jax.Arrays from each process's own rows (`make_array_from_process_local_data`),
+  for a pipeline in which each process reads only the rows its devices hold (a batch that every
+  process holds whole goes through `sharding.shard_batch`).
 
   Args:
-    local_tree: pytree of numpy arrays holding this process's rows (`process_slice`); the
-      leading dim is the batch.
+    local_tree: pytree of numpy arrays holding this process's rows, `process_rows(B, mesh, s)`
+      of the global batch in that (increasing) order: on a mesh that interleaves the processes
+      along the batch axis these are not one block. The leading dim is the batch.
     mesh: the global mesh.
     spec: one PartitionSpec for every leaf, or a pytree of PartitionSpecs that is a prefix of
       `local_tree`.

@@ -192,3 +192,29 @@ def copy_tree(src: PathLike, dst: PathLike) -> None:
     makedirs(out)
     for name in files:
       copy(os.path.join(root, name), os.path.join(os.fspath(out), name))
+
+
+def listing(p: PathLike) -> dict[str, dict]:
+  """{name relative to `p`: {"size", "version"}} of every file under the folder `p`, or
+  {basename: ...} when `p` is one file ({} when neither exists). `version` is what changes when
+  the content does: an object's generation (else its MD5), a local file's mtime."""
+  s = os.fspath(p).rstrip("/")
+  if not is_uri(s):
+    if os.path.isfile(s):
+      return {os.path.basename(s): _local_info(s)}
+    return {os.path.relpath(f, s): _local_info(f) for f in files_under(s)}
+  import fsspec
+  fs, root = fsspec.core.url_to_fs(s)
+  out = {}
+  for name, info in fs.find(root, detail=True).items():
+    if info.get("type") == "directory" or name.endswith("/"):
+      continue  # a folder placeholder object
+    rel = os.path.basename(name) if name == root else name[len(root) + 1:]
+    version = info.get("generation") or info.get("md5Hash") or info.get("etag") or ""
+    out[rel] = {"size": int(info["size"]), "version": str(version)}
+  return out
+
+
+def _local_info(f: str) -> dict:
+  st = os.stat(f)
+  return {"size": st.st_size, "version": str(st.st_mtime_ns)}

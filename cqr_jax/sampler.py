@@ -181,6 +181,27 @@ class Rollouts:
     """Sample r's completion ids (masked part only)."""
     return self.completion_ids[r, :self.completion_lengths[r]].tolist()
 
+  @staticmethod
+  def concat(parts: Sequence["Rollouts"], pad_id: int) -> "Rollouts":
+    """The rollouts of several calls, prompt-major in order; prompts left-padded to the widest."""
+    if len(parts) == 1:
+      return parts[0]
+    if len({r.n for r in parts}) != 1 or len({r.completion_ids.shape[1] for r in parts}) != 1:
+      raise ValueError("Rollouts.concat: the calls differ in n or in max_new_tokens")
+    width = max(r.prompt_ids.shape[1] for r in parts)
+
+    def left_pad(x, fill):
+      return np.pad(x, ((0, 0), (width - x.shape[1], 0)), constant_values=fill)
+
+    return Rollouts(
+        np.concatenate([left_pad(r.prompt_ids, pad_id) for r in parts]),
+        np.concatenate([left_pad(r.prompt_mask, False) for r in parts]),
+        np.concatenate([r.completion_ids for r in parts]),
+        np.concatenate([r.completion_mask for r in parts]),
+        np.concatenate([r.logprobs for r in parts]),
+        [x for r in parts for x in r.finish_reasons], [x for r in parts for x in r.texts],
+        parts[0].n, np.concatenate([r.prompt_truncated for r in parts]))
+
   def take(self, prompts: Sequence[int]) -> "Rollouts":
     """The rollouts of these prompts (indices into 0..B-1), in that order, with their n rows."""
     prompts = np.asarray(prompts, np.int64)

@@ -156,19 +156,25 @@ def batch_sharding(mesh, ndim: int = 2) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def shard_batch(batch, mesh):
-  """Places a pytree of host arrays (this process's rows) batch-sharded on the mesh.
+def put_global(x, sharding: NamedSharding) -> jax.Array:
+  """The host array `x`, held whole and identical by every process, laid out as `sharding`.
 
-  Single process: the arrays are the global batch. Multi-host: each process passes its local
-  slice and the global batch is their concatenation in process order.
+  One process: a `device_put`. Several: each process hands its own devices the blocks they hold
+  (`jax.make_array_from_callback`), which holds for any device order; a TPU slice's mesh can
+  interleave the processes along the batch axis (0,1,2,3,0,1,2,3,... on v4-32 / v5p-32, issue 32),
+  so a process's rows need not be one block.
   """
-  def put(x):
-    x = np.asarray(x)
-    sh = batch_sharding(mesh, x.ndim)
-    if jax.process_count() == 1:
-      return jax.device_put(x, sh)
-    return jax.make_array_from_process_local_data(sh, x)
-  return jax.tree.map(put, batch)
+  x = np.asarray(x)
+  if jax.process_count() == 1:
+    return jax.device_put(x, sharding)
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def shard_batch(batch, mesh):
+  """Places a pytree of host arrays, the global batch (the same on every process), with each
+  leading axis over ("data", "fsdp") (`put_global`). A pipeline in which each process reads only
+  its own rows uses `distributed.process_rows` and `distributed.global_batch_from_local`."""
+  return jax.tree.map(lambda x: put_global(x, batch_sharding(mesh, np.ndim(x))), batch)
 
 
 def cache_shardings(cache, mesh):

@@ -1,17 +1,20 @@
 """Text analyzers for BM25: a whitespace tokenizer and a Lucene-style English analyzer.
 
 The English analyzer mirrors the chain pyserini's default index uses (method.md 4.2: Lucene's
-English analyzer): tokenize on word boundaries, drop a trailing possessive 's, lowercase, remove
-Lucene's 33 English stop words, Porter-stem. The tokenizer is a regex approximation of Lucene's
-StandardTokenizer (Unicode UAX#29 word breaks); docs/retrieval.md lists where they can differ.
+English analyzer): StandardTokenizer (Unicode UAX#29 word breaks; here the `regex` module's word
+boundaries plus Lucene's token types), drop a trailing possessive 's, lowercase per code point,
+remove Lucene's 33 English stop words, Porter-stem. Checked against pyserini itself, tokens, top-10
+and scores (bench/bench_bm25_pyserini.py, tests/retrieval/test_bm25_pyserini.py); docs/retrieval.md
+lists where they can still differ.
 
-Analyzers are named so an index on disk records which one built it (`get_analyzer(name)`).
-"""
+Analyzers are named so an index on disk records which one built it (`get_analyzer(name)`)."""
 
 from __future__ import annotations
 
 import re
 from typing import Callable
+
+import regex
 
 Analyzer = Callable[[str], list[str]]
 
@@ -221,15 +224,99 @@ class _Stem:
       self.k -= 1
 
 
-# A word: word characters, joined by ' . : between letters or ' . , ; between digits (UAX#29
-# MidLetter / MidNum / MidNumLet). Underscore joins like UAX#29's ExtendNumLet.
-_WORD_RE = re.compile(
-    r"\w+(?:(?:(?<=[^\W\d_])['\u2019.:](?=[^\W\d_])|(?<=\d)['\u2019.,;](?=\d))\w+)*")
+# Lucene's StandardTokenizer: Unicode UAX#29 word segments, emitted when they hold a letter, a
+# digit, an ideograph, kana, a Southeast Asian run or an emoji; pure punctuation and "_" runs are
+# dropped; tokens longer than 255 characters are cut (its default maxTokenLength).
+MAX_TOKEN_LENGTH = 255
+# ASCII text: a word is [A-Za-z0-9_] runs joined by ' . : between letters or ' . , ; between digits
+# (UAX#29 MidLetter / MidNum / MidNumLet); the same segments the Unicode path finds, faster.
+_ASCII_WORD_RE = re.compile(
+    r"\w+(?:(?:(?<=[A-Za-z])['.:](?=[A-Za-z])|(?<=[0-9])['.,;](?=[0-9]))\w+)*", re.ASCII)
+# Other text: UAX#29 word boundaries (the `regex` module's WORD flag), then Lucene's token types.
+_BOUNDARY = regex.compile(r"\b", regex.WORD | regex.V1)
+# Extended_Pictographic as Unicode's emoji-data.txt defines it, which Lucene's grammar uses (the
+# `regex` module's \p{Extended_Pictographic} is narrower: 2,830 code points), plus the emoji
+# modifiers and the 1FB00 block that Lucene also emits alone (checked code point by code point).
+_PICTOGRAPHS = (
+    "\u00a9\u00ae\u203c\u2049\u2122\u2139\u2194-\u2199\u21a9\u21aa\u231a\u231b\u2328\u2388\u23cf"
+    "\u23e9-\u23f3\u23f8-\u23fa\u24c2\u25aa\u25ab\u25b6\u25c0\u25fb-\u25fe\u2600-\u2605"
+    "\u2607-\u2612\u2614-\u2685\u2690-\u2705\u2708-\u2712\u2714\u2716\u271d\u2721\u2728\u2733"
+    "\u2734\u2744\u2747\u274c\u274e\u2753-\u2755\u2757\u2763-\u2767\u2795-\u2797\u27a1\u27b0"
+    "\u27bf\u2934\u2935\u2b05-\u2b07\u2b1b\u2b1c\u2b50\u2b55\u3030\u303d\u3297\u3299"
+    "\U0001f000-\U0001f0ff\U0001f10d-\U0001f10f\U0001f12f\U0001f16c-\U0001f171\U0001f17e"
+    "\U0001f17f\U0001f18e\U0001f191-\U0001f19a\U0001f1ad-\U0001f1e5\U0001f201-\U0001f20f"
+    "\U0001f21a\U0001f22f\U0001f232-\U0001f23a\U0001f23c-\U0001f23f\U0001f249-\U0001f3fa"
+    "\U0001f3fb-\U0001f3ff\U0001f400-\U0001f53d\U0001f546-\U0001f64f\U0001f680-\U0001f6ff"
+    "\U0001f774-\U0001f77f\U0001f7d5-\U0001f7ff\U0001f80c-\U0001f80f\U0001f848-\U0001f84f"
+    "\U0001f85a-\U0001f85f\U0001f888-\U0001f88f\U0001f8ae-\U0001f8ff\U0001f90c-\U0001f93a"
+    "\U0001f93c-\U0001f945\U0001f947-\U0001faff\U0001fb00-\U0001fbff\U0001fc00-\U0001fffd")
+# Segments Lucene emits: a letter, digit, Han character (radicals included) or kana (its ALPHANUM,
+# NUM, IDEOGRAPHIC, HIRAGANA, KATAKANA, HANGUL types), or a pictograph (EMOJI).
+_EMITTED = regex.compile(
+    r"[\p{WB=ALetter}\p{WB=Hebrew_Letter}\p{WB=Numeric}\p{WB=Katakana}\p{Script=Han}"
+    r"\p{Script=Hiragana}\p{WB=Regional_Indicator}" + _PICTOGRAPHS + "]")
+_REGIONAL = regex.compile(r"\p{WB=Regional_Indicator}")
+_SOUTHEAST_ASIAN = regex.compile(r"(\p{LB=SA}+)")  # Thai, Lao, ...: a run is one token
 _POSSESSIVE = ("'s", "\u2019s", "\uff07s")
 
 
+def _unicode_segments(text: str) -> list[str]:
+  out = []
+  for i, part in enumerate(_SOUTHEAST_ASIAN.split(text)):
+    if i % 2:
+      out.append(part)
+    elif part:
+      for seg in _BOUNDARY.split(part):
+        if not _EMITTED.search(seg):
+          continue
+        if seg[0].isspace():  # a space and an emoji modifier (WB4): Lucene emits the modifier
+          seg = seg.lstrip()
+        if len(seg) > 1 or not _REGIONAL.match(seg):  # a lone regional indicator is no flag
+          out.append(seg)
+  return out
+
+
+def _cut(tok: str) -> list[str]:
+  """Lucene's maxTokenLength: the longest token within the first 255 characters, then the rest
+  scanned again (lengths counted in code points; Java counts UTF-16 units)."""
+  out = []
+  while len(tok) > MAX_TOKEN_LENGTH:
+    head = tokenize(tok[:MAX_TOKEN_LENGTH])[0]
+    out.append(head)
+    tok = tok[tok.index(head) + len(head):]
+  return out + tokenize(tok)
+
+
+def tokenize(text: str) -> list[str]:
+  """Lucene StandardTokenizer's tokens of `text` (docs/retrieval.md lists what is left out)."""
+  if text.isascii():
+    toks = [t for t in _ASCII_WORD_RE.findall(text) if t.strip("_")]
+  else:  # no UAX#29 rule joins across white space: only non-ASCII words take the slow path
+    toks, run = [], []
+    for word in text.split():
+      if word.isascii():
+        run.append(word)
+        continue
+      if run:
+        toks += [t for t in _ASCII_WORD_RE.findall(" ".join(run)) if t.strip("_")]
+        run = []
+      toks += _unicode_segments(word)
+    if run:
+      toks += [t for t in _ASCII_WORD_RE.findall(" ".join(run)) if t.strip("_")]
+  if any(len(t) > MAX_TOKEN_LENGTH for t in toks):
+    toks = [p for t in toks for p in (_cut(t) if len(t) > MAX_TOKEN_LENGTH else [t])]
+  return toks
+
+
+def _lower(tok: str) -> str:
+  """Java's Character.toLowerCase per code point (LowerCaseFilter): no final sigma, İ -> i."""
+  if tok.isascii():
+    return tok.lower()
+  return "".join("i" if c == "\u0130" else c.lower() for c in tok)
+
+
 class LuceneEnglishAnalyzer:
-  """StandardTokenizer (approx.) -> EnglishPossessiveFilter -> LowerCase -> Stop -> PorterStem."""
+  """StandardTokenizer -> EnglishPossessiveFilter -> LowerCase -> Stop -> PorterStem."""
 
   name = "lucene_english"
 
@@ -239,10 +326,10 @@ class LuceneEnglishAnalyzer:
 
   def __call__(self, text: str) -> list[str]:
     out = []
-    for tok in _WORD_RE.findall(text):
+    for tok in tokenize(text):
       if tok[-2:].lower() in _POSSESSIVE:
         tok = tok[:-2]
-      tok = tok.lower()
+      tok = _lower(tok)
       if not tok or tok in self.stop_words:
         continue
       out.append(self.stemmer.stem(tok) if self.stemmer else tok)

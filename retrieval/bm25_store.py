@@ -17,19 +17,22 @@ from there.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from retrieval import bm25 as bm25_lib
 from retrieval import index_io
+from retrieval import manifest as manifest_lib
 from retrieval.bm25_build import INT32_POSTINGS, Fingerprint, StreamBuilder
+from retrieval.manifest import MANIFEST
 
-MANIFEST, FORMAT, VERSION = "manifest.json", "cqr-jax-bm25-index", 1
+# Version 2: the Lucene-style tokenizer follows StandardTokenizer on non-ASCII text (session 23);
+# indexes of version 1 hold other tokens for it and are refused.
+FORMAT, VERSION = "cqr-jax-bm25-index", 2
 WHOLE = "all"
 REBUILD = "rebuild it with `cqr-jax index`"
 
@@ -224,20 +227,8 @@ def build_index(passages: Iterable, out: str, params: bm25_lib.BM25Params, *,
 # -------------------------------------------------------------------------------------- open
 def read_manifest(path: str, local_dir: str | None = None) -> dict:
   """The manifest of the index at `path` (read from `local_dir` when given)."""
-  paths = _paths()
-  f = os.path.join(local_dir or path, MANIFEST)
-  if not paths.exists(f):
-    raise ValueError(f"{path}: no BM25 index here ({MANIFEST} missing): build one with "
-                     "`cqr-jax index`")
-  try:
-    m = json.loads(paths.read_text(f))
-  except (OSError, ValueError) as e:
-    raise ValueError(f"{path}: unreadable {MANIFEST} ({e}): {REBUILD}") from None
-  if not isinstance(m, dict) or m.get("format") != FORMAT or m.get("version") != VERSION:
-    got = (m.get("format"), m.get("version")) if isinstance(m, dict) else m
-    raise ValueError(f"{path}: not a {FORMAT} v{VERSION} index (format, version = {got}): "
-                     f"{REBUILD}")
-  return m
+  return manifest_lib.read(path, fmt=FORMAT, version=VERSION, what="BM25",
+                           build_cmd="cqr-jax index", local_dir=local_dir)
 
 
 def check_params(path: str, m: dict, params: bm25_lib.BM25Params) -> None:
@@ -293,33 +284,17 @@ def check_corpus(path: str, m: dict, corpus: dict) -> None:
                          f"({_short(p)}; this run: {_short(c)}): {REBUILD}")
 
 
-@contextlib.contextmanager
-def _locked(lock_path: str) -> Iterator[None]:
-  import fcntl
-  os.makedirs(os.path.dirname(lock_path), exist_ok=True)
-  with open(lock_path, "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def cache_root() -> str:
-  return (os.environ.get("CQR_JAX_CACHE")
-          or os.path.join(os.path.expanduser("~"), ".cache", "cqr_jax"))
-
-
 def local_copy(uri: str) -> str:
   """A local folder holding the index at `uri` (a gs:// URI): the cached copy when its manifest
   is the same, else a fresh download whose files' sizes and hashes are checked. Processes of
   one host share it (a file lock)."""
   paths = _paths()
   uri = paths.absolute(uri)
+  from cqr_jax.input_cache import cache_root, host_lock
   d = os.path.join(cache_root(), "bm25", hashlib.sha1(uri.encode()).hexdigest()[:16])
   remote = read_manifest(uri)
   text = json.dumps(remote, sort_keys=True)
-  with _locked(d + ".lock"):
+  with host_lock(d + ".lock"):
     mine = os.path.join(d, MANIFEST)
     if os.path.exists(mine):
       with open(mine, encoding="utf-8") as f:

@@ -252,7 +252,13 @@ class DenseEncoder:
   """Tokenizer + jitted `BertEncoder`: `encode(texts) -> [N, E] float32`.
 
   Texts are sorted by length and padded to power-of-two buckets (>= 16, <= max_length), in
-  fixed-size batches, so a corpus compiles a handful of shapes.
+  fixed-size batches that never mix buckets, so a corpus compiles a handful of shapes and a
+  text's padded length is a function of its own length. With a mesh the batch is split over
+  every device (inputs built on each process from the same host batch, output replicated, so a
+  mesh that spans processes works when every process passes the same texts). A row's embedding
+  then depends only on its text and the rows per device: on CPU it is bit-identical for any
+  device count, batch order or neighbours at equal rows per device (tests/retrieval/
+  test_dense_index.py), which `cqr-jax index --dense` relies on.
   """
 
   def __init__(self, model: BertEncoder, tokenizer, max_length: int, batch_size: int = 64,
@@ -264,12 +270,16 @@ class DenseEncoder:
         model.config.hidden_size)
     graphdef, state = nnx.split(model)
     self._batch_sharding = None
+    fwd = lambda s, ids, mask: nnx.merge(graphdef, s)(ids, mask)
     if mesh is not None:  # data parallel: params replicated, batch split over every mesh axis
       P = jax.sharding.PartitionSpec
-      state = jax.device_put(state, jax.sharding.NamedSharding(mesh, P()))
+      whole = jax.sharding.NamedSharding(mesh, P())
+      state = jax.tree.map(lambda x: _global(np.asarray(x), whole), state)
       self._batch_sharding = jax.sharding.NamedSharding(mesh, P(tuple(mesh.axis_names)))
+      self._fwd = jax.jit(fwd, out_shardings=whole)
+    else:
+      self._fwd = jax.jit(fwd)
     self._state = state
-    self._fwd = jax.jit(lambda s, ids, mask: nnx.merge(graphdef, s)(ids, mask))
 
   @classmethod
   def from_hf(cls, path: str | os.PathLike, pooling: str = "cls_linear_ln",
@@ -287,19 +297,37 @@ class DenseEncoder:
       max_length = _default_max_length(path, model.config, tok)
     return cls(model, tok, max_length, batch_size, mesh)
 
-  def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
-    enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length,
-                         padding=False, return_attention_mask=False)
-    return enc["input_ids"]
+  def tokenize(self, texts: Sequence[str], slice_size: int = 1024) -> list[list[int]]:
+    """Token ids of each text, truncated to max_length. The tokenizer sees `slice_size` texts at
+    a time: its per-call encodings keep every token before truncation (about 50 KB per
+    100-word passage, bench/results/dense_index.md), the ids kept here a tenth of that."""
+    out: list[list[int]] = []
+    for s in range(0, len(texts), slice_size):
+      out += self.tokenizer(list(texts[s:s + slice_size]), truncation=True,
+                            max_length=self.max_length, padding=False,
+                            return_attention_mask=False)["input_ids"]
+    return out
 
   def _bucket(self, n: int) -> int:
     return min(max(16, 1 << (max(n, 1) - 1).bit_length()), self.max_length)
+
+  @staticmethod
+  def _batches(bucket_n: Sequence[int], bs: int) -> list[tuple[int, int]]:
+    """[start, end) row ranges of at most `bs` rows over rows sorted by bucket, cut where the
+    bucket changes."""
+    out, s = [], 0
+    while s < len(bucket_n):
+      e = min(s + bs, len(bucket_n))
+      e = s + int(np.searchsorted(-np.asarray(bucket_n[s:e]), -bucket_n[s], side="right"))
+      out.append((s, e))
+      s = e
+    return out
 
   def embed_ids(self, ids_bt: np.ndarray, mask_bt: np.ndarray) -> jax.Array:
     """[B, T] token ids + attention mask -> [B, E] embeddings (jitted)."""
     ids_bt, mask_bt = np.asarray(ids_bt, np.int32), np.asarray(mask_bt, np.int32)
     if self._batch_sharding is not None:
-      ids_bt, mask_bt = jax.device_put((ids_bt, mask_bt), self._batch_sharding)
+      ids_bt, mask_bt = (_global(x, self._batch_sharding) for x in (ids_bt, mask_bt))
     return self._fwd(self._state, ids_bt, mask_bt)
 
   def encode(self, texts: Sequence[str], batch_size: int | None = None,
@@ -311,12 +339,12 @@ class DenseEncoder:
     toks = self.tokenize(texts)
     order = np.argsort([-len(t) for t in toks], kind="stable")
     out = np.zeros((len(toks), self.dim), np.float32)
-    starts = range(0, len(order), bs)
+    starts = self._batches([self._bucket(len(toks[r])) for r in order], bs)
     if progress:
       from tqdm.auto import tqdm
       starts = tqdm(starts, desc="encode", unit="batch")
-    for s in starts:
-      rows = order[s:s + bs]
+    for s, e in starts:
+      rows = order[s:e]
       t = self._bucket(max(len(toks[r]) for r in rows))
       ids_bt = np.full((bs, t), self.pad_id, np.int32)
       mask_bt = np.zeros((bs, t), np.int32)
@@ -326,3 +354,9 @@ class DenseEncoder:
         mask_bt[i, :len(toks[r])] = 1
       out[rows] = np.asarray(self.embed_ids(ids_bt, mask_bt))[:len(rows)]
     return out
+
+
+def _global(x: np.ndarray, sharding) -> jax.Array:
+  """A host array placed with `sharding`, each process filling its own devices' parts (the
+  same value on every process), so the sharding may span processes."""
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])

@@ -181,7 +181,7 @@ def make_search_fn(mesh: Mesh, n_rows: int, k: int, precision=None, prune: bool 
     r_qk = jnp.take_along_axis(r_qm, j_qk, axis=1)
     return v_qk, jnp.where(jnp.isneginf(v_qk), -1, r_qk)
 
-  return jax.jit(search)
+  return jax.jit(search, out_shardings=NamedSharding(mesh, P()))  # replicated: every process
 
 
 def _rows_fn(embeddings):
@@ -215,7 +215,8 @@ class DenseSearcher:
     encoder: a `DenseEncoder` for `search(texts)` (None: only `search_embeddings`).
     embeddings: [N, D] array (may be a memmap), a list of [n_i, D] shards, or an `EmbeddingStore`.
     ids: row -> passage id (unique).
-    mesh: corpus chunks are spread over all its devices (default: one device).
+    mesh: corpus chunks are spread over all its devices (default: one device); it may span
+      processes (each fills its own devices' chunks; see `collective`).
     chunk_size: corpus rows scored at once per device (memory: query_batch * chunk_size * 4 B).
     query_batch: queries per jitted call (fewer are padded to a power of two).
     dtype: corpus dtype on device; float32 keeps the search exact, bfloat16 halves HBM.
@@ -266,6 +267,12 @@ class DenseSearcher:
     self._q_sharding = NamedSharding(self.mesh, P())
     self._fns: dict[int, object] = {}
 
+  @property
+  def collective(self) -> bool:
+    """True when the mesh spans several processes: every process must then pass the same
+    queries to each search (the queries are replicated, the result comes back whole on each)."""
+    return len({d.process_index for d in self.mesh.devices.flat}) > 1
+
   def search(self, queries: Sequence[str], k: int) -> tuple[np.ndarray, np.ndarray]:
     """Encodes and searches texts -> (rows int64 [Q, k], scores float64 [Q, k]); pad -1 / -inf."""
     if self.encoder is None:
@@ -294,7 +301,8 @@ class DenseSearcher:
       pad = min(self.query_batch, 1 << max(len(qb) - 1, 0).bit_length())
       qp = np.zeros((pad, self.dim), np.float32)
       qp[:len(qb)] = qb
-      qj = jax.device_put(qp.astype(self.chunks.dtype), self._q_sharding)
+      qp = qp.astype(self.chunks.dtype)
+      qj = jax.make_array_from_callback(qp.shape, self._q_sharding, lambda idx: qp[idx])
       v, r = self._fns[k](qj, self.chunks, self.starts)
       scores_qk[s:s + len(qb)] = np.asarray(v)[:len(qb)]
       rows_qk[s:s + len(qb)] = np.asarray(r)[:len(qb)]

@@ -29,7 +29,7 @@ import numpy as np
 
 from retrieval import bm25 as bm25_lib
 
-FORMAT, VERSION = "cqr-jax-bm25", 1
+FORMAT, VERSION = "cqr-jax-bm25", 2  # 2: the tokenizer of retrieval/analyzer.py since session 23
 
 
 def _write_lines(path: str, items: Sequence[str], what: str) -> None:

@@ -65,6 +65,28 @@ def _worker(out_dir: str) -> None:
   mesh2 = jax.make_mesh((4, 2), ("fsdp", "tensor"), axis_types=(AxisType.Auto,) * 2)
   rows_fsdp = distributed.process_slice(B, mesh2, P("fsdp"))
   rows_tensor = distributed.process_slice(B, mesh2, P("tensor"))
+  # A mesh that interleaves the processes along the batch axis, as a TPU slice's topology order
+  # does (issue 32): owners 0,1,0,1,... with 2 processes. The global batch placed whole by every
+  # process, and each process's own rows (not one block) placed from process-local data.
+  from cqr_jax import sharding
+  mesh_i = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2,
+                         devices=distributed.interleaved())
+  spec_i = P(("data", "fsdp"))
+  rows_i = distributed.process_rows(B, mesh_i, spec_i)
+  whole = sharding.shard_batch({"x": x_bd, "ids": ids_b}, mesh_i)
+  own = distributed.global_batch_from_local({"x": x_bd[rows_i], "ids": ids_b[rows_i]}, mesh_i,
+                                            spec_i)
+  try:
+    distributed.process_slice(B, mesh_i, spec_i)
+    slice_refuses = False
+  except ValueError:
+    slice_refuses = True
+
+  def laid_out(tree, full):  # global value and every local shard as the sharding says
+    return all(a.shape == f.shape and np.array_equal(distributed.allgather(a), f)
+               and all(np.array_equal(np.asarray(sh.data), f[sh.index])
+                       for sh in a.addressable_shards)
+               for a, f in zip(jax.tree.leaves(tree), jax.tree.leaves(full)))
   result = {
       "process_count": jax.process_count(),
       "device_count": jax.device_count(),
@@ -83,6 +105,11 @@ def _worker(out_dir: str) -> None:
       "main_file_seen": os.path.exists(os.path.join(out_dir, "main.txt")),
       "rows_fsdp": [rows_fsdp.start, rows_fsdp.stop],
       "rows_tensor": [rows_tensor.start, rows_tensor.stop],
+      "owners_interleaved": [d.process_index for d in mesh_i.devices.reshape(-1)],
+      "rows_interleaved": rows_i.tolist(),
+      "shard_batch_ok": laid_out(whole, {"x": x_bd, "ids": ids_b}),
+      "from_local_ok": laid_out(own, {"x": x_bd, "ids": ids_b}),
+      "slice_refuses": slice_refuses,
   }
   with open(os.path.join(out_dir, f"proc{pid}.json"), "w") as f:
     json.dump(result, f)
@@ -113,6 +140,8 @@ def test_two_processes_match_one_process(tmp_path):
   two = _run(tmp_path, 2, 4)
   assert one["process_count"] == 1 and one["device_count"] == 8
   assert one["rows"] == [0, B] and one["stacked"] == [0]
+  assert one["rows_interleaved"] == list(range(B)) and not one["slice_refuses"]
+  assert one["shard_batch_ok"] and one["from_local_ok"]
   for pid, r in enumerate(two):
     assert r["process_count"] == 2 and r["device_count"] == 8 and r["local_device_count"] == 4
     assert r["is_main"] == (pid == 0) and r["wrote"] == (pid == 0) and r["main_file_seen"]
@@ -123,6 +152,11 @@ def test_two_processes_match_one_process(tmp_path):
     # mesh (fsdp 4, tensor 2): process p holds fsdp rows 2p, 2p+1 and both tensor columns.
     assert r["rows_fsdp"] == [pid * B // 2, (pid + 1) * B // 2]
     assert r["rows_tensor"] == [0, B]
+    # interleaved mesh: 2 rows a device, the owners alternate, so each process holds every
+    # other pair of rows; both placements give the global batch.
+    assert r["owners_interleaved"] == [0, 1] * 4
+    assert r["rows_interleaved"] == [i for i in range(B) if (i // 2) % 2 == pid]
+    assert r["shard_batch_ok"] and r["from_local_ok"] and r["slice_refuses"]
     # Same math, reductions split differently across processes: f32 round-off only.
     np.testing.assert_allclose(r["loss"], one["loss"], rtol=1e-6)
     np.testing.assert_allclose(r["grad"], one["grad"], rtol=1e-5, atol=1e-7)
@@ -187,6 +221,7 @@ def test_single_process_helpers():
       {"a": np.ones((8, 2)), "b": {"c": np.zeros(8)}}, mesh,
       {"a": jax.P(("data", "fsdp")), "b": jax.P("data")})
   assert batch["a"].shape == (8, 2) and batch["b"]["c"].sharding.spec == jax.P("data")
+  assert distributed.process_rows(8, mesh, jax.P("data")).tolist() == list(range(8))
   with pytest.raises(RuntimeError, match="single process: errors propagate"):
     with distributed.fail_fast():
       raise RuntimeError("single process: errors propagate")

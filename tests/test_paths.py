@@ -36,6 +36,11 @@ def test_local_paths_behave_as_the_os_module(tmp_path):
   assert paths.read_text(os.path.join(d, "m.jsonl")) == "1\n2\n"
   assert sorted(paths.listdir(d)) == ["a", "m.jsonl"] and paths.nonempty_dir(d)
   assert paths.files_under(d) == [os.path.join(d, "a", "x.json"), os.path.join(d, "m.jsonl")]
+  listing = paths.listing(d)
+  assert sorted(listing) == [os.path.join("a", "x.json"), "m.jsonl"]
+  assert listing["m.jsonl"]["size"] == 4 and listing["m.jsonl"]["version"]
+  assert list(paths.listing(os.path.join(d, "m.jsonl"))) == ["m.jsonl"]
+  assert paths.listing(str(tmp_path / "none")) == {}
   paths.copy_tree(d, str(tmp_path / "copy"))
   assert paths.files_under(str(tmp_path / "copy")) == [
       str(tmp_path / "copy" / "a" / "x.json"), str(tmp_path / "copy" / "m.jsonl")]

@@ -20,7 +20,7 @@ STAGES = {
     "export": ("train.export", "Export a checkpoint to a Hugging Face folder."),
     "rewrite": ("train.rewrite", "Rewrite one conversation (a quick look at a model)."),
     "data": ("train.data_cli", "Write the embedded benchmark; report raw/concat/oracle BM25 gaps."),
-    "index": ("train.index", "Build the collection's BM25 index once (retrieval.bm25_index)."),
+    "index": ("train.index", "Build the collection's BM25 (or --dense: dense) index once."),
 }
 
 

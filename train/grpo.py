@@ -22,6 +22,7 @@ from flax import nnx
 from cqr_jax import config as cfglib
 from cqr_jax import paths
 from cqr_jax.parsing import parse_response, retrieval_query
+from cqr_jax.sampler import Rollouts
 from train import common, rollout_batch, steps
 from train.rewriting import make_sampler
 
@@ -47,6 +48,17 @@ def run(args) -> int:
   cfg = common.config_from_args(args)
   train_grpo(cfg, init=args.init, keep_optimizer=args.keep_optimizer)
   return 0
+
+
+def sample_in_calls(sampler, policy, prompt_ids, key, n: int, per_call: int):
+  """The step's rollouts, sampled `per_call` prompts at a time (0: in one call with `key`;
+  call c draws with fold_in(key, c)), concatenated in prompt order."""
+  if not per_call or per_call >= len(prompt_ids):
+    return sampler.generate(policy, prompt_ids, key=key, n=n)
+  parts = [sampler.generate(policy, prompt_ids[i:i + per_call],
+                            key=jax.random.fold_in(key, c), n=n)
+           for c, i in enumerate(range(0, len(prompt_ids), per_call))]
+  return Rollouts.concat(parts, sampler.pad_id)
 
 
 def rollout_prompts(cfg: cfglib.RunConfig) -> int:
@@ -107,6 +119,10 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
   from cqr_jax.objectives.grpo import group_advantages
 
   g, ro = cfg.grpo, cfg.rollout
+  per_call = ro.prompts_per_call
+  if per_call < 0 or (per_call and rollout_prompts(cfg) % per_call):
+    raise ValueError(f"rollout.prompts_per_call={ro.prompts_per_call} must be 0 or divide the "
+                     f"prompts rolled out a step ({rollout_prompts(cfg)}): one sampler program")
   if (g.batch_prompts * g.n) % g.micro_batch:
     raise ValueError(f"grpo.batch_prompts * grpo.n = {g.batch_prompts * g.n} must be a multiple "
                      f"of grpo.micro_batch = {g.micro_batch}")
@@ -169,7 +185,8 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
     with timer("rollout"):
       policy = nnx.merge(graphdef, state.params, rest)
       prompt_ids = [prompts.token_ids(t, tokenizer) for t in turns]
-      roll = sampler.generate(policy, prompt_ids, key=sample_key, n=g.n)
+      roll = sample_in_calls(sampler, policy, prompt_ids, sample_key, g.n,
+                             ro.prompts_per_call)
     qids = [turns[i].qid for i in roll.prompt_index]
     scored, train_roll = None, roll
     if len(turns) > g.batch_prompts:  # dynamic sampling: the rewards pick the groups to train
@@ -325,13 +342,22 @@ def flat_fraction(reward: np.ndarray, n: int) -> float:
 def host_ranks(ranker, texts, qids) -> np.ndarray:
   """Gold ranks of every rollout; with several processes each ranks its own rows. The split is
   of host work only (`process_slice` without a mesh: block p to process p, gathered back in
-  process order), tied to no device, so it holds for any device order (issue 32)."""
-  if jax.process_count() == 1:
+  process order), tied to no device, so it holds for any device order (issue 32). A searcher
+  whose corpus spans the processes' devices (dense over the mesh: `collective`) is instead
+  given every rollout on every process."""
+  if jax.process_count() == 1 or _collective(ranker):
     return ranker.ranks(texts, qids)
   from cqr_jax import distributed
   rows = distributed.process_slice(len(texts))
   mine = ranker.ranks(texts[rows], qids[rows]).astype(np.int32)
   return np.asarray(distributed.allgather(mine, tiled=True)).reshape(-1)
+
+
+def _collective(ranker) -> bool:
+  """Whether a ranker's searcher (or one of its per-domain searchers) spans processes."""
+  many = getattr(ranker, "searchers", None)
+  searchers = many.values() if many else [getattr(ranker, "searcher", None)]
+  return any(getattr(s, "collective", False) for s in searchers)
 
 
 def _as_dict(state: steps.TrainState) -> dict:

@@ -14,9 +14,9 @@ def place(x: np.ndarray, mesh) -> jax.Array:
 
   `x` is the whole global batch, identical on every process (every process runs the same seeded
   pipeline). One process: a plain `device_put`. Several processes (design.md "Mesh"): the global
-  array is built from `x` with `jax.make_array_from_callback`, each process handing its own
-  devices the rows they hold. That holds for any device order: a TPU slice's mesh can interleave
-  the processes along the batch axis (0,1,2,3,0,1,2,3,... on v4-32 / v5p-32, issue 32), so a
+  array is built from `x` by `sharding.put_global`, each process handing its own devices the
+  rows they hold. That holds for any device order: a TPU slice's mesh can interleave the
+  processes along the batch axis (0,1,2,3,0,1,2,3,... on v4-32 / v5p-32, issue 32), so a
   process's rows need not be one contiguous block.
   """
   if mesh is None:
@@ -25,21 +25,14 @@ def place(x: np.ndarray, mesh) -> jax.Array:
   if x.ndim == 0:
     raise ValueError("rollout_batch.place: expected an array with a leading batch axis, got a "
                      "scalar")
-  return _from_host(x, NamedSharding(mesh, P(("data", "fsdp"), *([None] * (x.ndim - 1)))))
+  return sharding.put_global(x, sharding.batch_sharding(mesh, x.ndim))
 
 
 def place_replicated(x: np.ndarray, mesh) -> jax.Array:
   """Puts a host array, identical on every process, on every device of the mesh."""
   if mesh is None:
     return jax.device_put(x)
-  return _from_host(np.asarray(x), NamedSharding(mesh, P()))
-
-
-def _from_host(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """The global array `x` (held whole by every process) laid out as `sharding`."""
-  if jax.process_count() == 1:
-    return jax.device_put(x, sharding)
-  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+  return sharding.put_global(np.asarray(x), NamedSharding(mesh, P()))
 
 
 def group_size(n: int, micro_batch: int, data_parallel: int = 1) -> int:

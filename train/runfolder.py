@@ -19,7 +19,8 @@ from cqr_jax import configlib, paths
 
 CONFIG_FILE = "config.yaml"
 FREE = ("eval.", "mesh.", "run_dir", "name", "data.test_split", "data.max_test_turns",
-        "retrieval.bm25_index", "retrieval.rank_workers")  # (an index is checked against the run)
+        "retrieval.bm25_index", "retrieval.rank_workers",
+        "retrieval.dense_index")  # (an index is checked against the run)
 TRAINING = ("sdpw", "sft", "grpo")  # a section's outputs feed every later stage and eval
 OUTPUTS = TRAINING + ("eval", "export")
 

@@ -100,13 +100,37 @@ def load_dataset(name_or_path: str, split: str = "train", strict: bool = False,
     return mtrag_reader.read_mtrag(split, rest or "all", **kw)
   if kind == "topiocqa" and rest:
     from cqr_jax.data import topiocqa
-    return topiocqa.read_topiocqa(rest, split, strict=strict, progress=progress, **kw)
+    return _read_copy(rest, lambda root: topiocqa.read_topiocqa(
+        root, split, strict=strict, progress=progress, **kw))
   if kind == "qrecc" and rest:
     from cqr_jax.data import qrecc
-    return qrecc.read_qrecc(rest, split, strict=strict, progress=progress, **kw)
-  if os.path.isdir(name_or_path):
+    return _read_copy(rest, lambda root: qrecc.read_qrecc(
+        root, split, strict=strict, progress=progress, **kw))
+  if "://" in name_or_path or os.path.isdir(name_or_path):
     from cqr_jax.data import generic
-    return generic.read_generic(name_or_path, split, strict=strict, progress=progress, **kw)
+    return _read_copy(name_or_path, lambda root: generic.read_generic(
+        root, split, strict=strict, progress=progress, **kw))
   raise DataError(f"unknown dataset {name_or_path!r}: expected 'synthetic[:size[:seed]]', "
                   "'mtrag[:un|:human]', 'topiocqa:<dir>', 'qrecc:<dir>' or an existing folder in "
-                  "the generic layout (conversations.jsonl, corpus.jsonl, qrels.tsv)")
+                  "the generic layout (conversations.jsonl, corpus.jsonl, qrels.tsv); a <dir> "
+                  "may be a gs:// URI")
+
+
+def _read_copy(root: str, read) -> Dataset:
+  """read(root) for a local folder; for a gs:// folder, read(this host's copy) (the readers
+  seek in files and index them on disk: cqr_jax/input_cache.py), its errors and name given
+  in terms of the URI."""
+  if "://" not in root:
+    return read(root)
+  from cqr_jax import input_cache
+  try:
+    local = input_cache.local_folder(root)
+  except (FileNotFoundError, NotADirectoryError) as e:
+    raise DataError(f"data.dataset: {e}") from None
+  try:
+    ds = read(local)
+  except DataError as e:
+    raise DataError(str(e).replace(local, root.rstrip("/"))) from None
+  root = root.rstrip("/")
+  name = os.path.basename(root) if ds.name == os.path.basename(local) else ds.name
+  return dataclasses.replace(ds, name=name.replace(local, root))

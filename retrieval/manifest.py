@@ -1,0 +1,28 @@
+"""The manifest.json of an index on disk or gs:// (BM25: bm25_store.py, dense: dense_index.py):
+read and checked for its format and version, with one-line errors that say how to rebuild."""
+
+from __future__ import annotations
+
+import json
+import os
+
+MANIFEST = "manifest.json"  # written last by a build: its presence marks a finished index
+
+
+def read(path: str, *, fmt: str, version: int, what: str, build_cmd: str,
+         local_dir: str | None = None) -> dict:
+  """The manifest of the `what` index at `path` (read from `local_dir` when given)."""
+  from cqr_jax import paths  # etils/fsspec: imported only where a path may be a URI
+  rebuild = f"rebuild it with `{build_cmd}`"
+  f = os.path.join(local_dir or path, MANIFEST)
+  if not paths.exists(f):
+    raise ValueError(f"{path}: no {what} index here ({MANIFEST} missing: not built, or its build "
+                     f"did not finish): build one with `{build_cmd}`")
+  try:
+    m = json.loads(paths.read_text(f))
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{f}: unreadable ({' '.join(str(e).split())}): {rebuild}") from None
+  if not isinstance(m, dict) or m.get("format") != fmt or m.get("version") != version:
+    got = (m.get("format"), m.get("version")) if isinstance(m, dict) else m
+    raise ValueError(f"{path}: not a {fmt} v{version} index (format, version = {got}): {rebuild}")
+  return m
