@@ -1,34 +1,31 @@
-"""Collects bench/results/*.md into BENCHMARKS.md (the summary table stays at the top)."""
+"""Writes BENCHMARKS.md: the current table (bench/results/_summary.md) and an index of the result
+files, one line each (its title), so the details stay in their own files."""
 
 import os
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ORDER = ["forward", "sampler", "sampler_avx2", "sampler_weights_first_avx2",
-         "sampler_shared_prefix_avx2", "sampler_session16_avx2",
-         "update", "update_avx2", "grpo_step",
-         "grpo_step_avx2", "grpo_step_shared_prefix_avx2", "grpo_step_packed_prefix_avx2",
-         "grpo_step_session16_avx2", "grpo_step_session17_avx2",
-         "grpo_step_session18_avx2", "grpo_step_session19_avx2", "rollout_compaction_avx2",
-         "sft_update_prefix_avx2", "sampler_cpu_default_dtype", "learning_curve",
-         "learning_curve_mtrag", "eval_buckets",
-         "cpu_default_recipe", "compile", "bm25", "dense", "export", "data", "memory_plan"]
-SKIP = ("history",)  # bench/results/history.md: the record of past runs, not collected
+RESULTS = os.path.join(HERE, "results")
+
+
+def title(path: str) -> str:
+  """The file's first heading, without its #s."""
+  with open(path) as f:
+    for line in f:
+      if line.startswith("#"):
+        return line.lstrip("#").strip()
+  return os.path.basename(path)
+
+
+def render() -> str:
+  head = open(os.path.join(RESULTS, "_summary.md")).read().rstrip() + "\n"
+  names = sorted(f for f in os.listdir(RESULTS) if f.endswith(".md") and not f.startswith("_"))
+  lines = [f"- [{n}](bench/results/{n}): {title(os.path.join(RESULTS, n))}" for n in names]
+  return head + "\n## Result files\n\n" + "\n".join(lines) + "\n"
 
 
 def main() -> None:
-  res = os.path.join(HERE, "results")
-  out_path = os.path.join(HERE, "..", "BENCHMARKS.md")
-  head = open(os.path.join(res, "_summary.md")).read() if os.path.exists(
-      os.path.join(res, "_summary.md")) else "# Benchmarks\n"
-  names = [n for n in ORDER if os.path.exists(os.path.join(res, f"{n}.md"))]
-  names += sorted(f[:-3] for f in os.listdir(res) if f.endswith(".md") and f[:-3] not in names
-                  and not f.startswith("_") and f[:-3] not in SKIP)
-  parts = [head.rstrip() + "\n"]
-  for n in names:
-    text = open(os.path.join(res, f"{n}.md")).read().strip()
-    parts.append("\n---\n\n" + text.replace("\n# ", "\n## ").replace("\n## ", "\n### ", 0) + "\n")
-  with open(out_path, "w") as f:
-    f.write("".join(parts))
+  with open(os.path.join(HERE, "..", "BENCHMARKS.md"), "w") as f:
+    f.write(render())
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ import os
 # time is compile time (~45 ms of LLVM per fused kernel on a 2-core machine); at level 0 that
 # drops by about a third (tests/test_partial_training.py, test_multihost.py, train/test_steps.py
 # on 2 workers: 652 -> ~410 test-seconds), while matmuls, which are library calls, run as fast
-# (SmolLM2 logits and 32-token greedy rollouts: same time). The pipeline runs that train SmolLM2
-# (train/test_pipeline.py, train/test_learning.py) are their own processes at the library's level.
+# (SmolLM2 logits and 32-token greedy rollouts: same time). The main job's pipeline run, which
+# trains SmolLM2 (train/test_main_job.py), is its own process at the library's level.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
                       "--xla_backend_optimization_level=0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

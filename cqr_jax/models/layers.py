@@ -65,8 +65,8 @@ def weights_first():
   """Trace-time switch for skinny products (a decode step's few rows): inside it `Linear` reads
   its kernel as [out, in] (pass it parameters from `kernels_out_in`) and `mm_rows` with an
   [out, in] weight computes y^T = W x^T, the weight as the dot's left operand. XLA:CPU streams a
-  weight 1.7-2x faster that way at 16 rows (f32, SmolLM2's shapes), no faster at 64
-  (bench/results/sampler_weights_first_avx2.md)."""
+  weight faster that way at 16 rows (f32, SmolLM2's shapes), no faster at 64 (the sampler
+  benchmark's session-13 run, bench/results/history.md)."""
   before = _WEIGHTS_FIRST[0]
   _WEIGHTS_FIRST[0] = True
   try:
