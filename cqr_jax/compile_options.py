@@ -13,8 +13,8 @@ CPU_LLVM_OPT_LEVEL = 1
 def compiler_options() -> dict[str, int] | None:
   """On XLA:CPU, LLVM at -O1 instead of XLA's default -O3: these programs spend their run time
   in matmul library calls, which LLVM does not generate, while compile time grows with every fused
-  kernel LLVM optimises. On SmolLM2-135M the tiny preset's GRPO update compiles in 8 s instead of
-  26 s at the same step time (bench/bench_compile.py, BENCHMARKS.md). Other backends, or an
+  kernel LLVM optimises: shorter compiles at the same step time (bench/results/compile.md). Other
+  backends, or an
   `XLA_FLAGS` that sets `--xla_backend_optimization_level` itself: None (XLA's choice)."""
   if jax.default_backend() != "cpu":
     return None

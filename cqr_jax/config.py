@@ -297,8 +297,8 @@ def _cpu_default() -> dict:
       "mesh": {"data": 1, "fsdp": -1, "tensor": 1},
       "data": {"dataset": "synthetic", "size": "default"},
       "retrieval": {"kind": "bm25", "bm25": "lucene", "k1": 0.9, "b": 0.4},
-      # bf16 sampling matmuls: 1.5x the f32 sampler on an AVX512-BF16 CPU (bench_sampler.py),
-      # while the f32 update stays the faster one (bench_sft_update.py).
+      # bf16 sampling matmuls, f32 updates: each the faster on an AVX512-BF16 CPU
+      # (bench/results/sampler_cpu_default_dtype.md).
       # Two prompt buckets: every zero-shot prompt of the benchmark fits 384, every few-shot one
       # 512; fewer buckets, fewer programs to compile in a 20-minute run.
       "rollout": {"max_prompt_len": 512, "max_new_tokens": new,

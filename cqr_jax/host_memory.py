@@ -3,9 +3,10 @@
 XLA:CPU gives every call of a compiled program fresh buffers for its temporaries, gigabytes for a
 training micro-batch, and glibc serves them from new mmap'd regions. With the kernel's transparent
 huge pages in `madvise` mode (the common default), those regions are faulted in 4 KiB at a time,
-every call: a packed GRPO update of SmolLM2-135M touched ~9.3M pages (~37 GB) a step this way.
+every call (a packed GRPO update of SmolLM2-135M faults in tens of GB a step this way).
 glibc's `glibc.malloc.hugetlb=1` tunable marks its mmap'd chunks MADV_HUGEPAGE, so the same
-memory arrives in 2 MiB pages (a 1 GiB temporary: ~393k faults -> ~1k, the call 1.9x faster).
+memory arrives in 2 MiB pages: a few hundred times fewer faults (`python bench/bench_update.py`
+runs both sides with it).
 
 Tunables are read when the process starts, so `ensure_huge_pages` re-executes the process once
 with the tunable added to GLIBC_TUNABLES. It does nothing where JAX will not run on the CPU (an

@@ -79,9 +79,9 @@ class SamplerConfig:
     to `compact_min_rows` (`compaction_stages`; multiples of the mesh's data x fsdp size). Each
     row computes what it would without it (same caches and random draws); matmuls over fewer
     rows may round differently in the last bit, which can flip a near-tie draw. Pays where a
-    decode step's cost grows with its rows (CPU: 64 -> 16 rows of SmolLM2 cut a step from ~300
-    to ~100 ms) and responses end at very different lengths (GRPO); each stage adds a decode
-    loop to the compiled program (~8 s on CPU). None = on CPU, off elsewhere (there a step at
+    decode step's cost grows with its rows (CPU) and responses end at very different lengths
+    (GRPO; bench/results/rollout_compaction.md); each stage adds a decode loop to the compiled
+    program. None = on CPU, off elsewhere (there a step at
     these row counts costs about the same: weight reads). Off with `ignore_eos` and for
     one-token calls (no row finishes early).
   """

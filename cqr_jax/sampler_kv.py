@@ -10,8 +10,8 @@ The cache is split in two, per layer:
   the "reduce" attention (CPU) "k" is stored [B * n, KVH, Dh, G] (`gen_k_slots_last`).
 Rows are prompt-major (row i * n + j = sample j of prompt i). Head-major layouts make both
 attention matmuls plain batched matmuls over (B, KVH); the [B, S, KVH, Dh] layout of
-`Decoder.decode` makes XLA:CPU transpose the whole cache every layer and step (5-6x slower
-attention at batch 64; bench/results/sampler.md). A decode step's softmax runs jointly over the
+`Decoder.decode` makes XLA:CPU transpose the whole cache every layer and step (slower
+attention; bench/results/sampler.md). A decode step's softmax runs jointly over the
 prompt and generation slots: the same attention as one concatenated cache.
 
 Projections, norms, RoPE, MLP and LM head are the Decoder's own modules. A model without that
@@ -68,10 +68,9 @@ def _attend_step(q_r1nd, prompt, gen, prompt_mask_bp, step, n, dt, attention):
 
   attention "reduce" (XLA:CPU): the products that XLA:CPU runs as many tiny batched matmuls
   (B * KVH or R * KVH products of G or n * G rows) become broadcast multiplies and sums that it
-  fuses into one loop each: the value sums of both parts (30 SmolLM2 layers at batch 16: 72 -> 42
-  ms a step) and the generated part's scores, with its keys stored slots-minor [R, KVH, Dh, G]
-  so the sum over Dh runs across whole rows of slots (batch 64: 49 -> 19 ms a step;
-  bench/results/sampler.md). The prompt part's scores stay a matmul: its keys meet n * G
+  fuses into one loop each: the value sums of both parts and the generated part's scores, with
+  its keys stored slots-minor [R, KVH, Dh, G] so the sum over Dh runs across whole rows of slots
+  (bench/results/sampler.md). The prompt part's scores stay a matmul: its keys meet n * G
   queries. "matmul": einsums throughout, for matrix units (TPU, GPU)."""
   r, _, h, dh = q_r1nd.shape
   b, kvh, _, _ = prompt["k"].shape
@@ -246,7 +245,7 @@ def decode_step(model, tokens_r, positions_r, prompt_cache, gen_cache, step, pro
     # The stacked caches are read-only scan inputs; each layer attends over a local copy of its
     # slice with the new slot written, and emits the new K/V. The stacked generation cache gets
     # all layers' slots in one write after the scan (writing it inside the scan made XLA copy
-    # the whole stacked cache once per layer: 3x slower steps).
+    # the whole stacked cache once per layer; `python bench/bench_decode_layers.py`).
     def body(layer, x_r1d, xs):
       pc, gk, gv = xs
 

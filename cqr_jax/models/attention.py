@@ -6,7 +6,7 @@ by a large negative number, so a row with no visible key stays finite.
 
 The products run head-major: queries as [B, KVH, G * T, Dh] against keys/values [B, KVH, S, Dh],
 so both are plain batched matmuls over (B, KVH) and their gradients need no transposes of the
-[.., T, S] scores (XLA:CPU, SmolLM2 shapes at 8 x 384: fwd+bwd 345 -> 270 ms a layer). Training
+[.., T, S] scores (bench/results/update.md). Training
 attention runs one softmax over one key set per row (key sets such as a prompt's and a row's own
 are concatenated, not combined part by part) with its own backward rule (`_softmax_attention`);
 the sampler's decode step, which must not copy a shared prefix's keys per row, combines parts
@@ -57,8 +57,8 @@ def _softmax_attention(q_bkqd, k_bksd, v_bksd, mask_bts, groups: int, compute_dt
   -> [B, KVH, G * T, Dh] float32.
 
   Its own backward (the softmax rule dS = P * (dP - rowsum(dO * O))): fewer passes over the
-  [.., T, S] scores than differentiating the masked softmax op by op (XLA:CPU, the GRPO
-  benchmark's packed rows: attention forward + backward ~15% faster)."""
+  [.., T, S] scores than differentiating the masked softmax op by op (the GRPO step benchmark,
+  bench/results/grpo_step.md)."""
   return _softmax_attention_fwd(q_bkqd, k_bksd, v_bksd, mask_bts, groups, compute_dtype)[0]
 
 

@@ -427,7 +427,7 @@ def chunked_logprobs(h_btd, w_vd, targets_bt, *, temperature=1.0, chunk_size=128
   backward pass, so no [B, chunk, V] block outlives its chunk; a policy name saves what it
   allows (the logits are a dot without batch dims); "none" keeps every chunk's logits and
   probabilities, B x T x V floats (cheap for a small model), and the LM head's forward then runs
-  once instead of twice in an update (SmolLM2-135M, the GRPO benchmark's update: 1.05x).
+  once instead of twice in an update (bench/results/grpo_step.md).
   Under a mesh, the hidden states and each chunk's logits keep their rows sharded as the batch
   (`sharding.constrain_rows`)."""
   rows = sharding.constrain_rows

@@ -63,7 +63,7 @@ class GGUFError(ValueError):
 @functools.lru_cache(maxsize=2)
 def _open(path: str, size: int, mtime_ns: int):
   import gguf
-  return gguf.GGUFReader(path, "r")  # read-only memmap; parsing the metadata takes ~2 s
+  return gguf.GGUFReader(path, "r")  # read-only memmap; parsing the metadata is slow: cached
 
 
 def _reader(path_or_reader):
@@ -166,8 +166,9 @@ def hf_name(gguf_name: str, path: str = "<gguf>") -> str:
 
 
 # ggml block formats dequantized here in one vectorised pass (the `gguf` package's numpy
-# fallback, used for every other type, splits each tensor into many small row groups: ~2 s of the
-# ~3 s it took to load SmolLM2's Q4_1 file). Per block of 32 weights (llama.cpp's ggml-common.h):
+# fallback, used for every other type, splits each tensor into many small row groups, most of
+# the load time of SmolLM2's Q4_1 file; bench/results/export.md). Per block of 32 weights
+# (llama.cpp's ggml-common.h):
 # Q8_0: f16 d, 32 x int8 q; w = d * q.  Q4_0: f16 d, 16 bytes; w = d * (q - 8).
 # Q4_1: f16 d, f16 m, 16 bytes; w = d * q + m.  4-bit q: low nibbles are weights 0-15, high 16-31.
 _BLOCK = 32

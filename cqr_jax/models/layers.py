@@ -49,7 +49,7 @@ def mm_rows(x_bti: jax.Array, w: jax.Array, compute_dtype, *, w_out_in: bool = F
   matmul over the flattened leading dims -> float32 [..., O].
 
   The same product as the batched einsum, but its weight gradient is a plain x^T dy: XLA:CPU then
-  stops transposing activations for it (SmolLM2 GRPO update, 8 x 384 tokens: 19.8 -> 17.3 s).
+  stops transposing activations for it (the GRPO update benchmark, bench/results/update.md).
   """
   x_ni = x_bti.reshape(-1, x_bti.shape[-1])
   if w_out_in and _WEIGHTS_FIRST[0]:
