@@ -46,16 +46,6 @@ def _is_uri(p: str) -> bool:
   return "://" in p
 
 
-def file_hash(path: str, chunk: int = 1 << 23) -> str:
-  h = hashlib.blake2b(digest_size=16)
-  with open(path, "rb") as f:
-    while True:
-      b = f.read(chunk)
-      if not b:
-        return h.hexdigest()
-      h.update(b)
-
-
 def params_dict(p: bm25_lib.BM25Params) -> dict:
   return {"kind": p.kind, "k1": p.k1, "b": p.b, "epsilon": p.epsilon, "analyzer": p.analyzer}
 
@@ -202,7 +192,7 @@ def build_index(passages: Iterable, out: str, params: bm25_lib.BM25Params, *,
     for n in sorted(names):
       f = os.path.join(root, n)
       files.append({"path": os.path.relpath(f, stage).replace(os.sep, "/"),
-                    "bytes": os.path.getsize(f), "blake2b": file_hash(f)})
+                    "bytes": os.path.getsize(f), "blake2b": manifest_lib.file_hash(f)})
   corpus = whole.value()
   pd = params_dict(params)
   manifest = {"format": FORMAT, "version": VERSION, "kind": pd.pop("kind"), "params": pd,
@@ -304,19 +294,13 @@ def local_copy(uri: str) -> str:
     for item in remote["files"]:
       dst = os.path.join(d, item["path"])
       if (os.path.isfile(dst) and os.path.getsize(dst) == item["bytes"]
-          and file_hash(dst) == item["blake2b"]):
+          and manifest_lib.file_hash(dst) == item["blake2b"]):
         continue
       src = os.path.join(uri, item["path"])
       if not paths.exists(src):
         raise ValueError(f"{uri}: {item['path']} is missing (an incomplete upload?): {REBUILD}")
       os.makedirs(os.path.dirname(dst), exist_ok=True)
-      paths.copy(src, dst + ".tmp")
-      if (os.path.getsize(dst + ".tmp"), file_hash(dst + ".tmp")) != (item["bytes"],
-                                                                      item["blake2b"]):
-        os.remove(dst + ".tmp")
-        raise ValueError(f"{uri}: {item['path']} differs from the manifest's size or hash "
-                         f"(truncated or damaged): {REBUILD}")
-      os.replace(dst + ".tmp", dst)
+      manifest_lib.fetch_checked(src, dst, item["bytes"], item["blake2b"], REBUILD)
     with open(mine, "w", encoding="utf-8") as f:
       json.dump(remote, f, indent=1)
   return d
@@ -334,7 +318,7 @@ def verify_hashes(path: str) -> list[str]:
     f = os.path.join(path, item["path"])
     if not os.path.isfile(f):
       bad.append(f"{item['path']}: missing")
-    elif (os.path.getsize(f), file_hash(f)) != (item["bytes"], item["blake2b"]):
+    elif (os.path.getsize(f), manifest_lib.file_hash(f)) != (item["bytes"], item["blake2b"]):
       bad.append(f"{item['path']}: size or hash differs")
   return bad
 

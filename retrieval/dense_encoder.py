@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from cqr_jax.sharding import put_global
+
 POOLINGS = ("cls_linear_ln", "mean_norm", "cls", "mean")
 _FAMILIES = ("bert", "roberta", "xlm-roberta", "camembert")
 _ACTS: dict[str, Callable] = {
@@ -274,7 +276,7 @@ class DenseEncoder:
     if mesh is not None:  # data parallel: params replicated, batch split over every mesh axis
       P = jax.sharding.PartitionSpec
       whole = jax.sharding.NamedSharding(mesh, P())
-      state = jax.tree.map(lambda x: _global(np.asarray(x), whole), state)
+      state = jax.tree.map(lambda x: put_global(np.asarray(x), whole), state)
       self._batch_sharding = jax.sharding.NamedSharding(mesh, P(tuple(mesh.axis_names)))
       self._fwd = jax.jit(fwd, out_shardings=whole)
     else:
@@ -327,7 +329,7 @@ class DenseEncoder:
     """[B, T] token ids + attention mask -> [B, E] embeddings (jitted)."""
     ids_bt, mask_bt = np.asarray(ids_bt, np.int32), np.asarray(mask_bt, np.int32)
     if self._batch_sharding is not None:
-      ids_bt, mask_bt = (_global(x, self._batch_sharding) for x in (ids_bt, mask_bt))
+      ids_bt, mask_bt = (put_global(x, self._batch_sharding) for x in (ids_bt, mask_bt))
     return self._fwd(self._state, ids_bt, mask_bt)
 
   def encode(self, texts: Sequence[str], batch_size: int | None = None,
@@ -354,9 +356,3 @@ class DenseEncoder:
         mask_bt[i, :len(toks[r])] = 1
       out[rows] = np.asarray(self.embed_ids(ids_bt, mask_bt))[:len(rows)]
     return out
-
-
-def _global(x: np.ndarray, sharding) -> jax.Array:
-  """A host array placed with `sharding`, each process filling its own devices' parts (the
-  same value on every process), so the sharding may span processes."""
-  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])

@@ -53,15 +53,6 @@ def _hash_bytes(b: bytes) -> str:
   return hashlib.blake2b(b, digest_size=16).hexdigest()
 
 
-def _hash_file(path: str, chunk: int = 1 << 23) -> str:
-  """BLAKE2b of a local file or an object, read a chunk at a time."""
-  h = hashlib.blake2b(digest_size=16)
-  with (_paths().open_file(path, "rb") if _is_uri(path) else open(path, "rb")) as f:
-    while b := f.read(chunk):
-      h.update(b)
-  return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------------- encoder
 _MODEL_HASHES: dict = {}
 
@@ -80,7 +71,7 @@ def model_hash(model_dir: str) -> str:
   if key not in _MODEL_HASHES:
     h = hashlib.blake2b(digest_size=16)
     for n in names:
-      h.update(n.encode() + b"\0" + _hash_file(os.path.join(model_dir, n)).encode())
+      h.update(n.encode() + b"\0" + manifest_lib.file_hash(os.path.join(model_dir, n)).encode())
     _MODEL_HASHES[key] = h.hexdigest()
   return _MODEL_HASHES[key]
 
@@ -298,7 +289,7 @@ def verify_hashes(path: str) -> list[str]:
     f = os.path.join(path, s["file"])
     if _size(f) is None:
       bad.append(f"{s['file']}: missing")
-    elif _hash_file(f) != s["blake2b"]:
+    elif manifest_lib.file_hash(f) != s["blake2b"]:
       bad.append(f"{s['file']}: size or hash differs")
   return bad
 
@@ -328,13 +319,8 @@ class IndexStore:
     dst = os.path.join(d, f"{s['blake2b']}.npy")
     with host_lock(dst + ".lock"):
       if not os.path.isfile(dst):
-        _paths().copy(os.path.join(self.path, s["file"]), dst + ".tmp")
-        if (os.path.getsize(dst + ".tmp"), _hash_file(dst + ".tmp")) != (s["bytes"],
-                                                                          s["blake2b"]):
-          os.remove(dst + ".tmp")
-          raise ValueError(f"{self.path}/{s['file']}: differs from the manifest's size or hash "
-                           f"(truncated or damaged): {REBUILD}")
-        os.replace(dst + ".tmp", dst)
+        manifest_lib.fetch_checked(os.path.join(self.path, s["file"]), dst, s["bytes"],
+                                   s["blake2b"], REBUILD)
     return dst
 
   def shard(self, i: int) -> np.ndarray:

@@ -22,8 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from cqr_jax.sharding import put_global
 from retrieval.searcher import id_order
 
 BLOCK = 16  # rows per block (strided in `chunk_topk`, contiguous in `pruned_scan`)
@@ -302,7 +304,7 @@ class DenseSearcher:
       qp = np.zeros((pad, self.dim), np.float32)
       qp[:len(qb)] = qb
       qp = qp.astype(self.chunks.dtype)
-      qj = jax.make_array_from_callback(qp.shape, self._q_sharding, lambda idx: qp[idx])
+      qj = put_global(qp, self._q_sharding)
       v, r = self._fns[k](qj, self.chunks, self.starts)
       scores_qk[s:s + len(qb)] = np.asarray(v)[:len(qb)]
       rows_qk[s:s + len(qb)] = np.asarray(r)[:len(qb)]

@@ -267,7 +267,7 @@ try:
   bm25_store.open_index(uri, params_for("lucene"), fp)
   raise SystemExit("not refused")
 except ValueError as e:
-  assert "all/idf.npy differs from the manifest's size or hash" in str(e), e
+  assert "all/idf.npy: differs from the manifest's size or hash" in str(e), e
 print("OK", flush=True)
 """
 
