@@ -3,12 +3,13 @@
 16 random prompts of 230 tokens (bucket 256), T 0.7, EOS ignored, generation bucket 64, n = 1 and
 4 (batch 16 and 64), f32 or bf16 compute. Per decode step = (wall of 48 new tokens - wall of 8
 new tokens) / 40, each the median of `--iters` calls after a compile call; the two layer loops
-alternate call by call (`SamplerConfig.scan_layers`; the CPU default is unrolled).
+alternate call by call (`DecodePolicy.scan_layers`; the CPU default is unrolled).
 
   python bench/bench_decode_layers.py [--dtype bfloat16] [--iters 3]
 """
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -19,6 +20,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cqr_jax import config as cfglib  # noqa: E402
+from cqr_jax import decode_policy  # noqa: E402
 from cqr_jax.sampler import Sampler, SamplerConfig  # noqa: E402
 from train import common  # noqa: E402
 
@@ -36,8 +38,10 @@ def main(argv=None):
   for n in (1, 4):
     samplers = {scan: Sampler(SamplerConfig(
         max_prompt_len=512, max_new_tokens=48, temperature=0.7, n=n, compute_dtype=args.dtype,
-        prompt_len_buckets=(256, 384, 512), gen_len_buckets=(64,), ignore_eos=True,
-        scan_layers=scan), tok, mesh=mesh, model_eos_ids=()) for scan in (True, False)}
+        prompt_len_buckets=(256, 384, 512), gen_len_buckets=(64,), ignore_eos=True),
+        tok, mesh=mesh, model_eos_ids=(),
+        policy=dataclasses.replace(decode_policy.for_backend(jax.default_backend()),
+                                   scan_layers=scan)) for scan in (True, False)}
 
     def run(scan, new):
       t0 = time.perf_counter()

@@ -19,7 +19,7 @@ TRL's split comes from wrapping its methods: generation (`_generate`), reward
 (training forward + backward + optimizer). TRL runs with its own defaults except for the settings
 above (bf16 autocast and gradient checkpointing on; on a CPU without AVX-512 BF16 pass
 `--trl-bf16 0`: bf16 autocast is the slow path there). Ours runs micro-batches of 8 completions,
-i.e. one prompt and its 8 samples (rollout_batch.assemble), in f32 (`--compute-dtype`).
+i.e. one prompt and its 8 samples (rollout_batch.grpo_batch), in f32 (`--compute-dtype`).
 
     python bench/bench_grpo_step.py --out bench/results/grpo_step.md
 """
@@ -27,6 +27,7 @@ i.e. one prompt and its 8 samples (rollout_batch.assemble), in f32 (`--compute-d
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import platform
@@ -126,8 +127,8 @@ class OursStep:
       policy = nnx.merge(self.graphdef, self.state.params, self.rest)
       prompt_ids = [self.prompts.token_ids(t, self.tokenizer) for t in turns]
       roll = self.sampler.generate(policy, prompt_ids, key=sample_key, n=g.n)
-    batch = rollout_batch.assemble(roll, mesh, g.micro_batch, pack=g.pack_completions,
-                                   shared_prefix_min=g.shared_prefix_min)
+    batch = rollout_batch.grpo_batch(roll, mesh, g.micro_batch, pack_rows=g.pack_rows,
+                                     shared_prefix_min=self.cfg.model.shared_prefix_min)
     with timer("reference"):
       ref_lp = self.ref_logprobs(self.ref_params, batch)
     with timer("reward"):
@@ -137,18 +138,17 @@ class OursStep:
       ref_lp = jax.block_until_ready(ref_lp)
     adv = np.asarray(group_advantages(jnp.asarray(reward), g.n))
     with timer("update"):
-      batch.update(ref_logp=ref_lp, adv=rollout_batch.place(
-          adv.astype(np.float32).reshape(batch["completion"].shape[:2]), mesh))
+      batch = dataclasses.replace(batch, ref_logp=ref_lp, adv=rollout_batch.place_replicated(
+          adv.astype(np.float32), mesh))
       self.state, um = self.update(self.state, batch)
       um = jax.device_get(um)
     split = timer.split()
     lengths = roll.completion_lengths
-    prefix = int(batch["prefix"].shape[0]) if "prefix" in batch else 0
+    prefix = 0 if batch.prefix is None else int(batch.prefix.shape[0])
     return {**split, "tokens": float(np.sum(lengths)), "response_len": float(np.mean(lengths)),
             "prompt_len": float(np.mean([len(p) for p in prompt_ids])),
-            "seq_len": int(prefix + batch["prompt"].shape[1] + batch["completion"].shape[2]),
-            "prefix_len": prefix, "packed_rows": sum(p["packed"].shape[1] * p["packed"].shape[0]
-                                                     for p in batch.get("packs", [])),
+            "seq_len": int(prefix + batch.prompt_width + batch.unpack.shape[-1]),
+            "prefix_len": prefix, "packed_rows": batch.rows,
             "time/parse": self.reward.parse_s, "time/rank": self.reward.rank_s,
             "reward_mean": float(np.mean(reward)), "format_pass": float(np.mean(ok)),
             "gen_steps": self.sampler.last_timing.get("steps", 0.0),
@@ -328,8 +328,8 @@ def main(argv=None):
     t = time.perf_counter()
     m = ours(batches[i], i)
     m["wall"] = time.perf_counter() - t
-    # A packed update and reference pass compile once per micro-batch row count, so a timed
-    # step meeting a new count compiles again.
+    # The update and reference pass compile once a run (a fixed row count, grpo.pack_rows); a
+    # timed step compiles again only for a new prompt bucket or shared-prefix length.
     m["time/compile"] = sum(compile_events)
     ours_ms.append(m)
     print(f"ours step {i}: " + ", ".join(f"{k}={v:.2f}" for k, v in m.items()

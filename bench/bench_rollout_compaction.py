@@ -1,4 +1,4 @@
-"""GRPO rollouts with and without shedding finished rows (`SamplerConfig.compact_rows`).
+"""GRPO rollouts with and without shedding finished rows (`DecodePolicy.compact_min_rows`).
 
 The GRPO benchmark's rollout (bench_grpo_step.py: SmolLM2-135M-Instruct, cpu-default preset,
 8 prompts x 8 samples of the embedded benchmark's train turns, up to 128 new tokens at T 0.7,
@@ -27,6 +27,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench_grpo_step import bench_config  # noqa: E402
+from cqr_jax import decode_policy  # noqa: E402
 from cqr_jax.prompts import PromptBuilder  # noqa: E402
 from train import common  # noqa: E402
 from train.rewriting import make_sampler  # noqa: E402
@@ -55,7 +56,8 @@ def main(argv=None):
   for name, compact in (("all rows to the end", False), ("shedding finished rows", True)):
     s = make_sampler(cfg, tok, mesh, mcfg, n=args.n, temperature=0.7,
                      max_new_tokens=args.max_new)
-    s.config = dataclasses.replace(s.config, compact_rows=compact)
+    cpu = decode_policy.CPU
+    s.policy = dataclasses.replace(cpu, compact_min_rows=cpu.compact_min_rows if compact else 0)
     samplers[name] = s
   key = jax.random.key(cfg.grpo.seed)
   rows: list[dict] = []

@@ -18,6 +18,7 @@ both sides), batch 16 (n = 1) and 64 (16 prompts x n = 4), in one run:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import platform
 import shlex
@@ -32,21 +33,24 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from cqr_jax import decode_policy  # noqa: E402
 from cqr_jax.data.types import Turn  # noqa: E402
 from cqr_jax.models import gguf as G  # noqa: E402
 from cqr_jax.prompts import PromptBuilder  # noqa: E402
-from cqr_jax.sampler import Sampler, SamplerConfig, shared_prefix_layout  # noqa: E402
+from cqr_jax.sampler import Sampler, SamplerConfig  # noqa: E402
+from cqr_jax.shared_prefix import split_prompts  # noqa: E402
 from cqr_jax.testing import smollm2_gguf_path  # noqa: E402
 
-# name -> SamplerConfig overrides (dtypes; "matmul attention": the decode step's attention as
-# einsums, as on TPU/GPU; the CPU default fuses its small products into multiply-sums).
+# name -> (SamplerConfig overrides, DecodePolicy overrides of the backend's default): dtypes;
+# "matmul attention": the decode step's attention as einsums, as on TPU/GPU (the CPU default
+# fuses its small products into multiply-sums).
 SETTINGS = {
-    "f32": dict(compute_dtype="float32"),
-    "f32 (no shared prefix)": dict(compute_dtype="float32", shared_prefix_min=0),
-    "f32 (matmul attention)": dict(compute_dtype="float32", decode_attention="matmul"),
-    "bf16 (f32 cache)": dict(compute_dtype="bfloat16"),
-    "bf16 (matmul attention)": dict(compute_dtype="bfloat16", decode_attention="matmul"),
-    "bf16 (bf16 cache)": dict(compute_dtype="bfloat16", cache_dtype="bfloat16"),
+    "f32": (dict(compute_dtype="float32"), {}),
+    "f32 (no shared prefix)": (dict(compute_dtype="float32", shared_prefix_min=0), {}),
+    "f32 (matmul attention)": (dict(compute_dtype="float32"), dict(attention="matmul")),
+    "bf16 (f32 cache)": (dict(compute_dtype="bfloat16"), {}),
+    "bf16 (matmul attention)": (dict(compute_dtype="bfloat16"), dict(attention="matmul")),
+    "bf16 (bf16 cache)": (dict(compute_dtype="bfloat16"), dict(cache_dtype="bfloat16")),
 }
 
 _FACTS = [
@@ -130,9 +134,11 @@ def ours_runner(model, tok, prompts, name, batch, new):
   """(full call, prefill-only call) closures for one setting, and the prompt bucket the prompts
   pad to; the first call compiles."""
   n = batch // len(prompts)
+  config, policy = SETTINGS[name]
   cfg = SamplerConfig(max_prompt_len=256, max_new_tokens=new, temperature=0.7, n=n,
-                      ignore_eos=True, gen_len_buckets=(new,), **SETTINGS[name])
-  s = Sampler(cfg, tok)
+                      ignore_eos=True, gen_len_buckets=(new,), **config)
+  policy = dataclasses.replace(decode_policy.for_backend(jax.default_backend()), **policy)
+  s = Sampler(cfg, tok, policy=policy)
 
   def full():
     r = s.generate(model, prompts, key=jax.random.key(1))
@@ -142,8 +148,7 @@ def ours_runner(model, tok, prompts, name, batch, new):
   def pre():  # the same compiled program, stopped after one step
     return s.generate(model, prompts, key=jax.random.key(2), max_new_tokens=1)
   ids, mask, _ = s.prepare(prompts)
-  run_ids, _, shared = shared_prefix_layout(ids, mask, len(prompts), cfg.shared_prefix_min,
-                                            s.pad_id)
+  run_ids, _, shared = split_prompts(ids, mask, len(prompts), cfg.shared_prefix_min, s.pad_id)
   layout = (f"{shared} once + {len(prompts)} x {run_ids.shape[1] - shared}" if shared
             else f"{len(prompts)} x {ids.shape[1]}")
   return full, pre, (ids.shape[1], layout)
@@ -286,7 +291,7 @@ def main(argv=None):
   ]
   hf_by_b = {r["batch"]: r for r in hf}
   for r in ours:
-    bf16 = SETTINGS[r["name"]].get("compute_dtype") == "bfloat16"
+    bf16 = SETTINGS[r["name"]][0].get("compute_dtype") == "bfloat16"
     pb = param_bytes / 2 if bf16 else param_bytes
     lim_r = decode_limit(cfg, r["batch"], r["prompt_len"] + args.new, pb, lim, bf16)
     ratio = f"{r['tok_s'] / hf_by_b[r['batch']]['tok_s']:.2f}x" if r["batch"] in hf_by_b else "-"

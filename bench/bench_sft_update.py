@@ -6,7 +6,7 @@ response (left-padded layout, as train/sft.py builds them), for each setting in 
 process: first call (compile + step) and the best of `--steps` steady-state steps. Used to pick
 the CPU presets' `model.compute_dtype` / `model.remat` (BENCHMARKS.md, "Choices measured").
 A setting's optional fourth field S: the rows share their first S tokens, which run once per
-micro-batch ("prefix", as train/sft.py passes it when `sft.shared_prefix_min` allows).
+micro-batch ("prefix", as train/sft.py passes it when `model.shared_prefix_min` allows).
 
     python bench/bench_sft_update.py --settings bfloat16:full:all,float32:dots_with_no_batch_dims_saveable:response
     python bench/bench_sft_update.py --length 464 --settings \

@@ -20,12 +20,14 @@ utilisation.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import os
 import platform
 import shlex
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +38,7 @@ from cqr_jax.models.gguf import load_gguf, materialize_hf_folder
 from cqr_jax.objectives.grpo import GRPOLossConfig
 from cqr_jax.schedules import grpo_optimizer
 from cqr_jax.testing import smollm2_gguf_path
-from train import steps
+from train import rollout_batch, steps
 
 TEMPERATURE = 0.7
 LR, WD, CLIP = 1e-6, 0.01, 1.0
@@ -65,17 +67,17 @@ def make_batch(b: int, prompt: int, response: int, vocab: int, seed: int = 0,
   return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask, "ref_logp": ref_logp, "adv": adv}
 
 
-def grouped(batch_np: dict, prompt: int, m: int = 1) -> dict:
-  """The rows as the update's grouped batch (rollout_batch.assemble), m completions per prompt.
-  m = 1: every row keeps its own prompt, the same work as the torch side; m = make_batch's
-  `group`: each shared prompt runs once for its m completions."""
-  g = len(batch_np["tokens"]) // m
-  per_row = lambda x: x.reshape(g, m, *x.shape[1:])  # noqa: E731
-  return {"prompt": batch_np["tokens"][::m, :prompt], "prompt_mask": batch_np["mask"][::m, :prompt],
-          "completion": per_row(batch_np["tokens"][:, prompt:]),
-          "completion_mask": per_row(batch_np["loss_mask"][:, prompt:]),
-          "ref_logp": per_row(batch_np["ref_logp"][:, prompt - 1:]),
-          "adv": per_row(batch_np["adv"])}
+def grouped(batch_np: dict, prompt: int, m: int = 1) -> types.SimpleNamespace:
+  """The rows as rollouts (what rollout_batch.grpo_batch reads), m samples a prompt, with
+  per-rollout reference log-probs [B, response] and advantages [B]. m = 1: every row keeps its
+  own prompt, the same work as the torch side; m = make_batch's `group`: each shared prompt runs
+  once for the completions of its stream."""
+  b = len(batch_np["tokens"])
+  return types.SimpleNamespace(
+      prompt_ids=batch_np["tokens"][:, :prompt], prompt_mask=batch_np["mask"][:, :prompt], n=m,
+      completion_ids=batch_np["tokens"][:, prompt:],
+      completion_mask=batch_np["loss_mask"][:, prompt:], finish_reasons=["stop"] * b,
+      ref_logp=batch_np["ref_logp"][:, prompt - 1:], adv=batch_np["adv"])
 
 
 def model_flops_per_token(cfg, seq: int) -> float:
@@ -104,8 +106,9 @@ def measure_matmul_peak(n: int = 1024, iters: int = 20) -> float:
 
 # ------------------------------------------------------------------------------------ ours
 
-def ours_update_fn(gguf: str, compute_dtype: str, batch_np: dict, micro_batch: int, box: dict):
-  """batch_np: `grouped(...)`."""
+def ours_update_fn(gguf: str, compute_dtype: str, roll, micro_batch: int, box: dict):
+  """roll: `grouped(...)`, packed by rollout_batch.grpo_batch (streams of the worst case's rows:
+  nothing spills)."""
   """A no-arg callable running one jitted update. The TrainState lives in `box`, shared by all
   our settings (donated and carried from call to call), so only one copy is resident."""
   model, mcfg = load_gguf(gguf, param_dtype="float32", compute_dtype=compute_dtype, remat="none")
@@ -116,7 +119,9 @@ def ours_update_fn(gguf: str, compute_dtype: str, batch_np: dict, micro_batch: i
   if "state" not in box:
     box["state"] = steps.init_state(params, tx)
   del model, params
-  batch = {k: jnp.asarray(v) for k, v in batch_np.items()}
+  batch = rollout_batch.grpo_batch(roll, None, micro_batch)
+  batch = dataclasses.replace(batch, ref_logp=batch.per_slot(jnp.asarray(roll.ref_logp)),
+                              adv=jnp.asarray(roll.adv))
 
   def run():
     box["state"], m = update(box["state"], batch)

@@ -5,11 +5,12 @@ No weights are made: parameters, AdamW state and batches are `jax.ShapeDtypeStru
 shardings the trainer gives them (`cqr_jax.sharding.state_shardings`, batch rows over data x fsdp);
 `.lower(...).compile().memory_analysis()` reports the per-device buffer sizes after SPMD
 partitioning. The programs are the library's, lowered as `train/grpo.py` runs them:
-- "train": `train.steps.make_grpo_update(..., mesh=mesh)` through its own jit (`.lower`: state
-  donated, output shardings pinned to the input's): f32 master params + AdamW, bf16 matmul
-  operands, remat "full", the blocks as one scan (cqr_jax.config.ModelSection's defaults), the
-  1,024-rollout batch grouped as rollout_batch.assemble groups it (unpacked) and cut into
-  micro-batches of `micro` rows per device.
+- "train": one micro-batch call of `train.steps.make_grpo_update(..., mesh=mesh)` (`.lower`: its
+  forward and backward with the gradient accumulator donated, where the update peaks): f32
+  master params, bf16 matmul operands, remat "full", the blocks as one scan
+  (cqr_jax.config.ModelSection's defaults), the 1,024-rollout batch packed as
+  rollout_batch.grpo_batch packs it with grpo.pack_rows 0 (a stream of a prompt and its m
+  completions at full length; a call of `micro` x devices / m streams).
 - "sampler": `cqr_jax.sampler._generate_program` under `jax.set_mesh`, as `Sampler.generate` calls
   it on an accelerator (bf16 compute, bf16 KV cache, parameters cast to bf16 inside, scanned
   blocks, no row compaction, no shared prefix): 128 prompts of 1,536 tokens, 8 samples each,
@@ -169,26 +170,34 @@ def run_job(job: Job) -> dict:
   dp = data * fsdp
   t0 = time.perf_counter()
   if job.program == "train":
-    def batch_arr(shape, dtype):
-      spec = P(("data", "fsdp"), *([None] * (len(shape) - 1)))
-      return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, spec))
-    from train.rollout_batch import group_size
-    m = group_size(job.n, job.micro * dp, dp)  # as rollout_batch.assemble groups rollouts
-    g = rows // m
-    batch = {"prompt": batch_arr((g, job.prompt_len), jnp.int32),
-             "prompt_mask": batch_arr((g, job.prompt_len), jnp.bool_),
-             "completion": batch_arr((g, m, job.gen_len), jnp.int32),
-             "completion_mask": batch_arr((g, m, job.gen_len), jnp.bool_),
-             "ref_logp": batch_arr((g, m, job.gen_len), jnp.float32),
-             "adv": batch_arr((g, m), jnp.float32)}
+    from train import rollout_batch
+    m = rollout_batch.group_size(job.n, job.micro * dp, dp)  # as rollout_batch.grpo_batch
+    per_call = rollout_batch.streams_per_call(job.micro * dp, m, dp)
+    # grpo.pack_rows 0: a stream holds its whole group at full length, so a call is `micro`
+    # completions a chip; a smaller budget only takes rows from a call (an upper bound).
+    k = rollout_batch.stream_rows(job.prompt_len, m, job.gen_len, 0)
+
+    def call_arr(shape, dtype):  # [C = 1, P, ...], P over data x fsdp
+      shape = (1, per_call) + shape
+      return jax.ShapeDtypeStruct(shape, dtype,
+                                  sharding=rollout_batch.call_sharding(mesh, len(shape)))
+
+    stream = (k, job.gen_len)
+    batch = rollout_batch.GRPOBatch(
+        tokens=call_arr(stream, jnp.int32), segment=call_arr(stream, jnp.int32),
+        position=call_arr(stream, jnp.int32), source=call_arr(stream, jnp.int32),
+        unpack=call_arr((m, job.gen_len), jnp.int32), rollout=call_arr((m,), jnp.int32),
+        lengths=jax.ShapeDtypeStruct((rows,), jnp.int32, sharding=rep),
+        adv=jax.ShapeDtypeStruct((rows,), jnp.float32, sharding=rep),
+        ref_logp=call_arr((m, job.gen_len), jnp.float32), prompt_width=job.prompt_len)
     state = steps.TrainState(params=params_sds, opt_state=opt_sds,
                              step=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
     update = steps.make_grpo_update(graphdef, rest, tx, GRPOLossConfig(), temperature=0.7,
                                     micro_batch=job.micro * dp,
                                     mesh=mesh if job.constraints else None)
-    lowered = update.lower(state, batch)
-    # Resident next to the update: the frozen reference policy.
-    extra = resident["ref_params_f32"]
+    lowered = update.lower(state, batch)  # arguments: params, the gradient sum, one call
+    # Resident next to a call: the AdamW moments and the frozen reference policy.
+    extra = resident["adamw_moments"] + resident["ref_params_f32"]
   elif job.program == "sampler":
     from cqr_jax import sampler as sampler_lib
     gdef, full = nnx.split(abstract)
@@ -200,14 +209,14 @@ def run_job(job: Job) -> dict:
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
     scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=rep)  # noqa: E731
     eos = jax.ShapeDtypeStruct((8,), jnp.int32, sharding=rep)
-    bf16 = jnp.dtype(jnp.bfloat16)
     with jax.set_mesh(mesh) if job.constraints else contextlib.nullcontext():
       lowered = sampler_lib.jitted_program().lower(
           gdef, state_sds, ids, mask, key, scalar(jnp.int32), scalar(jnp.float32), None, eos,
-          n=job.n, gen_len=job.gen_len, top_k=0, pad_id=0, cache_dtype=bf16,
-          compute_dtype="bfloat16", prefill_dtype="bfloat16", param_dtype=bf16,
-          attention="matmul", scan=job.scan, weights_first=(False,), shared=0,
-          stages=(rows,))
+          plan=sampler_lib.DecodePlan(
+              n=job.n, gen_len=job.gen_len, top_k=0, pad_id=0, compute_dtype="bfloat16",
+              prefill_dtype="bfloat16", cache_dtype="bfloat16", param_dtype="bfloat16",
+              attention="matmul", scan=job.scan, shared=0, stages=(rows,),
+              weights_first=(False,)))
     # Resident while sampling: the AdamW moments and the reference policy.
     extra = resident["adamw_moments"] + resident["ref_params_f32"]
   else:

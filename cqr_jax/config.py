@@ -26,6 +26,11 @@ class ModelSection:
   compute_dtype: str = "bfloat16"  # bf16 operands, f32 accumulation
   remat: str = "full"
   scan_layers: bool = True  # one lax.scan over the blocks: compile time independent of depth
+  # Tokens that every row of a call starts with (the template's instructions) run through the
+  # model once when they span at least this many (rounded down to a multiple of 16): in the
+  # sampler's prompt pass, the GRPO update and reference pass, and the SFT update
+  # (cqr_jax/shared_prefix.py). 0 = off.
+  shared_prefix_min: int = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,9 +100,6 @@ class RolloutSection:
   # BF16 instructions a bf16 rollout beats f32 while the f32 update stays the faster one
   # (bench/results/sampler_cpu_default_dtype.md); on AVX2-only CPUs bf16 is the slow path.
   compute_dtype: str | None = None
-  # The prompt pass runs the prompts' common prefix (the template's instructions) once when it
-  # spans at least this many tokens (SamplerConfig.shared_prefix_min; 0 = off).
-  shared_prefix_min: int = 64
   # GRPO samples a step's prompts in calls of at most this many (0 = one call): the generation
   # cache scales with a call's rows, so this bounds the sampler's memory per chip
   # (bench/results/memory_plan.md). The rollouts are those of one call with other random draws.
@@ -145,10 +147,6 @@ class SFTSection:
   allow_empty: bool = False  # zero kept samples: continue from the initial model (RL-only ablation)
   # > 0: train only the top N blocks + final norm (cqr_jax.partial_training); 0 = all (paper).
   train_top_layers: int = 0
-  # A prefix that every example starts with (the template's instructions), if at least this
-  # long (rounded down to a multiple of 16), runs once per micro-batch rather than once per row
-  # (train/sft.py shared_prefix_len). 0 = off.
-  shared_prefix_min: int = 64
   # Examples over max_len (prompt + response + EOS): "error" (verl's default, the TopiOCQA
   # script), "truncate_right" (keep the first max_len tokens: the QReCC script) or "drop".
   # The count is in <run>/sft/summary.json (method.md 3.4).
@@ -162,9 +160,11 @@ class GRPOSection:
   epochs: int = 6
   batch_prompts: int = 128
   n: int = 8                  # the paper says 8; the TopiOCQA script used 16 (method.md 7.1)
-  # Sequences per compute micro-batch over the whole mesh (each device runs micro_batch /
-  # (data x fsdp) of them): memory and speed only. The loss does not depend on it or on the
-  # mesh: loss.token_mean_seqs sets the blocks the token mean runs over (method.md 4.7).
+  # Sequences per compute micro-batch over the whole mesh: one call of micro_batch / m packed
+  # streams (pack_rows; m samples of a prompt a stream, rollout_batch.group_size), spread over
+  # data x fsdp: memory and speed only. The loss does not depend on it or on the mesh:
+  # loss.token_mean_seqs sets the blocks the token mean runs over (method.md 4.7); with 0 it is
+  # each call's token mean.
   micro_batch: int = 8
   lr: float = 1e-6
   warmup_steps: int = 100
@@ -189,15 +189,15 @@ class GRPOSection:
   keep_checkpoints: int = 3
   max_nonfinite: int = 3      # K non-finite losses in a row stop the run
   train_top_layers: int = 0   # as sft.train_top_layers
-  # The update and reference pass run over each group's prompt and completions packed end to end
-  # (no padding between them) rather than a left-padded prompt and one padded row a completion,
-  # in as many rows as each micro-batch needs (train/rollout_batch.pack_groups; one compile per
-  # row count).
-  pack_completions: bool = True
-  # With packing: a prefix that every prompt of a step starts with (the template's instructions),
-  # if at least this long (rounded down to a multiple of 16), runs once a step in the update and
-  # reference pass rather than once a group (train/rollout_batch.assemble). 0 = off.
-  shared_prefix_min: int = 64
+  # The update and reference pass run over each group's prompt then its completions end to end
+  # (no padding between them) in streams of this many rows of rollout.max_new_tokens slots; a
+  # group that does not fit continues in another stream that repeats its prompt
+  # (train/rollout_batch.pack_streams). Static, so a run compiles its update and reference pass
+  # once. 0 = the worst case (a prompt and all m samples at full length: never spills). 4: most
+  # of the GRPO benchmark's groups (a prompt and 8 completions) fit 4 rows of 128, and the
+  # rest spill into a second or third stream about where per-group rows rounded up to 4 went
+  # to 8 or 11 (bench/results/grpo_step.md).
+  pack_rows: int = 4
   seed: int = 1
   log_samples: int = 2
   loss: GRPOLossConfig = dataclasses.field(default_factory=GRPOLossConfig)

@@ -1,14 +1,15 @@
 """The rollout engine: batched KV-cache generation with n samples per prompt (method.md 4.4-4.5).
 
-One jitted program per (prompt bucket, generation bucket, batch) shape: prefill of the B
-left-padded prompts (once per prompt, not per sample), the KV cache repeated n times
-(prompt-major: sample row i * n + j is sample j of prompt i), then a `lax.while_loop` of
-single-token decode steps that updates the cache in place and stops early once every row has
-emitted an EOS. On CPU the loop also sheds finished rows (SamplerConfig.compact_rows): it goes
-on in fewer rows once enough have ended. The model's parameters are passed as its current
-`nnx.State` (no copy; the trainer updates them every step) and the graph definition is static.
-Sampling settings (temperature, top-p value, EOS ids) are traced, so changing them does not
-recompile.
+One jitted program per (prompt bucket, generation bucket, batch) shape and `DecodePlan`:
+prefill of the B left-padded prompts (once per prompt, not per sample; sampler_kv), then a
+`lax.while_loop` of single-token decode steps for the B * n rows (prompt-major: sample row
+i * n + j is sample j of prompt i) that updates the cache in place and stops early once every
+row has emitted an EOS, carrying a `LoopState`. Where the policy says so (CPU), the loop goes on
+in fewer rows once enough have ended (`compaction_stages`). How the device runs all this is
+the `DecodePolicy`'s (cqr_jax/decode_policy.py). The model's parameters are passed as its
+current `nnx.State` (no copy; the trainer updates them every step) and the graph definition is
+static. Sampling settings (temperature, top-p value, EOS ids) are traced, so changing them does
+not recompile.
 
 Stop strings are found on the host after generation (they do not end the device loop; EOS does).
 Log-probs are log softmax(logits / T) at the sampled token (T = 1 for greedy), method.md 4.5.
@@ -20,14 +21,15 @@ import dataclasses
 import functools
 import logging
 import time
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cqr_jax import sampler_kv, sampling_ops, sharding
+from cqr_jax import decode_policy, sampler_kv, sampling_ops, shared_prefix, sharding
+from cqr_jax.decode_policy import DecodePolicy
 from cqr_jax.compile_options import compiler_options
 
 log = logging.getLogger(__name__)
@@ -46,44 +48,17 @@ class SamplerConfig:
     rounded up to a multiple of the mesh's data x fsdp size.
   eos_ids: empty = the tokenizer's eos plus the model config's eos ids. ignore_eos: generate
     max_new_tokens for every row (benchmarks).
-  cache_dtype: KV cache and attention dtype ("float32" / "bfloat16"); None = float32 on CPU
-    (XLA:CPU rewrites a bf16 cache update into an f32 pass over the whole cache every step),
-    the compute dtype elsewhere.
   compute_dtype: matmul operand dtype for generation (Decoder `compute_dtype=`); None = the
-    model config's. prefill_compute_dtype: the same for the prompt pass (None = compute_dtype):
-    prefill is made of large matmuls, where bf16 pays off even on CPU, decode of skinny ones
-    (measured in bench/results/sampler.md).
-  decode_attention: how a decode step attends over the cache: "reduce" (the small products as
-    fused multiply-sums, keys of the generated slots stored slots-minor: faster on XLA:CPU at
-    decode shapes) or "matmul" (einsums: matrix units); None = "reduce" on CPU, "matmul"
-    elsewhere (sampler_kv._attend_step).
-  scan_layers: the prompt pass and decode step run the blocks as one lax.scan (True) or unrolled
-    (False); None = unrolled on CPU (XLA:CPU copies each block's weights out of the stacked array
-    in every decode step), the model config's `scan_layers` elsewhere.
-  decode_weights_first: each decode step's projections and LM head as W x^T, over a copy of the
-    kernels transposed once per call (cqr_jax.models.layers.weights_first; unrolled blocks only,
-    ignored with scan_layers); None = on CPU when a step has at most 32 rows (measured faster
-    at 16 and 32 rows, not at 64), off elsewhere.
+    model config's.
   shared_prefix_min: when a call's prompts (two or more) begin with the same tokens (a
-    template's instructions), the prompt pass runs that common prefix once, rounded down to a
-    multiple of 16 tokens and leaving every prompt at least one token of its own, and each
-    prompt's remainder attends to it (sampler_kv.prefill `shared`); decode steps read its cache
-    once for all rows. Only when the rounded prefix has at least this many tokens; 0 = off.
-    Same tokens as without it. The prompt pass keeps the bucket's width; each distinct prefix
-    length compiles its own program (one per template in a run).
-  cast_params: with a bfloat16 compute dtype, cast the floating parameters to bfloat16 once per
-    call inside the program (a temporary half-size copy): each decode step then reads half the
-    bytes and skips a per-matmul cast. No effect with float32 compute.
-  compact_rows: once few enough of a call's rows are unfinished, the decode loop goes on in
-    fewer rows (the unfinished ones, gathered with their caches): 64 rows -> 48, 32, 24, 16 down
-    to `compact_min_rows` (`compaction_stages`; multiples of the mesh's data x fsdp size). Each
-    row computes what it would without it (same caches and random draws); matmuls over fewer
-    rows may round differently in the last bit, which can flip a near-tie draw. Pays where a
-    decode step's cost grows with its rows (CPU) and responses end at very different lengths
-    (GRPO; bench/results/rollout_compaction.md); each stage adds a decode loop to the compiled
-    program. None = on CPU, off elsewhere (there a step at
-    these row counts costs about the same: weight reads). Off with `ignore_eos` and for
-    one-token calls (no row finishes early).
+    template's instructions), the prompt pass runs that prefix once (`cqr_jax.shared_prefix`)
+    and decode steps read its cache once for all rows, if it spans at least this many tokens;
+    0 = off. Same tokens as without it. Each distinct prefix length compiles its own program
+    (one per template in a run).
+
+  How the device runs the call (cache dtype, attention products, scanned blocks, shedding
+  finished rows) is the `Sampler`'s `DecodePolicy` (cqr_jax/decode_policy.py), not a setting
+  of what is sampled.
   """
   max_prompt_len: int = 1536
   max_new_tokens: int = 1024
@@ -98,16 +73,8 @@ class SamplerConfig:
   stop_strings: tuple[str, ...] = ()
   eos_ids: tuple[int, ...] = ()
   ignore_eos: bool = False
-  cache_dtype: str | None = None
   compute_dtype: str | None = None
-  prefill_compute_dtype: str | None = None
-  decode_attention: str | None = None
-  scan_layers: bool | None = None
-  decode_weights_first: bool | None = None
   shared_prefix_min: int = 64
-  cast_params: bool = True
-  compact_rows: bool | None = None
-  compact_min_rows: int = 16
 
   def __post_init__(self):
     if self.max_prompt_len < 1:
@@ -116,9 +83,6 @@ class SamplerConfig:
       raise ValueError(f"SamplerConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
     if self.n < 1:
       raise ValueError(f"SamplerConfig.n must be >= 1, got {self.n}")
-    if self.compact_min_rows < 1:
-      raise ValueError(f"SamplerConfig.compact_min_rows must be >= 1, got "
-                       f"{self.compact_min_rows}")
     if self.shared_prefix_min < 0:
       raise ValueError(f"SamplerConfig.shared_prefix_min must be >= 0, got "
                        f"{self.shared_prefix_min}")
@@ -129,13 +93,9 @@ class SamplerConfig:
         raise ValueError(f"SamplerConfig.{name} must be strictly increasing positive ints, got {b}")
     if any(not s for s in self.stop_strings):
       raise ValueError("SamplerConfig.stop_strings must not contain an empty string")
-    for name in ("cache_dtype", "compute_dtype", "prefill_compute_dtype"):
-      v = getattr(self, name)
-      if v not in (None, "float32", "bfloat16"):
-        raise ValueError(f"SamplerConfig.{name}={v!r}: expected None, 'float32' or 'bfloat16'")
-    if self.decode_attention not in (None, *sampler_kv.ATTENTION_MODES):
-      raise ValueError(f"SamplerConfig.decode_attention={self.decode_attention!r}: "
-                       "expected None, 'reduce' or 'matmul'")
+    if self.compute_dtype not in (None, "float32", "bfloat16"):
+      raise ValueError(f"SamplerConfig.compute_dtype={self.compute_dtype!r}: expected None, "
+                       "'float32' or 'bfloat16'")
 
 
 @dataclasses.dataclass
@@ -233,40 +193,6 @@ def bucket(length: int, buckets: Sequence[int], what: str) -> int:
     if b >= length:
       return b
   raise ValueError(f"{what}={length} exceeds the largest bucket {buckets[-1]}")
-
-
-SHARED_PREFIX_MULTIPLE = 16
-
-
-def shared_prefix_layout(ids_bp: np.ndarray, mask_bp: np.ndarray, num_prompts: int,
-                         min_tokens: int, pad_id: int):
-  """The prompt pass's input when the first `num_prompts` of the left-padded prompts [B, P]
-  share a prefix.
-
-  The common prefix's length S is rounded down to a multiple of SHARED_PREFIX_MULTIPLE (so that
-  a run compiles few shapes) and kept below the shortest prompt's length. If S >= `min_tokens`
-  (> 0), returns ([B, P] ids, mask, S): every row's first S columns hold the prefix (valid, in
-  padding rows too), the other P - S each prompt's remaining tokens, left-padded. One width per
-  prompt bucket: a width fitted to each call's longest remainder would compile a program per
-  width, which costs a short run more than the padding it saves.
-  Otherwise (ids_bp, mask_bp, 0)."""
-  rows = [ids_bp[i][mask_bp[i]] for i in range(num_prompts)]
-  shortest = min(len(r) for r in rows)
-  if min_tokens <= 0 or len(rows) < 2 or shortest <= min_tokens:
-    return ids_bp, mask_bp, 0
-  head = np.stack([r[:shortest] for r in rows])
-  same = np.all(head == head[0], axis=0)
-  common = shortest if same.all() else int(np.argmin(same))
-  s = min(common, shortest - 1) // SHARED_PREFIX_MULTIPLE * SHARED_PREFIX_MULTIPLE
-  if s < min_tokens:
-    return ids_bp, mask_bp, 0
-  width = ids_bp.shape[1]
-  ids = np.full((ids_bp.shape[0], width), pad_id, ids_bp.dtype)
-  mask = np.zeros((ids_bp.shape[0], width), bool)
-  ids[:, :s], mask[:, :s] = rows[0][:s], True
-  for i, r in enumerate(rows):
-    ids[i, width - (len(r) - s):], mask[i, width - (len(r) - s):] = r[s:], True
-  return ids, mask, s
 
 
 def _is_chat(p: Any) -> bool:
@@ -367,96 +293,124 @@ def compaction_stages(rows: int, min_rows: int, multiple: int) -> tuple[int, ...
                         reverse=True))
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+  """The static settings of one generation program (its jit cache key besides the shapes):
+  what `Sampler.generate` derives from the call, its `SamplerConfig` and its `DecodePolicy`.
+
+  stages: the row counts the decode loop runs at (the first B * n; `compaction_stages`);
+  weights_first: per stage, whether its steps run weights first (`cpu_decode`); shared: the
+  prompts' common prefix length (`cqr_jax.shared_prefix.split_prompts`), 0 = none."""
+  n: int
+  gen_len: int
+  top_k: int
+  pad_id: int
+  compute_dtype: str
+  prefill_dtype: str
+  cache_dtype: str
+  param_dtype: str | None
+  attention: str
+  scan: bool
+  shared: int
+  stages: tuple[int, ...]
+  weights_first: tuple[bool, ...]
+
+
+class LoopState(NamedTuple):
+  """The decode loop's carry. Rows are the stage's (R <= B * n); `rows_idx` [R] maps them to the
+  call's B * n rows (None while all rows run, in order). Outputs are over all B * n rows."""
+  step: jax.Array           # int32: tokens generated so far
+  rows_idx: Any             # [R] int32 or None
+  positions_r: jax.Array    # [R] position of the row's first generated token
+  logits_rv: jax.Array      # [R, V] float32: predicts the next token
+  cache: Any                # sampler_kv cache state
+  tokens_ng: jax.Array      # [B * n, G] int32
+  logprobs_ng: jax.Array    # [B * n, G] float32
+  lengths_n: jax.Array      # [B * n] int32
+  done_n: jax.Array         # [B * n] bool
+  eos_n: jax.Array          # [B * n] bool
+
+
+def _decode_loop(decode, floor, c: LoopState, key, max_steps, temperature, top_p, eos_e,
+                 plan: DecodePlan, rows: int) -> LoopState:
+  """Decode steps while some row is unfinished, more than `floor` of them, and steps are left."""
+  def cond(c):
+    return (c.step < max_steps) & (jnp.sum(~c.done_n) > floor)
+
+  def body(c):
+    i, idx = c.step, c.rows_idx
+    sub = (lambda x: x) if idx is None else (lambda x: x[idx])
+    uniform_r = sub(jax.random.uniform(jax.random.fold_in(key, i), (rows,), jnp.float32))
+    tok_r, lp_r = sampling_ops.select_tokens(None, c.logits_rv, temperature, top_k=plan.top_k,
+                                             top_p=top_p, uniform_b=uniform_r)
+    done_r = sub(c.done_n)
+    tok_r = jnp.where(done_r, plan.pad_id, tok_r)
+    lp_r = jnp.where(done_r, 0.0, lp_r)
+    hit_r = ~done_r & jnp.any(tok_r[:, None] == eos_e[None, :], axis=-1)
+    if idx is None:
+      tokens = jax.lax.dynamic_update_slice(c.tokens_ng, tok_r[:, None], (0, i))
+      logp = jax.lax.dynamic_update_slice(c.logprobs_ng, lp_r[:, None], (0, i))
+      lengths = c.lengths_n + (~done_r).astype(jnp.int32)
+      eos, done = c.eos_n | hit_r, c.done_n | hit_r
+    else:
+      tokens = c.tokens_ng.at[idx, i].set(tok_r)
+      logp = c.logprobs_ng.at[idx, i].set(lp_r)
+      lengths = c.lengths_n.at[idx].add((~done_r).astype(jnp.int32))
+      eos = c.eos_n.at[idx].set(c.eos_n[idx] | hit_r)
+      done = c.done_n.at[idx].set(done_r | hit_r)
+    logits, cache = decode(tok_r, c.positions_r + i, c.cache, i)
+    return LoopState(i + 1, idx, c.positions_r, logits, cache, tokens, logp, lengths, done, eos)
+
+  return jax.lax.while_loop(cond, body, c)
+
+
 def _generate_program(graphdef, state, prompt_ids_bp, prompt_mask_bp, key, max_steps,
-                      temperature, top_p, eos_e, *, n: int, gen_len: int, top_k: int,
-                      pad_id: int, cache_dtype, compute_dtype, prefill_dtype, param_dtype,
-                      attention, scan, weights_first, shared, stages):
+                      temperature, top_p, eos_e, plan: DecodePlan):
   """Prefill + decode loops. temperature, top_p (None = off) and the eos ids eos_e [E] (-1 =
   unused slot) are traced. Returns tokens [B*n, G], logprobs [B*n, G], lengths [B*n],
   eos_hit [B*n], steps run, and the row count of the last stage that ran a step.
 
-  `stages` (row counts, the first B * n) and `weights_first` (one flag per stage): the decode
-  loop runs at stages[0] rows until at most stages[1] rows are unfinished, then keeps those
-  (and finished ones to fill up) in stages[1] rows, and so on: finished rows stop costing
-  matmuls. The kept rows' caches are gathered (each gets its own copy of its prompt's slots);
-  each row keeps its own random draws (`uniform_b`), so the tokens are those of one loop.
+  The decode loop runs at plan.stages[0] rows until at most stages[1] rows are unfinished, then
+  keeps those (and finished ones to fill up) in stages[1] rows, and so on: finished rows stop
+  costing matmuls. The kept rows' caches are gathered (each gets its own copy of its prompt's
+  slots); each row keeps its own random draws, so the tokens are those of one loop.
   Traced under a mesh (`jax.set_mesh`), every per-row array and cache keeps its rows on
   ("data", "fsdp") (`sharding.constrain_rows`); without one, nothing is constrained."""
-  if param_dtype is not None:
-    state = _cast_floats(state, param_dtype)
+  if plan.param_dtype is not None:
+    state = _cast_floats(state, jnp.dtype(plan.param_dtype))
   model = nnx.merge(graphdef, state)
+  n, stages = plan.n, plan.stages
   rows = prompt_ids_bp.shape[0] * n
-  if not sampler_kv.fast_path_ok(model):
-    stages = stages[:1]
-
   constrain = sharding.constrain_rows
-  steps_kw = dict(gen_len=gen_len, cache_dtype=cache_dtype, prefill_dtype=prefill_dtype,
-                  compute_dtype=compute_dtype, attention=attention, scan=scan, shared=shared)
-  prefill, decode = sampler_kv.make_steps(model, n=n, weights_first=weights_first[0],
-                                          **steps_kw)
+  prefill, decode = sampler_kv.make_steps(model, plan, n=n, weights_first=plan.weights_first[0])
   mask_bp = prompt_mask_bp.astype(bool)
   positions_bp = jnp.maximum(jnp.cumsum(mask_bp, axis=-1) - 1, 0).astype(jnp.int32)
   logits_rv, cache = prefill(prompt_ids_bp, positions_bp, mask_bp)
-  next_pos_r = jnp.repeat(positions_bp[:, -1] + 1, n, axis=0)
-
-  def run(decode, floor, c):
-    """Decode steps while some row is unfinished, more than `floor` of them, and steps are
-    left. c[1] holds the rows' indices among all B * n (None = all, in order)."""
-    def cond(c):
-      i, done_r = c[0], c[-2]
-      return (i < max_steps) & (jnp.sum(~done_r) > floor)
-
-    def body(c):
-      i, idx_k, pos_k, logits_kv, cache, tokens_rg, logp_rg, length_r, done_r, eos_r = c
-      sub = (lambda x: x) if idx_k is None else (lambda x: x[idx_k])
-      uniform_k = sub(jax.random.uniform(jax.random.fold_in(key, i), (rows,), jnp.float32))
-      tok_k, lp_k = sampling_ops.select_tokens(None, logits_kv, temperature, top_k=top_k,
-                                               top_p=top_p, uniform_b=uniform_k)
-      done_k = sub(done_r)
-      tok_k = jnp.where(done_k, pad_id, tok_k)
-      lp_k = jnp.where(done_k, 0.0, lp_k)
-      hit_k = ~done_k & jnp.any(tok_k[:, None] == eos_e[None, :], axis=-1)
-      if idx_k is None:
-        tokens_rg = jax.lax.dynamic_update_slice(tokens_rg, tok_k[:, None], (0, i))
-        logp_rg = jax.lax.dynamic_update_slice(logp_rg, lp_k[:, None], (0, i))
-        length_r = length_r + (~done_k).astype(jnp.int32)
-        eos_r, done_r = eos_r | hit_k, done_r | hit_k
-      else:
-        tokens_rg = tokens_rg.at[idx_k, i].set(tok_k)
-        logp_rg = logp_rg.at[idx_k, i].set(lp_k)
-        length_r = length_r.at[idx_k].add((~done_k).astype(jnp.int32))
-        eos_r = eos_r.at[idx_k].set(eos_r[idx_k] | hit_k)
-        done_r = done_r.at[idx_k].set(done_k | hit_k)
-      logits_kv, cache = decode(tok_k, pos_k + i, cache, i)
-      return i + 1, idx_k, pos_k, logits_kv, cache, tokens_rg, logp_rg, length_r, done_r, eos_r
-    return jax.lax.while_loop(cond, body, c)
-
-  c = (jnp.int32(0), None, next_pos_r, constrain(logits_rv), cache,
-       constrain(jnp.full((rows, gen_len), pad_id, jnp.int32)),
-       constrain(jnp.zeros((rows, gen_len), jnp.float32)),
-       constrain(jnp.zeros((rows,), jnp.int32)),
-       constrain(jnp.repeat(~mask_bp[:, -1], n, axis=0)),  # padding rows start done
-       constrain(jnp.zeros((rows,), bool)))
+  loop = functools.partial(_decode_loop, key=key, max_steps=max_steps, temperature=temperature,
+                           top_p=top_p, eos_e=eos_e, plan=plan, rows=rows)
+  c = LoopState(
+      step=jnp.int32(0), rows_idx=None,
+      positions_r=jnp.repeat(positions_bp[:, -1] + 1, n, axis=0), logits_rv=constrain(logits_rv),
+      cache=cache, tokens_ng=constrain(jnp.full((rows, plan.gen_len), plan.pad_id, jnp.int32)),
+      logprobs_ng=constrain(jnp.zeros((rows, plan.gen_len), jnp.float32)),
+      lengths_n=constrain(jnp.zeros((rows,), jnp.int32)),
+      done_n=constrain(jnp.repeat(~mask_bp[:, -1], n, axis=0)),  # padding rows start done
+      eos_n=constrain(jnp.zeros((rows,), bool)))
   rows_end = rows
   for k, r_k in enumerate(stages):
     if k:  # keep r_k rows, the unfinished first; each gets its own copy of its prompt's slots
-      prompt_cache, _, prompt_mask_bq = cache  # stage 0's: one copy per prompt
-      i, idx, pos, logits, (_, gen_cache, _), *outputs = c
-      done_r = outputs[-2]
-      order = jnp.argsort(done_r if idx is None else done_r[idx], stable=True)[:r_k]
-      idx = order if idx is None else idx[order]
-      kept_cache = (
-          sampler_kv.constrain_cache(sampler_kv.take_rows(prompt_cache, idx // n, scan), scan),
-          sampler_kv.constrain_cache(sampler_kv.take_rows(gen_cache, order, scan), scan),
-          constrain(prompt_mask_bq[idx // n]))
-      c = (i, idx, constrain(pos[order]), constrain(logits[order]), kept_cache, *outputs)
-      decode = sampler_kv.make_steps(model, n=1, weights_first=weights_first[k], **steps_kw)[1]
+      done_r = c.done_n if c.rows_idx is None else c.done_n[c.rows_idx]
+      order = jnp.argsort(done_r, stable=True)[:r_k]
+      idx = order if c.rows_idx is None else c.rows_idx[order]
+      c = c._replace(rows_idx=idx, positions_r=constrain(c.positions_r[order]),
+                     logits_rv=constrain(c.logits_rv[order]),
+                     cache=sampler_kv.keep_rows(c.cache, cache, idx, order, n, plan.scan))
+      decode = sampler_kv.make_steps(model, plan, n=1, weights_first=plan.weights_first[k])[1]
     floor = stages[k + 1] if k + 1 < len(stages) else 0
-    runs = (c[0] < max_steps) & (jnp.sum(~c[-2]) > floor)
+    runs = (c.step < max_steps) & (jnp.sum(~c.done_n) > floor)
     rows_end = jnp.where(runs, r_k, rows_end)
-    c = run(decode, floor, c)
-  steps, *_, tokens_rg, logp_rg, length_r, _, eos_r = c
-  return tokens_rg, logp_rg, length_r, eos_r, steps, jnp.int32(rows_end)
+    c = loop(decode, floor, c)
+  return c.tokens_ng, c.logprobs_ng, c.lengths_n, c.eos_n, c.step, jnp.int32(rows_end)
 
 
 # Number of times the generation program was traced (each is a compilation): tests and the
@@ -472,10 +426,7 @@ def _traced_program(*args, **kw):
 @functools.cache
 def jitted_program():
   """The jitted generation program (created on first use, once the backend is known)."""
-  return jax.jit(_traced_program, static_argnums=(0,),
-                 static_argnames=("n", "gen_len", "top_k", "pad_id", "cache_dtype",
-                                  "compute_dtype", "prefill_dtype", "param_dtype",
-                                  "attention", "scan", "weights_first", "shared", "stages"),
+  return jax.jit(_traced_program, static_argnums=(0,), static_argnames=("plan",),
                  compiler_options=compiler_options())
 
 
@@ -488,7 +439,7 @@ def _to_host(tree):
 
 
 class Sampler:
-  """Generates rollouts from a Decoder (its `init_cache` / `decode` methods).
+  """Generates rollouts from a Decoder (its `forward` through cqr_jax/sampler_kv.py).
 
   Args:
     config: SamplerConfig.
@@ -499,11 +450,15 @@ class Sampler:
       config.eos_ids is set).
     pad_id: padding id of prompts and of completions after their end; default the tokenizer's
       pad, else the first EOS id, else 0.
+    policy: how the device runs the program (`DecodePolicy`); None = the default of the
+      backend in use (`decode_policy.for_backend`).
   """
 
   def __init__(self, config: SamplerConfig = SamplerConfig(), tokenizer=None, *, mesh=None,
-               model_eos_ids: Sequence[int] = (), pad_id: int | None = None):
+               model_eos_ids: Sequence[int] = (), pad_id: int | None = None,
+               policy: DecodePolicy | None = None):
     self.config = config
+    self.policy = policy
     self.tokenizer = tokenizer
     self.mesh = mesh
     eos = tuple(config.eos_ids)
@@ -602,28 +557,9 @@ class Sampler:
     ids_bp, mask_bp, truncated = self.prepare(prompts, vocab)
     num_prompts = len(truncated)
     gen_len = bucket(max_new, self.gen_buckets, "max_new_tokens")
-    compute = cfg.compute_dtype or getattr(mcfg, "compute_dtype", None) or "float32"
-    on_cpu = jax.default_backend() == "cpu"
-    cache_dtype = cfg.cache_dtype or ("float32" if on_cpu else compute)
-    kw = dict(n=int(n), gen_len=gen_len, top_k=int(top_k), pad_id=self.pad_id,
-              cache_dtype=None if cache_dtype is None else jnp.dtype(cache_dtype),
-              compute_dtype=compute, prefill_dtype=cfg.prefill_compute_dtype or compute,
-              param_dtype=(jnp.dtype(compute) if cfg.cast_params and compute != "float32"
-                           else None),
-              attention=cfg.decode_attention or ("reduce" if on_cpu else "matmul"),
-              scan=(cfg.scan_layers if cfg.scan_layers is not None
-                    else not on_cpu and bool(getattr(mcfg, "scan_layers", False))))
+    plan, run_ids, run_mask = self._plan(ids_bp, mask_bp, num_prompts, int(n), int(top_k),
+                                         gen_len, mcfg)
     eos_ids = self.eos_ids_for(mcfg)
-    compact = cfg.compact_rows if cfg.compact_rows is not None else on_cpu
-    compact = compact and bool(eos_ids) and gen_len > 1
-    kw["stages"] = compaction_stages(ids_bp.shape[0] * int(n),
-                                     cfg.compact_min_rows if compact else 0,
-                                     self.data_parallel_size)
-    kw["weights_first"] = tuple(
-        cfg.decode_weights_first if cfg.decode_weights_first is not None else on_cpu and r <= 32
-        for r in kw["stages"])
-    run_ids, run_mask, kw["shared"] = shared_prefix_layout(
-        ids_bp, mask_bp, num_prompts, cfg.shared_prefix_min, self.pad_id)
     traces = TRACE_COUNT[0]
     t0 = time.perf_counter()
     with self._mesh_ctx():
@@ -633,21 +569,43 @@ class Sampler:
       out = jitted_program()(graphdef, state, ids_in, mask_in, key, jnp.int32(max_new),
                              jnp.float32(temperature),
                              None if top_p >= 1.0 else jnp.float32(top_p), jnp.asarray(eos_e),
-                             **kw)
+                             plan=plan)
       tokens, logps, lengths, eos_hit, steps, rows_end = _to_host(out)
     compiled = TRACE_COUNT[0] > traces
     if compiled:
       self.num_compiles += 1
       if self.num_compiles > 1:
         log.warning("sampler: compiled a new shape (prompts %s, shared prefix %d, gen bucket %d, "
-                    "n=%d); a run should only compile a few", run_ids.shape, kw["shared"],
+                    "n=%d); a run should only compile a few", run_ids.shape, plan.shared,
                     gen_len, n)
     self.last_timing = {"seconds": time.perf_counter() - t0, "compiled": float(compiled),
-                        "steps": float(steps), "shared_prefix": float(kw["shared"]),
+                        "steps": float(steps), "shared_prefix": float(plan.shared),
                         "decode_rows_end": float(rows_end)}
     return self._finish(ids_bp, mask_bp, truncated, num_prompts, int(n), max_new,
                         np.asarray(tokens), np.asarray(logps), np.asarray(lengths),
                         np.asarray(eos_hit))
+
+  def _plan(self, ids_bp, mask_bp, num_prompts: int, n: int, top_k: int, gen_len: int, mcfg):
+    """(DecodePlan, prompt ids, mask) of a call: the prompts laid out for their shared prefix,
+    the policy's strategies resolved for this call's rows."""
+    cfg = self.config
+    policy = self.policy or decode_policy.for_backend(jax.default_backend())
+    compute = cfg.compute_dtype or getattr(mcfg, "compute_dtype", None) or "float32"
+    scan = (policy.scan_layers if policy.scan_layers is not None
+            else bool(getattr(mcfg, "scan_layers", False)))
+    eos_ids = self.eos_ids_for(mcfg)
+    compact = policy.compact_min_rows if eos_ids and gen_len > 1 else 0
+    stages = compaction_stages(ids_bp.shape[0] * n, compact, self.data_parallel_size)
+    run_ids, run_mask, shared = shared_prefix.split_prompts(
+        ids_bp, mask_bp, num_prompts, cfg.shared_prefix_min, self.pad_id)
+    plan = DecodePlan(
+        n=n, gen_len=gen_len, top_k=top_k, pad_id=self.pad_id, compute_dtype=compute,
+        prefill_dtype=policy.prefill_dtype or compute,
+        cache_dtype=policy.cache_dtype or compute,
+        param_dtype=compute if policy.cast_params and compute != "float32" else None,
+        attention=policy.attention, scan=scan, shared=shared, stages=stages,
+        weights_first=tuple(not scan and r <= policy.weights_first_rows for r in stages))
+    return plan, run_ids, run_mask
 
   def _mesh_ctx(self):
     import contextlib

@@ -177,16 +177,6 @@ def shard_batch(batch, mesh):
   return jax.tree.map(lambda x: put_global(x, batch_sharding(mesh, np.ndim(x))), batch)
 
 
-def cache_shardings(cache, mesh):
-  """Shardings for a KV cache (list of {"k", "v"} [B, S, KVH, Dh]): batch like the batch,
-  KV heads over "tensor" when they divide."""
-  def one(x):
-    t = mesh.shape["tensor"]
-    heads = "tensor" if t > 1 and x.shape[2] % t == 0 else None
-    return NamedSharding(mesh, P(BATCH_AXES, None, heads, None))
-  return jax.tree.map(one, cache)
-
-
 # ---------------------------------------------------------------------- constraints in programs
 def activation_mesh(mesh):
   """Context in which `constrain_rows` pins to `mesh`: JAX's abstract-mesh context, which, unlike

@@ -21,18 +21,18 @@ CFG = ModelConfig(family="qwen2", vocab_size=97, hidden_size=32, intermediate_si
 
 
 def make_batch(seed, kind="grpo", mesh=None):
-  """GRPO: a grouped rollout batch (4 prompts x 2 samples) with random advantages and reference
+  """GRPO: a packed rollout batch (4 prompts x 2 samples) with random advantages and reference
   log-probs; SFT: the same sequences as flat rows prompt ++ completion."""
   roll = random_rollouts(seed, CFG.vocab_size, prompts=4, n=2)
   if kind == "sft":
     return {k: rollout_batch.place(v, mesh) for k, v in rollout_rows(roll).items()}
   rng = np.random.default_rng(seed)
-  batch = rollout_batch.assemble(roll, mesh, micro_batch=4)
-  g, m, lc = batch["completion"].shape
-  batch["adv"] = rollout_batch.place(rng.normal(size=(g, m)).astype(np.float32), mesh)
-  batch["ref_logp"] = rollout_batch.place(
-      rng.normal(-3.0, 0.5, (g, m, lc)).astype(np.float32), mesh)
-  return batch
+  batch = rollout_batch.grpo_batch(roll, mesh, micro_batch=4)
+  rows, lc = roll.completion_ids.shape
+  adv = rng.normal(size=rows).astype(np.float32)
+  ref = rng.normal(-3.0, 0.5, (rows, lc)).astype(np.float32)
+  return dataclasses.replace(batch, adv=rollout_batch.place_replicated(adv, mesh),
+                             ref_logp=batch.per_slot(jax.numpy.asarray(ref)))
 
 
 def _flat(tree):

@@ -1,6 +1,8 @@
 """The rollout engine on tiny random Qwen2 / Llama models: greedy parity with transformers'
 `generate`, sampling distribution, log-probs, EOS / stop handling, meshes, bucketing, bad input."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,8 +19,10 @@ from cqr_jax.sampler import (
   bucket,
   compaction_stages,
   find_stop,
-  shared_prefix_layout,
 )
+from cqr_jax import decode_policy
+from cqr_jax.decode_policy import DecodePolicy
+from cqr_jax.shared_prefix import split_prompts
 from cqr_jax.sharding import MeshConfig, make_mesh
 from cqr_jax.testing import tiny_tokenizer
 
@@ -52,7 +56,13 @@ def llama(tmp_path_factory):
 
 
 def _sampler(**kw):
-  return Sampler(SamplerConfig(**{**BASE, **kw}), pad_id=0)
+  """A Sampler with the CPU policy; DecodePolicy fields among `kw` (None: the CPU default)
+  replace the policy's."""
+  names = {f.name for f in dataclasses.fields(DecodePolicy)}
+  policy = {k: kw.pop(k) for k in list(kw) if k in names}
+  policy = dataclasses.replace(decode_policy.CPU,
+                               **{k: v for k, v in policy.items() if v is not None})
+  return Sampler(SamplerConfig(**{**BASE, **kw}), pad_id=0, policy=policy)
 
 
 def _hf_greedy(hf, prompts, max_new, eos):
@@ -81,7 +91,7 @@ def test_greedy_matches_transformers_generate(family, scan, attention, request):
   path, hf, model, _ = request.getfixturevalue("qwen" if family == "qwen2" else "llama")
   if scan is not False:
     model, _ = load_hf(path, mesh=make_mesh(MeshConfig(), jax.devices()[:1]), scan_layers=True)
-  r = _sampler(decode_attention=attention, scan_layers=scan).generate(model, PROMPTS,
+  r = _sampler(attention=attention, scan_layers=scan).generate(model, PROMPTS,
                                                                        key=jax.random.key(0))
   want = _hf_greedy(hf, PROMPTS, 16, EOS)
   assert [r.completion_tokens(3 * i) for i in range(len(PROMPTS))] == want
@@ -103,33 +113,22 @@ def test_greedy_same_on_8_devices_as_on_1(qwen, scan):
   np.testing.assert_allclose(r1.logprobs, r8.logprobs, atol=1e-5)
 
 
-def test_generic_decode_path_matches_fast_path(qwen, monkeypatch):
-  """A model without the Decoder's internals goes through its own init_cache / decode."""
-  from cqr_jax import sampler_kv
-  _, _, model, _ = qwen
-  fast = _sampler().generate(model, PROMPTS, key=jax.random.key(0))
-  monkeypatch.setattr(sampler_kv, "fast_path_ok", lambda m: False)
-  generic = _sampler(batch_buckets=(5,)).generate(model, PROMPTS, key=jax.random.key(0))
-  np.testing.assert_array_equal(fast.completion_ids, generic.completion_ids)
-  np.testing.assert_allclose(fast.logprobs, generic.logprobs, atol=1e-5)
-
-
 # Prompts that begin with the same 40 tokens (a template's instructions): the prompt pass runs
 # the first 32 once (SamplerConfig.shared_prefix_min 32; 40 rounded down to a multiple of 16).
 _HEAD = [int(t) for t in np.random.default_rng(7).integers(3, 500, 40)]
 SHARED = [_HEAD + [5, 17, 33], _HEAD + [7, 90, 62, 11, 45, 23, 67, 30, 99, 12, 8], _HEAD + [4] * 6]
 # Prompts padded to 80: the 32-token prefix, then remainders of up to 19 tokens in 80 - 32
-# columns (shared_prefix_layout: one width per bucket).
+# columns (shared_prefix.split_prompts: one width per bucket).
 SHARED_BASE = dict(max_prompt_len=80, prompt_len_buckets=(80,), shared_prefix_min=32)
 
 
-def test_shared_prefix_layout():
+def test_split_prompts():
   ids, mask = np.zeros((4, 8), np.int32), np.zeros((4, 8), bool)
   for i, p in enumerate([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 9], [1, 2, 3, 4, 5, 6, 7, 8]]):
     ids[i, 8 - len(p):], mask[i, 8 - len(p):] = p, True
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr("cqr_jax.sampler.SHARED_PREFIX_MULTIPLE", 2)
-    out, m, s = shared_prefix_layout(ids, mask, 3, 2, pad_id=0)
+    mp.setattr("cqr_jax.shared_prefix.MULTIPLE", 2)
+    out, m, s = split_prompts(ids, mask, 3, 2, pad_id=0)
     assert s == 4  # common prefix [1, 2, 3, 4]; the shortest prompt keeps its last token
     # The prefix in every row (padding row 3 too), then each remainder, left-padded.
     np.testing.assert_array_equal(out, [[1, 2, 3, 4, 0, 0, 5, 6], [1, 2, 3, 4, 0, 0, 0, 9],
@@ -137,11 +136,11 @@ def test_shared_prefix_layout():
     np.testing.assert_array_equal(m, (out > 0))
     # A prefix shorter than the minimum, a single prompt, or 0 (off): the plain layout.
     for count, least in [(3, 6), (1, 2), (3, 0)]:
-      out, m, s = shared_prefix_layout(ids, mask, count, least, pad_id=0)
+      out, m, s = split_prompts(ids, mask, count, least, pad_id=0)
       assert s == 0 and out is ids and m is mask
     # The prefix is rounded down to the multiple and ends before the shortest prompt's end.
     same = np.tile(ids[2], (2, 1)), np.tile(mask[2], (2, 1))
-    assert shared_prefix_layout(*same, 2, 2, pad_id=0)[2] == 6
+    assert split_prompts(*same, 2, 2, pad_id=0)[2] == 6
   # One width per prompt bucket: the prefix, then every remainder left-padded to P - S, however
   # long the call's longest remainder is (one compiled program per bucket).
   head = list(range(1, 33))
@@ -149,7 +148,7 @@ def test_shared_prefix_layout():
     ids, mask = np.zeros((3, p_len), np.int32), np.zeros((3, p_len), bool)
     for i, p in enumerate([head + [40] * 3, head + [50] * longest]):
       ids[i, p_len - len(p):], mask[i, p_len - len(p):] = p, True
-    out, m, s = shared_prefix_layout(ids, mask, 2, 16, pad_id=0)
+    out, m, s = split_prompts(ids, mask, 2, 16, pad_id=0)
     assert s == 32 and out.shape == m.shape == (3, p_len), (longest, out.shape)
     np.testing.assert_array_equal(out[0][m[0]], head + [40] * 3)
     np.testing.assert_array_equal(out[1][m[1]], head + [50] * longest)
@@ -163,11 +162,11 @@ def test_shared_prefix_greedy_matches_transformers_generate(family, scan, attent
   path, hf, model, _ = request.getfixturevalue("qwen" if family == "qwen2" else "llama")
   if scan:
     model, _ = load_hf(path, mesh=make_mesh(MeshConfig(), jax.devices()[:1]), scan_layers=True)
-  s = _sampler(**SHARED_BASE, decode_attention=attention, scan_layers=scan)
+  s = _sampler(**SHARED_BASE, attention=attention, scan_layers=scan)
   r = s.generate(model, SHARED, key=jax.random.key(0))
   assert s.last_timing["shared_prefix"] == 32
   ids, mask, _ = s.prepare(SHARED)
-  assert ids.shape[1] == 80 and shared_prefix_layout(ids, mask, 3, 32, 0)[0].shape[1] == 80
+  assert ids.shape[1] == 80 and split_prompts(ids, mask, 3, 32, 0)[0].shape[1] == 80
   want = _hf_greedy(hf, SHARED, 16, EOS)
   assert [r.completion_tokens(3 * i) for i in range(len(SHARED))] == want
   # The returned prompts are the plain left-padded ones, whatever the prompt pass ran over.
@@ -182,7 +181,7 @@ def test_shared_prefix_sampling_equals_plain(qwen, attention):
   runs = []
   for spm in (0, 32):
     s = _sampler(**{**SHARED_BASE, "shared_prefix_min": spm}, temperature=0.7,
-                 max_new_tokens=12, ignore_eos=True, decode_attention=attention)
+                 max_new_tokens=12, ignore_eos=True, attention=attention)
     runs.append(s.generate(model, SHARED, key=jax.random.key(6)))
     assert s.last_timing["shared_prefix"] == spm
   np.testing.assert_array_equal(runs[0].completion_ids, runs[1].completion_ids)
@@ -195,7 +194,8 @@ def test_shared_prefix_same_on_8_devices_as_on_1(qwen, scan):
   mesh8 = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
   model8, _ = load_hf(path, mesh=mesh8, scan_layers=scan)
   s1 = _sampler(**SHARED_BASE)
-  s8 = Sampler(_sampler(**SHARED_BASE, scan_layers=scan).config, mesh=mesh8, pad_id=0)
+  s8 = _sampler(**SHARED_BASE, scan_layers=scan)
+  s8 = Sampler(s8.config, mesh=mesh8, pad_id=0, policy=s8.policy)
   r1 = s1.generate(model1, SHARED, key=jax.random.key(0))
   r8 = s8.generate(model8, SHARED, key=jax.random.key(0))
   assert s8.last_timing["shared_prefix"] == 32
@@ -280,7 +280,7 @@ def test_weights_first_decode_equals_activations_first(qwen):
   parity tests above run it) sample the same tokens with the same log-probs as x W."""
   _, _, model, _ = qwen
   runs = [_sampler(temperature=0.7, max_new_tokens=12, ignore_eos=True,
-                   decode_weights_first=wf).generate(model, PROMPTS, key=jax.random.key(6))
+                   weights_first_rows=32 if wf else 0).generate(model, PROMPTS, key=jax.random.key(6))
           for wf in (False, True)]
   np.testing.assert_array_equal(runs[0].completion_ids, runs[1].completion_ids)
   np.testing.assert_allclose(runs[0].logprobs, runs[1].logprobs, atol=1e-5)
@@ -349,8 +349,8 @@ def test_compacted_decode_equals_all_rows(qwen, scan, attention, spm):
   runs, samplers = [], []
   for compact in (False, True):
     s = _sampler(**{**SHARED_BASE, "shared_prefix_min": spm}, temperature=0.7, eos_ids=MANY_EOS,
-                 compact_rows=compact, compact_min_rows=2, scan_layers=scan,
-                 decode_attention=attention)
+                 compact_min_rows=2 if compact else 0, scan_layers=scan,
+                 attention=attention)
     runs.append(s.generate(model, SHARED, key=jax.random.key(11)))
     samplers.append(s)
   full, compacted = runs
@@ -369,9 +369,8 @@ def test_compacted_decode_same_on_8_devices_as_on_1(qwen):
   path, _, model1, _ = qwen
   mesh8 = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
   model8, _ = load_hf(path, mesh=mesh8)
-  cfg = _sampler(temperature=0.7, eos_ids=MANY_EOS, compact_rows=True,
-                 compact_min_rows=2).config
-  s1, s8 = Sampler(cfg, pad_id=0), Sampler(cfg, mesh=mesh8, pad_id=0)
+  s1 = _sampler(temperature=0.7, eos_ids=MANY_EOS, compact_min_rows=2)
+  s8 = Sampler(s1.config, mesh=mesh8, pad_id=0, policy=s1.policy)
   r1 = s1.generate(model1, PROMPTS, key=jax.random.key(3))
   r8 = s8.generate(model8, PROMPTS, key=jax.random.key(3))
   assert s8.last_timing["decode_rows_end"] in (4, 8)
@@ -473,9 +472,9 @@ def test_bad_config_errors():
   with pytest.raises(ValueError, match="prompt_len_buckets"):
     SamplerConfig(prompt_len_buckets=(64, 32))
   with pytest.raises(ValueError, match="compact_min_rows"):
-    SamplerConfig(compact_min_rows=0)
-  with pytest.raises(ValueError, match="decode_attention='einsum'"):
-    SamplerConfig(decode_attention="einsum")
+    DecodePolicy(compact_min_rows=-1)
+  with pytest.raises(ValueError, match="attention='einsum'"):
+    DecodePolicy(attention="einsum")
 
 
 def test_bucket():

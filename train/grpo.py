@@ -3,13 +3,14 @@
 One step (design.md "One GRPO step"): a batch of turns -> prompts -> n rollouts each (the sampler)
 -> the reference log-prob pass is dispatched to the device while the host parses the responses,
 ranks the rewrites against the TRAIN qrels and computes rewards -> group advantages -> one AdamW
-update over micro-batches (each prompt's forward shared by its samples: rollout_batch.assemble)
+update over micro-batches (each prompt's forward shared by its samples: rollout_batch.grpo_batch)
 -> metrics, checkpoint every N steps. Resumable from the latest good
 checkpoint (params, optimizer, step, PRNG key, data position).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -196,8 +197,8 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
       keep = select_groups(scored[2], g.n, g.batch_prompts)
       train_roll = roll.take(keep)
     # Each prompt's samples in groups that share one prompt forward in the update.
-    batch = rollout_batch.assemble(train_roll, mesh, g.micro_batch, pack=g.pack_completions,
-                                   shared_prefix_min=g.shared_prefix_min)
+    batch = rollout_batch.grpo_batch(train_roll, mesh, g.micro_batch, pack_rows=g.pack_rows,
+                                     shared_prefix_min=cfg.model.shared_prefix_min)
     with timer("reference"):  # async dispatch: runs while the host computes the rewards
       ref_lp = ref_logprobs(ref_params, batch) if use_ref else None
     if scored is None:
@@ -209,12 +210,12 @@ def train_grpo(cfg: cfglib.RunConfig, *, init: str = "auto", max_steps: int | No
     with timer("reference"):
       ref_lp = jax.block_until_ready(ref_lp)
     if use_ref:
-      batch["ref_logp"] = ref_lp
+      batch = dataclasses.replace(batch, ref_logp=ref_lp)
     trained = reward.reshape(-1, g.n)[keep].reshape(-1)
     adv = np.asarray(group_advantages(jnp.asarray(trained), g.n))  # after the device is free
     with timer("update"):
-      batch["adv"] = rollout_batch.place(
-          adv.astype(np.float32).reshape(batch["completion"].shape[:2]), mesh)
+      batch = dataclasses.replace(batch, adv=rollout_batch.place_replicated(
+          adv.astype(np.float32), mesh))
       state, um = update(state, batch)
       um = jax.device_get(um)
     finite = bool(um["finite"])

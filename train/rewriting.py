@@ -45,7 +45,7 @@ def make_sampler(cfg, tokenizer, mesh, mcfg, *, n: int, temperature: float, max_
       temperature=temperature,
       top_p=ro.top_p, top_k=ro.top_k, n=n, truncate_prompt_left=ro.truncate_prompt_left,
       prompt_len_buckets=tuple(prompt_buckets or ro.prompt_buckets), compute_dtype=ro.compute_dtype,
-      shared_prefix_min=ro.shared_prefix_min,
+      shared_prefix_min=cfg.model.shared_prefix_min,
       batch_buckets=(batch_prompts,) if batch_prompts else ()),
       tokenizer, mesh=mesh, model_eos_ids=mcfg.eos_token_ids)
 

@@ -1,12 +1,17 @@
-"""Rollouts (or SFT examples) -> the padded training batches that `train.steps` consumes."""
+"""Rollouts (or SFT examples) -> the training batches that `train.steps` consumes."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+from typing import Any
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from cqr_jax import sharding
+from cqr_jax import shared_prefix, sharding
 
 
 def place(x: np.ndarray, mesh) -> jax.Array:
@@ -46,118 +51,227 @@ def group_size(n: int, micro_batch: int, data_parallel: int = 1) -> int:
   return 1
 
 
-def assemble(roll, mesh, micro_batch: int, pack: bool = False,
-             shared_prefix_min: int = 0) -> dict:
-  """The grouped GRPO batch (train.steps.make_grpo_update) of rollouts with n samples a prompt:
-  the n samples of a prompt are split into groups of m = `group_size(...)`, each group one row:
-  prompt, prompt_mask [G, Lp] (left-padded); completion, completion_mask [G, m, Lc], the mask
-  marking response tokens up to and including the first EOS (method.md 4.5). G = rows / m; the
-  group of row-major rollout r is r // m (so reshape per-rollout values [rows] to [G, m]).
-  With `pack`, also "packs": per micro-batch (`micro_groups`), each of its groups' prompt and
-  completions packed end to end (`pack_groups`) in as many rows as that micro-batch needs; the
-  model then runs over those slots instead of the left-padded prompt and m padded rows, one
-  compiled shape per row count. With `pack` and
-  `shared_prefix_min` > 0, when the prompts share a prefix of at least that many tokens
-  (`cqr_jax.sampler.shared_prefix_layout`: rounded down to a multiple of 16), also "prefix" [S]
-  (replicated), and the prompts hold only what follows it [G, Lp - S], left-padded: the update
-  runs the prefix once a step rather than once a group."""
-  rows = len(roll.finish_reasons)
-  m = group_size(roll.n, micro_batch, sharding.data_parallel_size(mesh))
-  lc = roll.completion_ids.shape[1]
-  batch = {"prompt": roll.prompt_ids[:rows:m], "prompt_mask": roll.prompt_mask[:rows:m] > 0,
-           "completion": roll.completion_ids[:rows].reshape(-1, m, lc),
-           "completion_mask": roll.completion_mask[:rows].reshape(-1, m, lc) > 0}
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=("tokens", "segment", "position", "source", "unpack", "rollout",
+                                "lengths", "prefix", "adv", "ref_logp", "old_logp"),
+                   meta_fields=("prompt_width",))
+@dataclasses.dataclass(frozen=True)
+class GRPOBatch:
+  """A GRPO step's rollouts as `Decoder.packed_completion_logprobs` streams (`grpo_batch`).
 
-  def as_device(v):
-    return place(np.asarray(v, np.int32 if v.dtype.kind in "iu" else bool), mesh)
+  A stream is k rows of Lc slots: one group's prompt (its real tokens, after the step's shared
+  prefix) then up to m of its completions end to end (`pack_streams`). The streams run in C calls
+  of P streams each (C = `num_calls`, data-dependent; every call has the same shape, so the update
+  and the reference pass compile once). Call-axis fields [C, P, ...] are sharded over
+  (data, fsdp) on P; the others are replicated.
 
-  prefix = None
-  if pack and shared_prefix_min > 0:
-    from cqr_jax.sampler import shared_prefix_layout
-    ids, mask, s = shared_prefix_layout(batch["prompt"], batch["prompt_mask"],
-                                        len(batch["prompt"]), shared_prefix_min, 0)
-    if s:
-      prefix, batch["prompt"], batch["prompt_mask"] = ids[0, :s], ids[:, s:], mask[:, s:]
-  out = {k: as_device(v) for k, v in batch.items()}
-  if prefix is not None:
-    out["prefix"] = place_replicated(prefix.astype(np.int32), mesh)
-  if pack:
-    parts = ("prompt", "prompt_mask", "completion", "completion_mask")
-    out["packs"] = [{k: as_device(v) for k, v in pack_groups(*(batch[p][g] for p in parts)).items()}
-                    for g in micro_groups(len(batch["completion"]), m, micro_batch)]
+  tokens, segment, position, source [C, P, k, Lc]; unpack [C, P, m, Lc]: the streams
+    (`pack_streams`); rollout [C, P, m]: the rollout (row-major index into the step's R rollouts)
+    completion slot j of a stream holds, -1 if none (its log-probs then weigh nothing).
+  lengths [R]: each rollout's completion_mask length (response tokens up to and including the
+    first EOS, method.md 4.5); a mask is a prefix of ones, so this is the whole mask.
+  prefix [S] | None: tokens before every prompt, run once a step (`Decoder.prefix_kv`).
+  adv [R] | None: sequence advantages; ref_logp, old_logp [C, P, m, Lc] | None: per slot, as the
+    reference pass (`train.steps.make_logprob_fn`) returns them.
+  prompt_width (static): the slots that may hold a prompt (its left-padded width).
+  """
+  tokens: Any
+  segment: Any
+  position: Any
+  source: Any
+  unpack: Any
+  rollout: Any
+  lengths: Any
+  prefix: Any = None
+  adv: Any = None
+  ref_logp: Any = None
+  old_logp: Any = None
+  prompt_width: int = 0
+
+  CALL_FIELDS = ("tokens", "segment", "position", "source", "unpack", "rollout", "ref_logp",
+                 "old_logp")
+
+  @property
+  def num_calls(self) -> int:
+    return self.tokens.shape[0]
+
+  @property
+  def rows(self) -> int:
+    """Packed rows of Lc slots a step: C * P * k."""
+    return int(np.prod(self.tokens.shape[:3]))
+
+  def call(self, i: int) -> "GRPOBatch":
+    """Call i's view: call-axis fields [P, ...], the rest as they are, no prefix (the update
+    runs it once a step). Works on ShapeDtypeStruct leaves too (abstract lowering)."""
+    return dataclasses.replace(self, prefix=None, **{
+        f: _take(getattr(self, f), i) for f in self.CALL_FIELDS if getattr(self, f) is not None})
+
+  def completion_mask(self):
+    """[..., m, Lc] (a call's or the whole batch's): slot j's response tokens."""
+    lc = self.unpack.shape[-1]
+    length = jnp.where(self.rollout >= 0, self.lengths[jnp.maximum(self.rollout, 0)], 0)
+    return jnp.arange(lc) < length[..., None]
+
+  def rollout_mask(self):
+    """[R, Lc]: every rollout's completion_mask, in rollout order."""
+    return jnp.arange(self.unpack.shape[-1]) < self.lengths[:, None]
+
+  def per_slot(self, x_r):
+    """[..., m] (or [..., m, ...]) values of a per-rollout array x_r [R, ...] at each slot (0
+    where the slot holds nothing)."""
+    idx = jnp.maximum(self.rollout, 0)
+    real = (self.rollout >= 0).reshape(self.rollout.shape + (1,) * (x_r.ndim - 1))
+    return jnp.where(real, x_r[idx], 0)
+
+
+def _take(x, i: int):
+  """x[i]; for a ShapeDtypeStruct, its shape and sharding less the leading axis."""
+  if not isinstance(x, jax.ShapeDtypeStruct):
+    return x[i]
+  sh = x.sharding
+  if isinstance(sh, NamedSharding):
+    sh = NamedSharding(sh.mesh, P(*tuple(sh.spec)[1:]))
+  return jax.ShapeDtypeStruct(x.shape[1:], x.dtype, sharding=sh)
+
+
+def per_rollout(batch: GRPOBatch, x_slots, rollouts: int) -> np.ndarray:
+  """Host inverse of the slot layout: per-slot values x [C, P, m, ...] -> [R, ...] in rollout
+  order (e.g. the reference pass's log-probs, for checks)."""
+  x, idx = np.asarray(x_slots), np.asarray(batch.rollout)
+  out = np.zeros((rollouts,) + x.shape[3:], x.dtype)
+  out[idx[idx >= 0]] = x[idx >= 0]
   return out
 
 
-def num_micro(groups: int, m: int, micro_batch: int) -> int:
-  """Micro-batches of a grouped batch of `groups` x m completions: `micro_batch` completions
-  each, whole groups."""
-  if micro_batch % m or (groups * m) % micro_batch:
-    raise ValueError(f"a grouped batch of {groups} x {m} completions cannot be cut into "
-                     f"micro-batches of {micro_batch} (see rollout_batch.group_size)")
-  return max(groups * m // micro_batch, 1)
+def call_sharding(mesh, ndim: int) -> NamedSharding:
+  """[C, P, ...] with P over (data, fsdp), the rest replicated."""
+  return NamedSharding(mesh, P(None, sharding.BATCH_AXES, *([None] * (ndim - 2))))
 
 
-def micro_groups(groups: int, m: int, micro_batch: int) -> list[np.ndarray]:
-  """The groups of each micro-batch: micro-batch i holds groups i, i + M, i + 2M, ... (strided,
-  as train.steps splits a batch: a batch sharded over the data devices in contiguous blocks then
-  keeps every micro-batch spread over all devices)."""
-  n = num_micro(groups, m, micro_batch)
-  return [np.arange(i, groups, n) for i in range(n)]
+def stream_rows(prompt_width: int, m: int, lc: int, pack_rows: int = 0) -> int:
+  """k, the rows of Lc slots a stream has (grpo.pack_rows): `pack_rows`, at least what a prompt
+  and one completion need, at most what a prompt and all m need (0: that worst case)."""
+  worst = -(-(prompt_width + m * lc) // lc)
+  if pack_rows <= 0:
+    return worst
+  return min(max(pack_rows, -(-(prompt_width + lc) // lc)), worst)
 
 
-# Packed rows per group come in multiples of this (at most the unpacked layout's count): a run
-# compiles its update and reference pass for a few row counts, not one per count the data gives
-# (the pipeline's wall time: bench/results/cpu_default_recipe.md).
-PACK_ROW_MULTIPLE = 4
+def streams_per_call(micro_batch: int, m: int, data_parallel: int = 1) -> int:
+  """P, the streams of one call (micro-batch): micro_batch // m groups' worth, rounded up to a
+  multiple of the data-parallel devices (each holds P / data_parallel of them)."""
+  return -(-(micro_batch // m) // data_parallel) * data_parallel
 
 
-def pack_groups(prompt_gp: np.ndarray, prompt_mask_gp: np.ndarray, completion_gmc: np.ndarray,
-                mask_gmc: np.ndarray) -> dict[str, np.ndarray]:
-  """Each group's prompt (its real tokens) then its m completions (their masked tokens, a prefix
-  of each row) laid end to end in k rows of Lc slots, k = ceil(the longest group's token count /
-  Lc) rounded up to a multiple of PACK_ROW_MULTIPLE (at most ceil((Lp + m * Lc) / Lc)), the same
-  k for every group (one micro-batch's groups: the update and the reference pass compile once
-  per k): `Decoder.packed_completion_logprobs`' inputs. Only the tail is empty: the prompt's
-  left padding and the completions' right padding are gone.
+def grpo_batch(roll, mesh, micro_batch: int, pack_rows: int = 0,
+               shared_prefix_min: int = 0) -> GRPOBatch:
+  """The GRPO batch (`GRPOBatch`) of rollouts with n samples a prompt (rollout order: prompt-major).
 
-  Returns packed [G, k, Lc] (tokens, 0 in empty slots); packed_segment [G, k, Lc] (the
-  completion 0..m-1 a slot holds, m for the prompt, -1 if empty); packed_position [G, k, Lc]
-  (0, 1, .. through the prompt, then prompt length + the token's index in its completion);
-  packed_source [G, k, Lc] (the slot whose output predicts the slot's token: the prompt's last
-  for a completion's first token, else the slot before); packed_unpack [G, m, Lc] (slot of
-  completion j's token t in the group's k * Lc slots; 0 past its end)."""
+  The n samples of a prompt are split into groups of m = `group_size(...)`; each group's prompt
+  and completions are packed into streams of k = `stream_rows(..., pack_rows)` rows
+  (`pack_streams`: completions that do not fit go to a continuation stream that repeats the
+  prompt); the streams, in group order, fill calls of P = `streams_per_call(...)` streams (the
+  last call padded with empty streams). With `shared_prefix_min` > 0 and prompts that share a prefix of at
+  least that many tokens (`cqr_jax.shared_prefix.split_prompts`), that prefix is `prefix` and
+  the prompts hold only what follows it."""
+  rows = len(roll.finish_reasons)
+  m = group_size(roll.n, micro_batch, sharding.data_parallel_size(mesh))
+  lc = roll.completion_ids.shape[1]
+  prompt, prompt_mask = roll.prompt_ids[:rows:m], roll.prompt_mask[:rows:m] > 0
+  completion = roll.completion_ids[:rows].reshape(-1, m, lc)
+  completion_mask = roll.completion_mask[:rows].reshape(-1, m, lc) > 0
+  prefix = None
+  if shared_prefix_min > 0:
+    ids, mask, s = shared_prefix.split_prompts(prompt, prompt_mask, len(prompt),
+                                               shared_prefix_min, 0)
+    if s:
+      prefix, prompt, prompt_mask = ids[0, :s], ids[:, s:], mask[:, s:]
+  width = prompt.shape[1]
+  streams = pack_streams(prompt, prompt_mask, completion, completion_mask,
+                         stream_rows(width, m, lc, pack_rows))
+  per_call = streams_per_call(micro_batch, m, sharding.data_parallel_size(mesh))
+  calls = -(-len(streams["rollout"]) // per_call)
+
+  def by_call(x, fill):
+    pad = calls * per_call - len(x)
+    x = np.concatenate([x, np.full((pad,) + x.shape[1:], fill, x.dtype)])
+    x = x.reshape((calls, per_call) + x.shape[1:])
+    return jax.device_put(x) if mesh is None else sharding.put_global(
+        x, call_sharding(mesh, x.ndim))
+
+  fills = {"segment": -1, "rollout": -1}
+  placed = {k: by_call(v, fills.get(k, 0)) for k, v in streams.items()}
+  lengths = completion_mask.sum(-1).reshape(-1).astype(np.int32)
+  return GRPOBatch(**placed, lengths=place_replicated(lengths, mesh),
+                   prefix=None if prefix is None else place_replicated(
+                       prefix.astype(np.int32), mesh),
+                   prompt_width=width)
+
+
+def pack_streams(prompt_gp: np.ndarray, prompt_mask_gp: np.ndarray, completion_gmc: np.ndarray,
+                 mask_gmc: np.ndarray, rows: int) -> dict[str, np.ndarray]:
+  """Each group's prompt (its real tokens) then its completions (their masked tokens, a prefix of
+  each row) end to end in streams of `rows` rows of Lc slots: `Decoder.packed_completion_logprobs`'
+  inputs. A completion goes to the first of its group's streams with room for it (first fit, in
+  completion order), else to a new stream that starts with the prompt again (a continuation
+  stream). A stream's tail is empty; the prompts' left padding and the completions' right padding
+  are gone.
+
+  Returns, for N streams (group order): tokens [N, rows, Lc] (0 in empty slots); segment (the
+  completion slot 0..m-1 a slot holds, m for the prompt, -1 if empty); position (0, 1, .. through
+  the prompt, then prompt length + the token's index in its completion); source (the slot whose
+  output predicts the slot's token: the prompt's last for a completion's first token, else the
+  slot before); unpack [N, m, Lc] (slot of completion slot j's token t in the stream's rows * Lc
+  slots; 0 past its end); rollout [N, m] (g * m + j of the completion in slot j, -1 if none)."""
   g, m, lc = completion_gmc.shape
   lengths_gm = mask_gmc.sum(-1)
   if np.any(mask_gmc != (np.arange(lc) < lengths_gm[..., None])):
-    raise ValueError("pack_groups: every completion_mask row must be a prefix of ones")
+    raise ValueError("pack_streams: every completion_mask row must be a prefix of ones")
   prompts = [row[mask] for row, mask in zip(prompt_gp, np.asarray(prompt_mask_gp, bool))]
   if min(len(r) for r in prompts) == 0:
-    raise ValueError("pack_groups: every group needs at least one real prompt token")
-  longest = max(len(r) + int(n) for r, n in zip(prompts, lengths_gm.sum(-1)))
-  k = -(-max(longest, 1) // lc)
-  k_max = -(-(prompt_gp.shape[1] + m * lc) // lc)
-  slots = min(-(-k // PACK_ROW_MULTIPLE) * PACK_ROW_MULTIPLE, k_max) * lc
-  tokens = np.zeros((g, slots), np.int32)
-  segment = np.full((g, slots), -1, np.int32)
-  position = np.zeros((g, slots), np.int32)
-  source = np.zeros((g, slots), np.int32)
-  unpack = np.zeros((g, m, lc), np.int32)
+    raise ValueError("pack_streams: every group needs at least one real prompt token")
+  cap = rows * lc
+  plan = []  # (group, [completion j, ...]) per stream
   for i, prompt in enumerate(prompts):
-    lp = len(prompt)
-    tokens[i, :lp], segment[i, :lp], position[i, :lp] = prompt, m, np.arange(lp)
-    source[i, 1:lp] = np.arange(lp - 1)
-    start = lp
+    if len(prompt) + lc > cap:
+      raise ValueError(f"pack_streams: a prompt of {len(prompt)} tokens and a completion of {lc} "
+                       f"do not fit a stream of {rows} rows of {lc}")
+    used, mine = [], []
     for j in range(m):
+      n = int(lengths_gm[i, j])
+      s = next((s for s in range(len(mine)) if used[s] + n <= cap), None)
+      if s is None:
+        used.append(len(prompt))
+        mine.append([])
+        s = len(mine) - 1
+      used[s] += n
+      mine[s].append(j)
+    plan += [(i, js) for js in mine]
+  n_streams = len(plan)
+  tokens = np.zeros((n_streams, cap), np.int32)
+  segment = np.full((n_streams, cap), -1, np.int32)
+  position = np.zeros((n_streams, cap), np.int32)
+  source = np.zeros((n_streams, cap), np.int32)
+  unpack = np.zeros((n_streams, m, lc), np.int32)
+  rollout = np.full((n_streams, m), -1, np.int32)
+  for s, (i, js) in enumerate(plan):
+    prompt = prompts[i]
+    lp = len(prompt)
+    tokens[s, :lp], segment[s, :lp], position[s, :lp] = prompt, m, np.arange(lp)
+    source[s, 1:lp] = np.arange(lp - 1)
+    start = lp
+    for q, j in enumerate(js):
       span = np.arange(start, start + int(lengths_gm[i, j]))
-      tokens[i, span], segment[i, span] = completion_gmc[i, j, :len(span)], j
-      position[i, span] = lp + np.arange(len(span))
-      source[i, span] = np.concatenate([[lp - 1], span[:-1]])
-      unpack[i, j, :len(span)] = span
+      tokens[s, span], segment[s, span] = completion_gmc[i, j, :len(span)], q
+      position[s, span] = lp + np.arange(len(span))
+      source[s, span] = np.concatenate([[lp - 1], span[:-1]])[:len(span)]
+      unpack[s, q, :len(span)] = span
+      rollout[s, q] = i * m + j
       start += len(span)
-  shape = (g, slots // lc, lc)
-  return {"packed": tokens.reshape(shape), "packed_segment": segment.reshape(shape),
-          "packed_position": position.reshape(shape), "packed_source": source.reshape(shape),
-          "packed_unpack": unpack}
+  shape = (n_streams, rows, lc)
+  return {"tokens": tokens.reshape(shape), "segment": segment.reshape(shape),
+          "position": position.reshape(shape), "source": source.reshape(shape),
+          "unpack": unpack, "rollout": rollout}
 
 
 def pad_left(seqs: list[list[int]], length: int, pad_id: int) -> np.ndarray:

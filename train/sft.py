@@ -4,7 +4,7 @@ Each example is the chat-templated zero-shot prompt followed by `<think>..</thin
 </rewrite>` and EOS; the loss covers the response and EOS only. AdamW (0.9, 0.95), weight decay
 0.01, 10% linear warm-up then cosine to 0, clip 1.0; checkpoints every epoch and resume. The
 tokens all examples start with (the template's instructions) run once per micro-batch
-(`shared_prefix_len`). Examples over sft.max_len follow sft.overlong (`encode_examples`: error,
+(`cqr_jax.shared_prefix.for_examples`). Examples over sft.max_len follow sft.overlong (`encode_examples`: error,
 truncate_right or drop, as the official scripts per dataset, method.md 3.4); the counts go to
 `<run>/sft/summary.json`.
 """
@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from cqr_jax import config as cfglib
-from cqr_jax import distributed
+from cqr_jax import distributed, shared_prefix
 from cqr_jax.parsing import canonical_response
 from train import common, rollout_batch, sdpw, steps
 
@@ -115,26 +115,6 @@ def sft_batches(examples, batch_size: int, seed: int, epoch: int):
     yield [examples[i] for i in order[b * batch_size:(b + 1) * batch_size]]
 
 
-def shared_prefix_len(examples, min_tokens: int) -> int:
-  """S, the tokens that every example starts with and that the update runs once per micro-batch
-  instead of once per row (steps.make_sft_update's "prefix"; the template's instructions): their
-  common prefix, cut before the input of every example's first loss target (a row's first token
-  predicts nothing), rounded down to a multiple of 16 so runs compile few shapes. 0 when that
-  is under `min_tokens`, when `min_tokens` <= 0 or for a single example."""
-  from cqr_jax.sampler import SHARED_PREFIX_MULTIPLE
-  if min_tokens <= 0 or len(examples) < 2:
-    return 0
-  cap = min(lm.index(1) if 1 in lm else len(lm) for _, lm in examples) - 1
-  first = np.asarray(examples[0][0][:cap])
-  common = len(first)
-  for ids, _ in examples[1:]:
-    n = min(common, len(ids))
-    same = np.asarray(ids[:n]) == first[:n]
-    common = n if same.all() else int(np.argmin(same))
-  s = common // SHARED_PREFIX_MULTIPLE * SHARED_PREFIX_MULTIPLE
-  return s if s >= min_tokens else 0
-
-
 def train_sft(cfg: cfglib.RunConfig, model=None, mcfg=None, keep_optimizer: bool = False):
   """Returns the final TrainState, or None when the set is empty and sft.allow_empty is set.
 
@@ -192,9 +172,9 @@ def train_sft(cfg: cfglib.RunConfig, model=None, mcfg=None, keep_optimizer: bool
   done = int(state.step)
   bar = tqdm(total=total, initial=done, desc="sft", disable=not common.is_main())
   # One padded length for the whole run: one compiled update. The examples' common prefix
-  # (`shared_prefix_len`) runs once per micro-batch; the rows hold what follows it.
+  # (`cqr_jax.shared_prefix.for_examples`) runs once per micro-batch; the rows hold what follows it.
   length = rollout_batch.bucket_length(max(len(ids) for ids, _ in examples), 16)
-  shared = shared_prefix_len(examples, s.shared_prefix_min)
+  shared = shared_prefix.for_examples(examples, cfg.model.shared_prefix_min)
   prefix = None
   if shared:
     log.info("SFT: the %d examples share a %d-token prefix, run once per micro-batch",

@@ -7,8 +7,9 @@ once per batch shape and the parameters are donated and updated in place.
 SFT rows: `tokens_bl` holds prompt then response, `mask_bl` marks real tokens, positions are
 `cumsum(mask) - 1`, and `loss_mask_bl` marks the *targets* that count: the target of input
 position t is token t + 1, so a response token at index i has its log-prob at i - 1.
-GRPO batches are grouped (rollout_batch.assemble): each prompt once, its completions beside it,
-so the update runs a prompt's forward (and backward) once for its whole group.
+GRPO batches are packed (rollout_batch.GRPOBatch): each prompt's real tokens then its completions
+end to end in streams of a fixed number of rows, so the update runs a prompt's forward (and
+backward) once for the completions of its stream, and compiles once a run.
 
 With a `mesh`, every step function is traced under `sharding.activation_mesh(mesh)`: each
 micro-batch's rows and the model's residual stream and LM head stay sharded over
@@ -31,7 +32,6 @@ from cqr_jax import partial_training, sharding
 from cqr_jax.compile_options import compiler_options
 from cqr_jax.objectives import grpo as grpo_obj
 from cqr_jax.objectives import sft as sft_obj
-from train import rollout_batch
 
 
 @jax.tree_util.register_dataclass
@@ -81,29 +81,23 @@ def _target_logprobs(graphdef, rest, params, tokens_bl, mask_bl, temperature, wi
                               last=tail, frozen_layers=frozen, common=common)
 
 
-def _completion_logprobs(graphdef, rest, params, mb, temperature, with_entropy,
+def _completion_logprobs(graphdef, rest, params, call, temperature, with_entropy,
                          top_layers: int = 0, common=None):
-  """Log-probs (and entropies) of a grouped batch's completions, [G*m, Lc]: each group's prompt
-  runs once for its m completions (Decoder.completion_logprobs), or, if the batch has them, over
-  the prompt's real tokens and the completions packed end to end (rollout_batch.pack_groups;
-  Decoder.packed_completion_logprobs; the prompt's width bounds the slots it may take).
-  `top_layers`: as in `_policy`; `common`: the keys of the prefix before every prompt
-  (`_prefix_kv`; packed batches only)."""
+  """Log-probs (and entropies) [P*m, Lc] of one call of a GRPO batch (rollout_batch.GRPOBatch
+  .call: P streams of a prompt and its completions packed end to end;
+  Decoder.packed_completion_logprobs), slot j of stream p at row p * m + j. `top_layers`: as in
+  `_policy`; `common`: the keys of the prefix before every prompt (`_prefix_kv`)."""
   model, frozen = _policy(graphdef, rest, params, top_layers)
-  g, m, lc = mb["completion"].shape
-  if "packed" in mb:
-    return model.packed_completion_logprobs(
-        mb["packed"], mb["packed_segment"], mb["packed_position"], mb["packed_source"],
-        mb["packed_unpack"], prompt_width=mb["prompt"].shape[1],
-        temperature=temperature, with_entropy=with_entropy, frozen_layers=frozen, common=common)
-  return model.completion_logprobs(
-      mb["prompt"], mb["prompt_mask"], mb["completion"].reshape(g * m, lc),
-      mb["completion_mask"].reshape(g * m, lc), m, temperature=temperature,
-      with_entropy=with_entropy, frozen_layers=frozen)
+  call = dataclasses.replace(call, **{f: sharding.constrain_rows(getattr(call, f)) for f in (
+      "tokens", "segment", "position", "source", "unpack", "rollout")})
+  return model.packed_completion_logprobs(
+      call.tokens, call.segment, call.position, call.source, call.unpack,
+      prompt_width=call.prompt_width, temperature=temperature, with_entropy=with_entropy,
+      frozen_layers=frozen, common=common)
 
 
 def _prefix_kv(graphdef, rest, params, prefix_s, top_layers: int = 0):
-  """Decoder.prefix_kv of a batch's "prefix" (rollout_batch.assemble) under `params`."""
+  """Decoder.prefix_kv of a batch's prefix (rollout_batch.GRPOBatch) under `params`."""
   return _policy(graphdef, rest, params, top_layers)[0].prefix_kv(prefix_s)
 
 
@@ -131,70 +125,29 @@ def _split_micro(x, n_micro: int):
   return sharding.constrain_rows(out, axis=1)
 
 
-def _merge_micro(x):
-  """Inverse of `_split_micro`: [M, B/M, ...] -> [B, ...] in the original row order."""
-  return x.swapaxes(0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
-
-
-def _num_micro(batch: dict, micro_batch: int) -> int:
-  """Micro-batches of a grouped batch: `micro_batch` completions each, whole groups."""
-  g, m = batch["completion"].shape[:2]
-  return rollout_batch.num_micro(g, m, micro_batch)
-
-
-def _micro_slice(x, i, n_micro: int):
-  """Micro-batch `i` (a traced index) of `_split_micro(x, n_micro)`: rows i, i + M, ..."""
-  out = _split_micro(x, n_micro)
-  return jax.lax.dynamic_index_in_dim(out, i, axis=0, keepdims=False)
-
-
-def _packed_micro(batch: dict, pack: dict, i, n_micro: int) -> dict:
-  """Micro-batch `i` of a batch whose completions are packed per micro-batch (`pack`:
-  rollout_batch.assemble's "packs"[i]): its rows of the [G, ...] arrays, with its packing."""
-  rows = {k: _micro_slice(v, i, n_micro) for k, v in batch.items() if k != "packs"}
-  return {**rows, **pack}
-
-
 def make_logprob_fn(graphdef, rest, *, temperature: float, micro_batch: int,
                     mesh=None) -> Callable:
-  """Jitted `(params, grouped batch) -> logp [G, m, Lc]` of the completions, in micro-batches of
-  `micro_batch` completions (the reference pass; batch layout: rollout_batch.assemble). A batch
-  with "packs" runs one call per micro-batch, each over its own packed rows (one compile per row
-  count); otherwise one scan over the micro-batches."""
-  drop = ("adv", "ref_logp", "old_logp")
+  """`(params, GRPOBatch) -> logp [C, P, m, Lc]` of every completion slot (the reference pass;
+  rollout_batch.grpo_batch): one jitted call per call of P streams, all of one shape (one
+  compile a run), the step's shared prefix run once. `micro_batch` is the batch's (its calls
+  hold micro_batch // m streams)."""
+  del micro_batch  # the batch's calls already have that many streams
 
   @functools.partial(jax.jit, compiler_options=compiler_options())
   @functools.partial(_on_mesh, mesh=mesh)
-  def logprobs(params, batch):
-    batch = {k: v for k, v in batch.items() if k not in drop}
-    n_micro = _num_micro(batch, micro_batch)
+  def one(params, call, common):
+    lp = _completion_logprobs(graphdef, rest, params, call, temperature, False, common=common)
+    return lp.reshape(call.unpack.shape)
 
-    def one(_, mb):
-      lp = _completion_logprobs(graphdef, rest, params, mb, temperature, False)
-      return None, lp.reshape(mb["completion"].shape)
-
-    _, out = jax.lax.scan(one, None, jax.tree.map(lambda x: _split_micro(x, n_micro), batch))
-    return _merge_micro(out)
-
-  @functools.partial(jax.jit, compiler_options=compiler_options())
-  @functools.partial(_on_mesh, mesh=mesh)
-  def packed_one(params, batch, pack, i, common):
-    mb = _packed_micro(batch, pack, i, _num_micro(batch, micro_batch))
-    lp = _completion_logprobs(graphdef, rest, params, mb, temperature, False, common=common)
-    return lp.reshape(mb["completion"].shape)
-
-  merge = jax.jit(lambda outs: _merge_micro(jnp.stack(outs)))
   prefix_kv = jax.jit(functools.partial(_prefix_kv, graphdef, rest))
 
-  def call(params, batch):
-    if "packs" not in batch:
-      return logprobs(params, batch)
-    common = prefix_kv(params, batch["prefix"]) if "prefix" in batch else None
-    rows = {k: v for k, v in batch.items() if k not in drop + ("packs", "prefix")}
-    return merge([packed_one(params, rows, pack, jnp.int32(i), common)
-                  for i, pack in enumerate(batch["packs"])])
+  def logprobs(params, batch):
+    batch = dataclasses.replace(batch, adv=None, ref_logp=None, old_logp=None)
+    common = None if batch.prefix is None else prefix_kv(params, batch.prefix)
+    return jnp.stack([one(params, batch.call(i), common) for i in range(batch.num_calls)])
 
-  return call
+  logprobs.one = one
+  return logprobs
 
 
 def _accumulate(loss_and_grad, params, micro_xs, scale_fn: Callable, merge: Callable):
@@ -257,119 +210,99 @@ def jit_state_step(fn: Callable) -> Callable:
 
 def make_grpo_update(graphdef, rest, tx, loss_cfg, *, temperature: float,
                      micro_batch: int, mesh=None, top_layers: int = 0) -> Callable:
-  """Jitted GRPO update (method.md 4.6-4.8): one optimizer step on a whole rollout batch.
+  """GRPO update (method.md 4.6-4.8): one optimizer step on a whole rollout batch.
 
-  batch (rollout_batch.assemble): G groups of m completions sharing a prompt: prompt,
-  prompt_mask [G, Lp] (left-padded); completion, completion_mask [G, m, Lc] (mask: response
-  tokens up to and including the first EOS); adv [G, m]; ref_logp [G, m, Lc] (absent: no KL
-  term, for kl_coef 0); optionally old_logp [G, m, Lc] (else the detached current log-probs:
-  with one update per batch the policy is exactly on-policy, method.md 4.7); optionally "packs":
-  per micro-batch its groups' prompts and completions packed (packed, packed_segment,
-  packed_position, packed_source [G/M, k, Lc], packed_unpack [G/M, m, Lc]:
-  rollout_batch.pack_groups), which its forward then runs over instead, k rows as that
-  micro-batch needs (one compile per k). Micro-batches hold
-  `micro_batch` completions, whole groups. `top_layers` > 0: only the top blocks train (pair it
-  with `partial_training.mask_optimizer(tx, top_layers)`). With loss_cfg.blocks (token_mean over
-  fixed blocks of sequences, the paper's) each sequence's weight comes from the whole batch's
-  mask before the split (`_with_seq_weights`), so the loss depends on neither the mesh nor
-  `micro_batch`.
+  batch: rollout_batch.GRPOBatch (its adv set; ref_logp from `make_logprob_fn`, absent: no KL
+  term, for kl_coef 0; old_logp absent: the detached current log-probs, exactly on-policy with
+  one update per batch, method.md 4.7). The micro-batch is one call of the batch: P streams
+  (micro_batch // m groups' worth, a group's completions possibly spread over continuation
+  streams). One jitted call per micro-batch adds its scaled gradient in place (one compile a
+  run: every call has the same shape), then one jitted optimizer step; the step's shared prefix
+  runs once, its keys' gradient summed over the calls and pulled back through its forward.
+  With loss_cfg.blocks (token_mean over fixed blocks of sequences, the paper's) each sequence's
+  weight comes from the whole step's lengths (`GRPOBatch.lengths`), so the loss depends on
+  neither the mesh, nor `micro_batch`, nor how the streams fall into calls; the other
+  aggregations divide by the whole step's count (`accumulation_scale`), and token_mean without
+  blocks averages the calls' token means. `top_layers` > 0: only the top blocks train (pair it
+  with `partial_training.mask_optimizer(tx, top_layers)`). `.lower(state, batch)` lowers one
+  call's gradient program (the update's peak memory: bench/memory_plan.py).
   """
-  def loss_fn(params, mb, common=None):
-    logp, ent = _completion_logprobs(graphdef, rest, params, mb, temperature, True, top_layers,
+  del micro_batch  # the batch's calls already have that many streams
+
+  def loss_fn(params, call, common):
+    logp, ent = _completion_logprobs(graphdef, rest, params, call, temperature, True, top_layers,
                                      common)
-    flat = lambda k: mb[k].reshape(logp.shape) if k in mb else None  # noqa: E731
-    old = flat("old_logp") if "old_logp" in mb else jax.lax.stop_gradient(logp)
-    w = mb["seq_w"].reshape(-1) if "seq_w" in mb else None
-    s, c, metrics = grpo_obj.grpo_loss(logp, old, flat("ref_logp"), ent, mb["adv"].reshape(-1),
-                                       flat("completion_mask"), loss_cfg, seq_weight_b=w)
+    flat = lambda x: None if x is None else x.reshape(logp.shape)  # noqa: E731
+    old = flat(call.old_logp) if call.old_logp is not None else jax.lax.stop_gradient(logp)
+    w = None
+    if loss_cfg.blocks:
+      w_r = grpo_obj.token_mean_weights(call.rollout_mask(), loss_cfg.token_mean_seqs)
+      w = call.per_slot(w_r).reshape(-1)
+    s, c, metrics = grpo_obj.grpo_loss(logp, old, flat(call.ref_logp), ent,
+                                       call.per_slot(call.adv).reshape(-1),
+                                       flat(call.completion_mask()), loss_cfg, seq_weight_b=w)
     return s, (c, metrics)
 
-  def _with_seq_weights(batch):
-    """The batch with "seq_w" [G, m] (grpo_obj.token_mean_weights; rollout r is row r // m,
-    column r % m) when the loss runs over fixed blocks of sequences."""
-    if not loss_cfg.blocks:
-      return batch
-    g, m, lc = batch["completion"].shape
-    w = grpo_obj.token_mean_weights(batch["completion_mask"].reshape(g * m, lc),
-                                    loss_cfg.token_mean_seqs)
-    return {**batch, "seq_w": w.reshape(g, m)}
-
-  loss_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
-  packed_loss_and_grad = jax.value_and_grad(loss_fn, argnums=(0, 2), has_aux=True)
-
-  def step_total(batch, n_micro):
-    lc = batch["completion"].shape[-1]
-    masks = _split_micro(batch["completion_mask"], n_micro)
-    return jnp.sum(jax.vmap(lambda m: grpo_obj.aggregation_count(m.reshape(-1, lc), loss_cfg))(
-        masks))
+  loss_and_grad = jax.value_and_grad(loss_fn, argnums=(0, 2), has_aux=True)
 
   @functools.partial(_on_mesh, mesh=mesh)
-  def update(state: TrainState, batch: dict):
-    n_micro = _num_micro(batch, micro_batch)
-    batch = _with_seq_weights(batch)
-    micro = jax.tree.map(lambda x: _split_micro(x, n_micro), batch)
-    total = step_total(batch, n_micro)
-    scale = lambda c: (1.0 if loss_cfg.blocks else  # noqa: E731
-                       grpo_obj.accumulation_scale(loss_cfg, c, n_micro, total))
-    loss, grads, _, raw = _accumulate(loss_and_grad, state.params, micro, scale,
-                                      grpo_obj.merge_metrics)
-    new_state, gnorm, finite = _apply(tx, state, grads, loss)
-    return new_state, {"loss": loss, "grad_norm": gnorm, "finite": finite,
-                       **grpo_obj.finalize_metrics(raw)}
-
-  @functools.partial(_on_mesh, mesh=mesh)
-  def packed_micro_step(params, common, grads, batch, pack, i):
-    """grads + micro-batch i's scaled gradient (`_accumulate`'s term), its scaled loss, metrics.
+  def micro_step(params, common, grads, call, num_calls):
+    """grads + this call's scaled gradient (`_accumulate`'s term), its scaled loss, metrics.
     grads = (parameters', the common prefix keys' (`_prefix_kv`) or None)."""
-    n_micro = _num_micro(batch, micro_batch)
-    batch = _with_seq_weights(batch)
-    mb = _packed_micro(batch, pack, i, n_micro)
-    (s, (c, metrics)), g = packed_loss_and_grad(params, mb, common)
-    w = (1.0 if loss_cfg.blocks else
-         grpo_obj.accumulation_scale(loss_cfg, c, n_micro, step_total(batch, n_micro)))
+    (s, (c, metrics)), g = loss_and_grad(params, call, common)
+    w = 1.0
+    if not loss_cfg.blocks:
+      total = grpo_obj.aggregation_count(call.rollout_mask(), loss_cfg)
+      w = grpo_obj.accumulation_scale(loss_cfg, c, num_calls, total)
     return jax.tree.map(lambda a, b: a + b * w, grads, g), s * w, metrics
 
   @functools.partial(_on_mesh, mesh=mesh)
-  def packed_finish(state: TrainState, acc):
+  def finish(state: TrainState, grads, d_common, prefix, loss):
     """The optimizer step on the summed gradient; the prefix keys' gradient goes back through
     the prefix's forward (run again here: S tokens) into the parameters'."""
-    (grads, d_common), losses, raws, prefix = acc
     if prefix is not None:
       _, pull = jax.vjp(lambda p: _prefix_kv(graphdef, rest, p, prefix, top_layers),
                         state.params)
       grads = jax.tree.map(jnp.add, grads, pull(d_common)[0])
-    loss = functools.reduce(jnp.add, losses)
     new_state, gnorm, finite = _apply(tx, state, grads, loss)
-    return new_state, {"loss": loss, "grad_norm": gnorm, "finite": finite,
-                       **grpo_obj.reduce_metrics(raws)}
+    return new_state, {"loss": loss, "grad_norm": gnorm, "finite": finite}
 
-  scanned, finish, jitted = jit_state_step(update), jit_state_step(packed_finish), {}
+  finish_jit, jitted = jit_state_step(lambda state, acc: finish(state, *acc)), {}
 
-  def call(state: TrainState, batch: dict):
-    """One scan over the micro-batches; with "packs", one call per micro-batch instead (each
-    over its own packed rows), the gradient summed in place, then the optimizer step."""
-    if "packs" not in batch:
-      return scanned(state, batch)
+  def micro_jit(params):
     if not jitted:  # the gradient sum keeps the parameters' shardings
-      shardings = jax.tree.map(lambda x: x.sharding, state.params)
+      shardings = jax.tree.map(lambda x: x.sharding, params)
       jitted["prefix"] = jax.jit(functools.partial(_prefix_kv, graphdef, rest,
                                                    top_layers=top_layers))
       jitted["zeros"] = jax.jit(lambda t: jax.tree.map(jnp.zeros_like, t),
                                 out_shardings=(shardings, None))
-      jitted["micro"] = jax.jit(packed_micro_step, donate_argnums=(2,),
+      jitted["micro"] = jax.jit(micro_step, donate_argnums=(2,),
                                 out_shardings=((shardings, None), None, None),
                                 compiler_options=compiler_options())
-    prefix = batch.get("prefix")
-    common = None if prefix is None else jitted["prefix"](state.params, prefix)
-    rows = {k: v for k, v in batch.items() if k not in ("packs", "prefix")}
+    return jitted["micro"]
+
+  def call(state: TrainState, batch):
+    """One jitted call per micro-batch (the gradient summed in place), then the optimizer step."""
+    micro = micro_jit(state.params)
+    common = None if batch.prefix is None else jitted["prefix"](state.params, batch.prefix)
     grads, losses, raws = jitted["zeros"]((state.params, common)), [], []
-    for i, pack in enumerate(batch["packs"]):
-      grads, s, raw = jitted["micro"](state.params, common, grads, rows, pack, jnp.int32(i))
+    num_calls = jnp.float32(batch.num_calls)
+    for i in range(batch.num_calls):
+      grads, s, raw = micro(state.params, common, grads, batch.call(i), num_calls)
       losses.append(s)
       raws.append(raw)
-    return finish(state, (grads, losses, raws, prefix))
+    loss = functools.reduce(jnp.add, losses)
+    state, out = finish_jit(state, (grads[0], grads[1], batch.prefix, loss))
+    return state, {**out, **grpo_obj.reduce_metrics(raws)}
 
-  call.lower = scanned.lower  # the scanned update (a batch without "packs"), unrun
+  def lower(state: TrainState, batch):
+    """One call's gradient program, lowered (not run) on `batch`'s call 0; ShapeDtypeStructs
+    with shardings will do (bench/memory_plan.py). No prefix."""
+    return micro_jit(state.params).lower(state.params, None, (state.params, None),
+                                         batch.call(0), jax.ShapeDtypeStruct((), jnp.float32))
+
+  call.lower = lower
+  call.compiles = lambda: {k: jitted[k]._cache_size() for k in ("micro",) if k in jitted}
   return call
 
 
@@ -380,7 +313,7 @@ def make_sft_update(graphdef, rest, tx, *, micro_batch: int, mesh=None,
   `response_len`: every loss target lies in the last that many columns (left-padded rows), so
   the LM head runs there only. `top_layers` as in `make_grpo_update`. A batch with "prefix"
   [S] (replicated): tokens before every row, which then holds only what follows them
-  (train/sft.py `shared_prefix_len`); the prefix runs once per micro-batch instead of once
+  (`cqr_jax.shared_prefix.for_examples`); the prefix runs once per micro-batch instead of once
   per row, its gradient flowing back through that forward."""
 
   def loss_fn(params, mb, prefix_s=None):

@@ -1,4 +1,5 @@
-"""Grouped-query self-attention with RoPE and an optional functional KV cache.
+"""Grouped-query self-attention with RoPE: one attention entry point (`attend`) and the layouts
+that say which keys a forward pass's queries see (`Decoder.forward`).
 
 Qwen2 adds biases to q/k/v (never to o); Llama has none. H query heads share KVH key/value heads
 in groups of G = H / KVH. Scores and softmax are float32; masked scores are replaced (not added)
@@ -6,11 +7,10 @@ by a large negative number, so a row with no visible key stays finite.
 
 The products run head-major: queries as [B, KVH, G * T, Dh] against keys/values [B, KVH, S, Dh],
 so both are plain batched matmuls over (B, KVH) and their gradients need no transposes of the
-[.., T, S] scores (bench/results/update.md). Training
-attention runs one softmax over one key set per row (key sets such as a prompt's and a row's own
-are concatenated, not combined part by part) with its own backward rule (`_softmax_attention`);
-the sampler's decode step, which must not copy a shared prefix's keys per row, combines parts
-(`joint_softmax`).
+[.., T, S] scores (bench/results/update.md). Training and prefill attention run one softmax
+over one key set per row (key sets such as a prefix's and a row's own are concatenated, not
+combined part by part) with its own backward rule (`_softmax_attention`); the sampler's decode
+step, which must not copy a shared prefix's keys per row, combines parts (`joint_softmax`).
 """
 
 from __future__ import annotations
@@ -92,9 +92,19 @@ def _softmax_attention_bwd(groups, compute_dtype, res, do_bkqd):
 _softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
-def attend_heads_major(q_btnd, k_bksd, v_bksd, mask_bts, compute_dtype):
-  """softmax(q k^T / sqrt(Dh), masked) v with head-major keys/values [B, KVH, S, Dh]
-  -> [B, T, H * Dh] float32."""
+KERNELS = ("xla",)
+
+
+def attend(q_btnd, k_bksd, v_bksd, mask_bts, compute_dtype, *, kernel: str = "xla"):
+  """The attention entry point of every forward pass: softmax(q k^T / sqrt(Dh), masked) v of
+  queries [B, T, H, Dh] over head-major keys/values [B, KVH, S, Dh], mask_bts [B, T, S] (True =
+  visible) -> [B, T, H * Dh] float32.
+
+  kernel "xla": grouped head-major products with the softmax's own backward rule
+  (`_softmax_attention`). The place for a Pallas / splash kernel on TPU. (The sampler's decode
+  step reads a split KV cache part by part: cqr_jax/sampler_kv.py.)"""
+  if kernel != "xla":
+    raise ValueError(f"attention kernel {kernel!r}: expected one of {KERNELS}")
   b, t, h, dh = q_btnd.shape
   kvh = k_bksd.shape[1]
   q_bkqd = _group_queries(q_btnd, kvh).reshape(b, kvh, h // kvh * t, dh)
@@ -102,78 +112,76 @@ def attend_heads_major(q_btnd, k_bksd, v_bksd, mask_bts, compute_dtype):
   return o_bkqd.reshape(b, kvh, h // kvh, t, dh).transpose(0, 3, 1, 2, 4).reshape(b, t, h * dh)
 
 
-def attend(q_btnd, k_bskd, v_bskd, mask_bts, compute_dtype):
-  """softmax(q k^T / sqrt(Dh), masked) v for grouped heads -> [B, T, H * Dh] float32."""
-  return attend_heads_major(q_btnd, heads_major(k_bskd), heads_major(v_bskd), mask_bts,
-                            compute_dtype)
+# ------------------------------------------------------------------------------------ layouts
+# A layout says which keys each query of a forward pass sees. `Decoder.forward` calls it in every
+# block as layout(q [B, T, H, Dh], k, v [B, T, KVH, Dh], inputs_l, compute_dtype) ->
+# (output [B, T, H * Dh] float32, what the block hands back, e.g. its keys for a cache);
+# inputs_l is the block's slice of the forward's `layer_inputs` (e.g. a prefix's keys).
 
 
-def attend_shared_prefix(qc_rcnd, kp_pksd, vp_pksd, kc_rckd, vc_rckd, prompt_mask_ps,
-                         own_mask_rcs, n: int, compute_dtype, common=None):
-  """Completion rows [R = P * n, Lc] (row r continues prompt r // n) attending to their prompt's
-  keys [P, KVH, Lp, Dh] (valid where prompt_mask_ps) and to their own, one softmax over both
-  -> [R, Lc, H * Dh] float32. The prompt is projected once for its n rows; each row's key set
-  is its prompt's keys then its own (a copy of [Lp, Dh] per kv head: small beside the row's
-  [G * Lc, Lp] scores), so one batched product and one softmax serve all key sets.
-
-  own_mask_rcs [R, Lc, Lc]: which of its own keys a row's query sees. `common` (k, v)
-  [KVH, S, Dh]: keys every row also sees, before its prompt's (a prefix all P prompts share),
-  in the same softmax."""
-  r, lc = qc_rcnd.shape[:2]
-  lp = kp_pksd.shape[2]
-
-  def keys(xp_pksd, xc_rckd, xs_ksd):  # -> [R, KVH, (S +) Lp + Lc, Dh]
-    parts = [jnp.repeat(xp_pksd, n, axis=0), heads_major(xc_rckd)]
-    if xs_ksd is not None:
-      parts.insert(0, jnp.broadcast_to(xs_ksd[None], (r,) + xs_ksd.shape))
-    return jnp.concatenate(parts, axis=2)
-
-  seen_rcp = jnp.broadcast_to(jnp.repeat(prompt_mask_ps > 0, n, axis=0)[:, None], (r, lc, lp))
-  masks = [seen_rcp, own_mask_rcs]
-  if common is not None:
-    masks.insert(0, jnp.ones((r, lc, common[0].shape[1]), bool))
-  return attend_heads_major(qc_rcnd, keys(kp_pksd, kc_rckd, None if common is None else common[0]),
-                            keys(vp_pksd, vc_rckd, None if common is None else common[1]),
-                            jnp.concatenate(masks, axis=-1), compute_dtype)
+def _with_prefix(k_bksd, v_bksd, mask_bts, prefix):
+  """Keys of a prefix every row sees, (k, v) [KVH, S', Dh], put before each row's own."""
+  if prefix is None:
+    return k_bksd, v_bksd, mask_bts
+  b, t = mask_bts.shape[:2]
+  kp, vp = (jnp.broadcast_to(x[None], (b,) + x.shape) for x in prefix)
+  return (jnp.concatenate([kp, k_bksd], axis=2), jnp.concatenate([vp, v_bksd], axis=2),
+          jnp.concatenate([jnp.ones((b, t, kp.shape[2]), bool), mask_bts], axis=-1))
 
 
-def attend_packed_rows(q_rcnd, k_rckd, v_rckd, mask_rcs, streams: int, head: int,
-                       compute_dtype, common=None):
+def rows_layout(mask_btt, *, keep_kv: bool = False):
+  """Each row attends among its own tokens (mask_btt [B, T, T], e.g. causal and padding) and,
+  when the block's input is a prefix's (k, v) [KVH, S, Dh], also to those keys first, in one
+  softmax. `keep_kv`: the block hands back its own keys/values heads-major [B, KVH, T, Dh]."""
+  def layout(q, k, v, prefix, cdt):
+    k, v = heads_major(k), heads_major(v)
+    o = attend(q, *_with_prefix(k, v, mask_btt, prefix), cdt)
+    return o, ((k, v) if keep_kv else None)
+  return layout
+
+
+def causal_rows(mask_bt, *, keep_kv: bool = False):
+  """`rows_layout` with the causal mask of right- or left-padded rows (mask_bt: 1 = real)."""
+  t = mask_bt.shape[1]
+  return rows_layout(jnp.tril(jnp.ones((t, t), bool))[None] & (mask_bt[:, None, :] > 0),
+                     keep_kv=keep_kv)
+
+
+def context_rows(context_mask_gs, own_mask_rcc, n: int):
+  """Rows [R = G * n, C] continuing a context of S keys (a prompt's, a KV cache): row r
+  attends to context r // n's keys where context_mask_gs [G, S] is set, then to its own
+  (own_mask_rcc [R, C, C]), in one softmax. The block's input is the contexts' (k, v)
+  [G, KVH, S, Dh] (a `causal_rows(keep_kv=True)` pass hands them back), each copied to its n
+  rows: small beside a row's [G * C, S] scores, and one batched product serves all key sets."""
+  def layout(q, k, v, context, cdt):
+    r, c = own_mask_rcc.shape[:2]
+    kc, vc = (jnp.repeat(x, n, axis=0) for x in context)
+    seen_rcs = jnp.broadcast_to(jnp.repeat(context_mask_gs > 0, n, axis=0)[:, None],
+                                (r, c, kc.shape[2]))
+    keys = jnp.concatenate([kc, heads_major(k)], axis=2)
+    values = jnp.concatenate([vc, heads_major(v)], axis=2)
+    return attend(q, keys, values, jnp.concatenate([seen_rcs, own_mask_rcc], axis=-1), cdt), None
+  return layout
+
+
+def packed_layout(mask_rcs, streams: int, head: int):
   """Rows [R = P * k, Lc] of P packed streams (k consecutive rows each), each row attending to
   its stream's first `head` slots (where a prompt lies), the row before it and itself: keys in
   that order, head + 2 * Lc a row, masked by mask_rcs [R, Lc, head + 2 * Lc] (the caller masks
-  keys that two of those blocks share; a stream's first row has a previous row of zeros).
-  `common` (k, v) [KVH, S, Dh]: keys every row also sees first, in the same softmax.
-  -> [R, Lc, H * Dh] float32."""
-  r, lc = q_rcnd.shape[:2]
-  kvh, dh = k_rckd.shape[2:]
-  k = r // streams
-
-  def keys(x_rckd, xs_ksd):  # -> [R, KVH, (S +) head + 2 * Lc, Dh]
+  keys that two of those blocks share; a stream's first row has a previous row of zeros); and,
+  with a prefix's (k, v) as the block's input, those keys first."""
+  def keys(x_rckd):  # -> [R, KVH, head + 2 * Lc, Dh]
+    r, lc, kvh, dh = x_rckd.shape
+    k = r // streams
     x = heads_major(x_rckd).reshape(streams, k, kvh, lc, dh)
     first = x.transpose(0, 2, 1, 3, 4).reshape(streams, 1, kvh, k * lc, dh)[:, :, :, :head]
     prev = jnp.pad(x, ((0, 0), (1, 0), (0, 0), (0, 0), (0, 0)))[:, :k]
     parts = [jnp.broadcast_to(first, (streams, k, kvh, head, dh)), prev, x]
-    if xs_ksd is not None:
-      parts.insert(0, jnp.broadcast_to(xs_ksd, (streams, k) + xs_ksd.shape))
     return jnp.concatenate(parts, axis=3).reshape(r, kvh, -1, dh)
 
-  if common is not None:
-    mask_rcs = jnp.concatenate([jnp.ones((r, lc, common[0].shape[1]), bool), mask_rcs], axis=-1)
-  return attend_heads_major(q_rcnd, keys(k_rckd, None if common is None else common[0]),
-                            keys(v_rckd, None if common is None else common[1]), mask_rcs,
-                            compute_dtype)
-
-
-def _attend_rows(q_btnd, k_btkd, v_btkd, mask_btt, compute_dtype, common=None):
-  """Rows attending among themselves (mask_btt) and, with `common` (k, v) [KVH, S, Dh], also to
-  a prefix before all of them, in one softmax: the B rows as the n samples of one "prompt",
-  the prefix (attend_shared_prefix). -> [B, T, H * Dh] float32."""
-  if common is None:
-    return attend(q_btnd, k_btkd, v_btkd, mask_btt, compute_dtype)
-  return attend_shared_prefix(q_btnd, common[0][None], common[1][None], k_btkd, v_btkd,
-                              jnp.ones((1, common[0].shape[1]), bool), mask_btt, q_btnd.shape[0],
-                              compute_dtype)
+  def layout(q, k, v, prefix, cdt):
+    return attend(q, *_with_prefix(keys(k), keys(v), mask_rcs, prefix), cdt), None
+  return layout
 
 
 class Attention(nnx.Module):
@@ -196,51 +204,9 @@ class Attention(nnx.Module):
     v = self.v_proj(x_btd, compute_dtype).reshape(b, t, self.num_kv_heads, self.head_dim)
     return apply_rope(q, cos_btd, sin_btd), apply_rope(k, cos_btd, sin_btd), v
 
-  def __call__(self, x_btd, cos_btd, sin_btd, mask_btt, compute_dtype, common=None):
-    """Full-sequence attention; mask_btt[b, t, s] says whether query t may see key s. `common`
-    (k, v) [KVH, S, Dh]: the keys of a prefix before every row (`prefix_kv`), seen by all
-    queries in the same softmax."""
-    q, k, v = self.qkv(x_btd, cos_btd, sin_btd, compute_dtype)
-    return self.o_proj(_attend_rows(q, k, v, mask_btt, compute_dtype, common), compute_dtype)
-
-  def shared_prefix(self, xp_bpd, xc_bcd, rope_p, rope_c, mask_bpp, prompt_mask_bp, own_mask_bcs,
-                    n: int, compute_dtype, common=None):
-    """Prompts [P, Lp, D] and their completions [P*n, Lc, D] (row r continues prompt r // n):
-    the prompts attend among themselves (mask_bpp); completion row r attends to prompt r // n's
-    real tokens (prompt_mask_bp [P, Lp]), then to its own (own_mask_bcs [P*n, Lc, Lc]:
-    attend_shared_prefix). Each prompt is projected once, not n times. `common` (k, v)
-    [KVH, S, Dh]: the keys of a prefix that comes before every prompt (`prefix_kv`), seen by all
-    queries."""
-    qp, kp, vp = self.qkv(xp_bpd, *rope_p, compute_dtype)
-    qc, kc, vc = self.qkv(xc_bcd, *rope_c, compute_dtype)
-    out_p = _attend_rows(qp, kp, vp, mask_bpp, compute_dtype, common)
-    kp, vp = heads_major(kp), heads_major(vp)
-    out_c = attend_shared_prefix(qc, kp, vp, kc, vc, prompt_mask_bp, own_mask_bcs, n,
-                                 compute_dtype, common)
-    return self.o_proj(out_p, compute_dtype), self.o_proj(out_c, compute_dtype)
-
-  def packed_rows(self, x_rcd, cos, sin, mask_rcs, streams, head, compute_dtype, common=None):
-    """Rows of packed streams [R, Lc, D]: see attend_packed_rows."""
-    q, k, v = self.qkv(x_rcd, cos, sin, compute_dtype)
-    out = attend_packed_rows(q, k, v, mask_rcs, streams, head, compute_dtype, common)
-    return self.o_proj(out, compute_dtype)
-
-  def prefix_kv(self, x_1sd, cos, sin, compute_dtype):
-    """Causal self-attention over one sequence [1, S, D] -> (output [1, S, D], its keys and
-    values heads-major [KVH, S, Dh]): a common prefix's keys for `shared_prefix`'s `common`."""
-    q, k, v = self.qkv(x_1sd, cos, sin, compute_dtype)
-    k, v = heads_major(k), heads_major(v)
-    s = x_1sd.shape[1]
-    out = attend_heads_major(q, k, v, jnp.tril(jnp.ones((s, s), bool))[None], compute_dtype)
-    return self.o_proj(out, compute_dtype), (k[0], v[0])
-
-  def decode(self, x_btd, cos_btd, sin_btd, layer_cache, cache_index, mask_bts, compute_dtype):
-    """Writes the T new keys/values at slots [cache_index, cache_index + T), attends over the
-    cache. Returns (output [B, T, D], updated layer cache)."""
-    q, k, v = self.qkv(x_btd, cos_btd, sin_btd, compute_dtype)
-    ck, cv = layer_cache["k"], layer_cache["v"]
-    start = (0, cache_index, 0, 0)
-    ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
-    cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
-    out = self.o_proj(attend(q, ck, cv, mask_bts, compute_dtype), compute_dtype)
-    return out, {"k": ck, "v": cv}
+  def __call__(self, x_btd, rope, layout, inputs, compute_dtype):
+    """x [B, T, D] -> (output [B, T, D], what the layout hands back); `rope` = (cos, sin) of
+    the tokens' positions, `layout` and its block `inputs`: see the layouts above."""
+    q, k, v = self.qkv(x_btd, *rope, compute_dtype)
+    o_btf, out = layout(q, k, v, inputs, compute_dtype)
+    return self.o_proj(o_btf, compute_dtype), out

@@ -13,22 +13,19 @@ real token, so a left-padded prompt's positions are 0, 0, ..., 0, 1, 2, ...):
     logp_bt = model.token_logprobs(tokens_bt, positions_bt, mask_bt, targets_bt,
                                    temperature=1.0)      # chunked over T, no [B, T, V] in memory
     logp_bt, ent_bt = model.token_logprobs(..., with_entropy=True)
-    # n completions per left-padded prompt (row r continues prompt r // n), each prompt run once:
-    logp_bc = model.completion_logprobs(prompt_bp, prompt_mask_bp, completion_bc,
-                                        completion_mask_bc, n, temperature=0.7)   # [P*n, Lc]
+    # prompts and their completions packed in streams (train/rollout_batch.pack_streams):
+    logp_rc = model.packed_completion_logprobs(tokens, segment, position, source, unpack,
+                                               prompt_width=lp, temperature=0.7)
 
-    # Generation with the functional KV cache (pytree in -> pytree out; donate it under jit):
-    cache = model.init_cache(batch, max_len)             # [{"k": [B, S, KVH, Dh], "v": ...}] * L
-    kv_valid_bs = zeros([B, S], bool).at[:, :P].set(prompt_mask_bp)   # caller marks real slots
-    logits_bpv, cache = model.decode(prompt_bp, positions_bp, cache, 0, kv_valid_bs)   # prefill
-    kv_valid_bs = kv_valid_bs.at[:, P].set(True)         # the slot the next token goes to
-    logits_b1v, cache = model.decode(next_b1, pos_b1, cache, P, kv_valid_bs)           # one step
+    # Any other pass: the one forward with a layout of who attends to what
+    # (cqr_jax/models/attention.py), e.g. a prompt's keys kept for a continuation:
+    h_bpd, kv = model.forward(prompt_bp, positions_bp,
+                              attention.causal_rows(prompt_mask_bp, keep_kv=True))
+    h_bcd, _ = model.forward(next_bc, positions_bc,
+                             attention.context_rows(prompt_mask_bp, own_mask_bcc, 1),
+                             layer_inputs=kv)
+    # The sampler's KV-cache prefill and decode steps: cqr_jax/sampler_kv.py.
 
-    # Under jit: graphdef, state = nnx.split(model); inside the jitted fn
-    #   nnx.merge(graphdef, state).decode(...); pass `cache` with donate_argnums.
-
-Query t of a `decode` call sees slot s iff kv_valid_bs[b, s] and s <= cache_index + t; the call
-writes its own K/V before attending, so kv_valid_bs must already mark the new slots as valid.
 `compute_dtype=` on any method overrides the config's (e.g. float32 for skinny decode matmuls on
 CPU while training uses bfloat16).
 
@@ -46,13 +43,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cqr_jax import sharding
+from cqr_jax.models import attention
 from cqr_jax.models.attention import Attention
 from cqr_jax.models.config import ModelConfig
 from cqr_jax.models.layers import Embed, RMSNorm, dtype_of, init_normal, mm_rows
 from cqr_jax.models.mlp import MLP
 from cqr_jax.models.rope import inv_frequencies, rope_cos_sin
-
-Cache = list  # list over layers of {"k": [B, S, KVH, Dh], "v": [B, S, KVH, Dh]}
 
 
 class Block(nnx.Module):
@@ -65,38 +61,11 @@ class Block(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
     self.mlp = MLP(kernels)
 
-  def __call__(self, x_btd, cos_btd, sin_btd, mask_btt, compute_dtype, common=None):
-    x_btd = x_btd + self.attn(self.attn_norm(x_btd), cos_btd, sin_btd, mask_btt, compute_dtype,
-                              common)
-    return x_btd + self.mlp(self.mlp_norm(x_btd), compute_dtype)
-
-  def shared_prefix(self, x, rope_p, rope_c, masks, n, compute_dtype, common=None):
-    """`x` = (prompts [P, Lp, D], completions [P*n, Lc, D]); `masks` = (mask_bpp, prompt_mask_bp,
-    own_mask_bcs); `common`: this layer's prefix keys/values: see Attention.shared_prefix."""
-    xp_bpd, xc_bcd = x
-    ap_bpd, ac_bcd = self.attn.shared_prefix(self.attn_norm(xp_bpd), self.attn_norm(xc_bcd), rope_p,
-                                             rope_c, *masks, n, compute_dtype, common)
-    xp_bpd, xc_bcd = xp_bpd + ap_bpd, xc_bcd + ac_bcd
-    return (xp_bpd + self.mlp(self.mlp_norm(xp_bpd), compute_dtype),
-            xc_bcd + self.mlp(self.mlp_norm(xc_bcd), compute_dtype))
-
-  def packed_rows(self, x_rcd, cos, sin, mask_rcs, streams, head, compute_dtype, common=None):
-    """The block over the rows of packed streams [R, Lc, D] (Attention.packed_rows)."""
-    x_rcd = x_rcd + self.attn.packed_rows(self.attn_norm(x_rcd), cos, sin, mask_rcs, streams,
-                                          head, compute_dtype, common)
-    return x_rcd + self.mlp(self.mlp_norm(x_rcd), compute_dtype)
-
-  def prefix_kv(self, x_1sd, cos, sin, compute_dtype):
-    """The block over one causal sequence [1, S, D] -> (x, its (k, v) [KVH, S, Dh])."""
-    a_1sd, kv = self.attn.prefix_kv(self.attn_norm(x_1sd), cos, sin, compute_dtype)
-    x_1sd = x_1sd + a_1sd
-    return x_1sd + self.mlp(self.mlp_norm(x_1sd), compute_dtype), kv
-
-  def decode(self, x_btd, cos_btd, sin_btd, layer_cache, cache_index, mask_bts, compute_dtype):
-    a_btd, layer_cache = self.attn.decode(self.attn_norm(x_btd), cos_btd, sin_btd, layer_cache,
-                                          cache_index, mask_bts, compute_dtype)
+  def __call__(self, x_btd, rope, layout, inputs, compute_dtype):
+    """-> (x [B, T, D], what the attention layout hands back): see `Decoder.forward`."""
+    a_btd, out = self.attn(self.attn_norm(x_btd), rope, layout, inputs, compute_dtype)
     x_btd = x_btd + a_btd
-    return x_btd + self.mlp(self.mlp_norm(x_btd), compute_dtype), layer_cache
+    return x_btd + self.mlp(self.mlp_norm(x_btd), compute_dtype), out
 
 
 def block_kernel_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
@@ -136,12 +105,15 @@ class Decoder(nnx.Module):
                             for i in range(n)])
     self.final_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
     self.lm_head = None if config.tie_word_embeddings else Embed(init_normal(k_head, vd, dtype))
+    self.head_weights_first = False  # static: see `logits`
 
   # ------------------------------------------------------------------ helpers
-  def _cdt(self, compute_dtype):
+  def compute_dtype_of(self, compute_dtype=None):
+    """The matmul operand dtype: `compute_dtype` ("float32" / "bfloat16") or the config's."""
     return dtype_of(compute_dtype or self.config.compute_dtype)
 
-  def _rope(self, positions_bt):
+  def rope(self, positions_bt):
+    """(cos, sin) [B, T, Dh] of token positions (the config's RoPE, scaling included)."""
     cfg = self.config
     return rope_cos_sin(positions_bt, inv_frequencies(cfg.head_dim, cfg.rope_theta,
                                                       cfg.rope_scaling))
@@ -151,109 +123,98 @@ class Decoder(nnx.Module):
     head = self.embed if self.lm_head is None else self.lm_head
     return head.embedding[...]
 
-  # ------------------------------------------------------------------ full-sequence forward
+  # ------------------------------------------------------------------ the forward pass
+  def forward(self, tokens_bt, positions_bt, layout, *, layer_inputs=None, compute_dtype=None,
+              frozen_layers: int = 0, scan: bool | None = None, remat: str | None = None):
+    """The one forward pass of training, prefill and decode: embedding -> blocks -> final norm.
+
+    `layout` says which keys each query sees (cqr_jax/models/attention.py: `causal_rows`,
+    `rows_layout`, `context_rows`, `packed_layout`; the sampler's decode step in
+    cqr_jax/sampler_kv.py); each block calls it with its slice of `layer_inputs` (a pytree
+    stacked on a leading [L], e.g. a prefix's keys or a KV cache; a list of L pytrees with
+    unrolled blocks also works). `frozen_layers`: the bottom blocks whose parameters the caller
+    holds fixed (cqr_jax.partial_training); they run without remat. `scan` / `remat`: override
+    the config's `scan_layers` / `remat` (the sampler runs unrolled on CPU, never rematted).
+    Returns (final-normed hidden states [B, T, D] float32, what the blocks' layouts handed back:
+    stacked on [L] when scanned, a list of L when unrolled, None if nothing)."""
+    cdt = self.compute_dtype_of(compute_dtype)
+    rope = self.rope(positions_bt)
+    x_btd, outs = self._run_blocks(
+        lambda layer, x, inputs: layer(x, rope, layout, inputs, cdt),
+        self.embed(tokens_bt), frozen_layers, layer_inputs,
+        self.config.scan_layers if scan is None else scan,
+        self.config.remat if remat is None else remat)
+    return self.final_norm(x_btd), outs
+
+  def _run_blocks(self, apply, x, frozen_layers, xs, scan: bool, remat: str):
+    """x -> apply(block, x, xs_l) -> (x, out_l) through the blocks: one lax.scan or unrolled;
+    `remat` on each trainable block, none on the bottom `frozen_layers`."""
+    rows = sharding.constrain_rows  # the residual stream between blocks: batch rows sharded
+
+    def block(layer, x, xs_l):
+      x, out = apply(layer, x, xs_l)
+      return rows(x), out
+
+    x = rows(x)
+    if scan:
+      def take(lo, hi):
+        return None if xs is None else jax.tree.map(lambda a: a[lo:hi], xs)
+      outs = []
+      if frozen_layers:
+        x, out = scan_blocks(self.layers[:frozen_layers], block, x, take(0, frozen_layers))
+        outs.append(out)
+      x, out = scan_blocks(self.layers[frozen_layers:], block, x, take(frozen_layers, None),
+                           remat=remat)
+      outs.append(out)
+      if len(outs) == 1 or outs[0] is None:
+        return x, outs[-1]
+      return x, jax.tree.map(lambda *a: jnp.concatenate(a), *outs)
+    outs = []
+    for i, layer in enumerate(self.layers):
+      if xs is None:
+        xs_l = None
+      elif isinstance(xs, list):
+        xs_l = xs[i]
+      else:
+        xs_l = jax.tree.map(lambda a: a[i], xs)  # noqa: B023
+      if remat == "none" or i < frozen_layers:
+        x, out = block(layer, x, xs_l)
+      else:
+        x, out = _remat_layer(layer, block, x, xs_l, remat)
+      outs.append(out)
+    return x, None if all(o is None for o in outs) else outs
+
+  # ------------------------------------------------------------------ named passes
   def hidden(self, tokens_bt, positions_bt, mask_bt, *, compute_dtype=None,
              frozen_layers: int = 0, common=None) -> jax.Array:
-    """Final-normed hidden states [B, T, D] (float32); causal + padding attention.
-
-    `frozen_layers`: the bottom blocks whose parameters (and the embeddings) the caller holds
-    fixed with stop_gradient (cqr_jax.partial_training); they run as their own scan without
-    remat, so differentiating the output touches the blocks above them only. `common`:
-    `prefix_kv` of S tokens before every row, which all positions also attend to (the caller's
-    positions then start at S)."""
-    cdt = self._cdt(compute_dtype)
-    t = tokens_bt.shape[1]
-    causal_tt = jnp.tril(jnp.ones((t, t), bool))
-    mask_btt = causal_tt[None] & (mask_bt[:, None, :] > 0)
-    cos, sin = self._rope(positions_bt)
-    x_btd = self._run_blocks(lambda layer, x, kv: layer(x, cos, sin, mask_btt, cdt, kv),
-                             self.embed(tokens_bt), frozen_layers, common)
-    return self.final_norm(x_btd)
-
-  def _run_blocks(self, apply, x, frozen_layers: int = 0, xs=None):
-    """x -> apply(block, x, xs_l) through the blocks: one lax.scan (config.scan_layers) or
-    unrolled; the config's remat on each trainable block, none on the bottom `frozen_layers`.
-    `xs`: per-layer inputs stacked on a leading [L] axis (xs_l = layer l's slice), or None."""
-    remat = self.config.remat
-    rows = sharding.constrain_rows  # the residual stream between blocks: batch rows sharded
-    block = lambda layer, x, xs_l: rows(apply(layer, x, xs_l))  # noqa: E731
-    x = rows(x)
-
-    def take(lo, hi):
-      return None if xs is None else jax.tree.map(lambda a: a[lo:hi], xs)
-
-    if self.config.scan_layers:
-      body = lambda layer, x, xs_l: (block(layer, x, xs_l), None)  # noqa: E731
-      if frozen_layers:
-        x, _ = scan_blocks(self.layers[:frozen_layers], body, x, take(0, frozen_layers))
-      x, _ = scan_blocks(self.layers[frozen_layers:], body, x, take(frozen_layers, None),
-                         remat=remat)
-      return x
-    for i, layer in enumerate(self.layers):
-      xs_l = None if xs is None else jax.tree.map(lambda a: a[i], xs)  # noqa: B023
-      if remat == "none" or i < frozen_layers:
-        x = block(layer, x, xs_l)
-      else:
-        x = _remat_layer(layer, block, x, xs_l, remat)
-    return x
-
-  def shared_prefix_hidden(self, prompt_bp, prompt_mask_bp, completion_bc, completion_mask_bc,
-                           n: int, *, compute_dtype=None, frozen_layers: int = 0):
-    """Final-normed hidden states of P left-padded prompts [P, Lp, D] and of their n completions
-    each [P*n, Lc, D] (row r continues prompt r // n), the prompts run once rather than n times.
-
-    Equals `hidden` on the rows prompt ++ completion (positions continue from the prompt's real
-    length; completion keys past a row's mask are hidden). `frozen_layers`: as in `hidden`."""
-    lc = completion_bc.shape[1]
-    offset_bc = jnp.broadcast_to(jnp.arange(lc, dtype=jnp.int32)[None], completion_bc.shape)
-    own_bcc = jnp.tril(jnp.ones((lc, lc), bool))[None] & (completion_mask_bc[:, None, :] > 0)
-    return self._shared_prefix_run(prompt_bp, prompt_mask_bp, completion_bc, offset_bc, own_bcc,
-                                   n, compute_dtype, frozen_layers)
+    """Final-normed hidden states [B, T, D] (float32) of right- or left-padded rows; causal +
+    padding attention. `common`: `prefix_kv` of S tokens before every row, which all positions
+    also attend to (the caller's positions then start at S)."""
+    h_btd, _ = self.forward(tokens_bt, positions_bt, attention.causal_rows(mask_bt),
+                            layer_inputs=common, compute_dtype=compute_dtype,
+                            frozen_layers=frozen_layers)
+    return h_btd
 
   def prefix_kv(self, prefix_s, *, compute_dtype=None):
-    """The keys and values of a prefix that every prompt of a `packed_completion_logprobs` call,
-    or every row of a `hidden` call, starts with (a template's instructions): (k, v), each
-    [L, KVH, S, Dh] float32, of the tokens
-    prefix_s [S] at positions 0..S-1. No remat: S tokens once."""
-    cdt = self._cdt(compute_dtype)
+    """The keys and values of a prefix that every row of a `hidden` / token_logprobs call or
+    every prompt of a `packed_completion_logprobs` call starts with (a template's
+    instructions): (k, v), each [L, KVH, S, Dh] float32, of the tokens prefix_s [S] at
+    positions 0..S-1. No remat: S tokens once."""
     s = prefix_s.shape[0]
-    cos, sin = self._rope(jnp.arange(s, dtype=jnp.int32)[None])
-    x = self.embed(prefix_s[None])
-    if self.config.scan_layers:
-      _, kv = scan_blocks(self.layers, lambda layer, x, _: layer.prefix_kv(x, cos, sin, cdt), x)
-      return kv
-    kvs = []
-    for layer in self.layers:
-      x, kv = layer.prefix_kv(x, cos, sin, cdt)
-      kvs.append(kv)
-    return tuple(jnp.stack([kv[i] for kv in kvs]) for i in range(2))
-
-  def _shared_prefix_run(self, prompt_bp, prompt_mask_bp, completion_bc, offset_bc, own_mask_bcs,
-                         n, compute_dtype, frozen_layers, common=None):
-    """The blocks over prompts [P, Lp] and completion rows [P*n, Lc] whose token t sits at
-    position (prompt length + offset_bc[r, t]) and sees the row keys own_mask_bcs allows
-    (Attention.shared_prefix) -> final-normed (hp [P, Lp, D], hc [P*n, Lc, D]). `common`:
-    `prefix_kv` of S tokens before every prompt (positions then start at S)."""
-    cdt = self._cdt(compute_dtype)
-    lp = prompt_bp.shape[1]
-    s = 0 if common is None else common[0].shape[2]
-    prompt_mask_bp = prompt_mask_bp > 0
-    pos_bp = s + jnp.maximum(jnp.cumsum(prompt_mask_bp.astype(jnp.int32), axis=-1) - 1, 0)
-    start_b = s + jnp.repeat(jnp.sum(prompt_mask_bp, axis=-1, dtype=jnp.int32), n)
-    pos_bc = start_b[:, None] + offset_bc
-    mask_bpp = jnp.tril(jnp.ones((lp, lp), bool))[None] & prompt_mask_bp[:, None, :]
-    rope_p, rope_c = self._rope(pos_bp), self._rope(pos_bc)
-    masks = (mask_bpp, prompt_mask_bp, own_mask_bcs)
-    x = (self.embed(prompt_bp), self.embed(completion_bc))
-    xp_bpd, xc_bcd = self._run_blocks(
-        lambda layer, x, kv: layer.shared_prefix(x, rope_p, rope_c, masks, n, cdt, kv), x,
-        frozen_layers, common)
-    return self.final_norm(xp_bpd), self.final_norm(xc_bcd)
+    _, kv = self.forward(prefix_s[None], jnp.arange(s, dtype=jnp.int32)[None],
+                         attention.causal_rows(jnp.ones((1, s), jnp.int32), keep_kv=True),
+                         compute_dtype=compute_dtype, remat="none")
+    if isinstance(kv, list):
+      kv = jax.tree.map(lambda *a: jnp.stack(a), *kv)
+    return tuple(x[:, 0] for x in kv)  # [L, 1, KVH, S, Dh] -> [L, KVH, S, Dh]
 
   def logits(self, h_btd, *, compute_dtype=None) -> jax.Array:
-    """LM head on hidden states: [B, T, D] -> float32 [B, T, V] (rows sharded as the batch)."""
+    """LM head on hidden states: [B, T, D] -> float32 [B, T, V] (rows sharded as the batch).
+    `head_weights_first` (static, set on a decode-time copy by
+    `cqr_jax.cpu_decode.weights_first_model`): the product as W h^T (`layers.mm_rows`)."""
     rows = sharding.constrain_rows
-    return rows(mm_rows(rows(h_btd), self.lm_head_vd(), self._cdt(compute_dtype), w_out_in=True))
+    return rows(mm_rows(rows(h_btd), self.lm_head_vd(), self.compute_dtype_of(compute_dtype),
+                        w_out_in=True, weights_first=self.head_weights_first))
 
   def __call__(self, tokens_bt, positions_bt, mask_bt, *, compute_dtype=None) -> jax.Array:
     """Float32 logits [B, T, V] for a left- or right-padded batch."""
@@ -276,28 +237,13 @@ class Decoder(nnx.Module):
     last = t if last is None else min(last, t)
     out = chunked_logprobs(h_btd[:, t - last:], self.lm_head_vd(), targets_bt[:, t - last:],
                            temperature=temperature, chunk_size=chunk_size,
-                           with_entropy=with_entropy, compute_dtype=self._cdt(compute_dtype),
+                           with_entropy=with_entropy,
+                           compute_dtype=self.compute_dtype_of(compute_dtype),
                            remat=self.config.remat)
     if last == t:
       return out
     pad = lambda x: jnp.pad(x, ((0, 0), (t - last, 0)))  # noqa: E731
     return tuple(map(pad, out)) if with_entropy else pad(out)
-
-  def completion_logprobs(self, prompt_bp, prompt_mask_bp, completion_bc, completion_mask_bc,
-                          n: int, *, temperature: float = 1.0, chunk_size: int = 128,
-                          with_entropy: bool = False, compute_dtype=None,
-                          frozen_layers: int = 0):
-    """log_softmax(logits / temperature) of every completion token given its prompt and the
-    completion before it, [P*n, Lc] float32 (and entropies): `shared_prefix_hidden`, then the LM
-    head on the completion positions only. Prompts must be left-padded (the sampler's layout):
-    their last column is the state that predicts a completion's first token."""
-    hp_bpd, hc_bcd = self.shared_prefix_hidden(prompt_bp, prompt_mask_bp, completion_bc,
-                                               completion_mask_bc, n, compute_dtype=compute_dtype,
-                                               frozen_layers=frozen_layers)
-    h_bcd = jnp.concatenate([jnp.repeat(hp_bpd[:, -1:], n, axis=0), hc_bcd[:, :-1]], axis=1)
-    return chunked_logprobs(h_bcd, self.lm_head_vd(), completion_bc, temperature=temperature,
-                            chunk_size=chunk_size, with_entropy=with_entropy,
-                            compute_dtype=self._cdt(compute_dtype), remat=self.config.remat)
 
   def packed_completion_logprobs(self, packed_bkc, segment_bkc, position_bkc, source_bkc,
                                  unpack_bmc, *, prompt_width: int, temperature: float = 1.0,
@@ -305,7 +251,7 @@ class Decoder(nnx.Module):
                                  compute_dtype=None, frozen_layers: int = 0, common=None):
     """`completion_logprobs` of P prompts' m completions each, each prompt's real tokens then its
     completions packed end to end in a stream of k rows of Lc slots (train/rollout_batch.
-    pack_groups): neither the prompts' left padding nor the completions' right padding goes
+    pack_streams): neither the prompts' left padding nor the completions' right padding goes
     through the model, only the stream's tail.
 
     packed_bkc [P, k, Lc]: the tokens; segment_bkc: the completion (0..m-1) a slot holds, m for
@@ -315,10 +261,10 @@ class Decoder(nnx.Module):
     caller). A slot sees the prompt's slots and its own completion's, causally. The prompt lies
     in the first `prompt_width` slots (at most: its left-padded width) and a completion (at most
     Lc tokens) in at most two consecutive rows, so a row attends to those first slots, the
-    previous row and itself (Attention.packed_rows), not to the whole stream. `common`:
+    previous row and itself (`attention.packed_layout`), not to the whole stream. `common`:
     `prefix_kv` of a prefix that comes before every prompt (positions then start at its length
     S).
-    Returns log-probs [P*m, Lc] (and entropies), laid out as `completion_logprobs`'."""
+    Returns log-probs [P*m, Lc] (and entropies): slot j of stream p at row p * m + j."""
     p, k, lc = packed_bkc.shape
     m = unpack_bmc.shape[1]
     w = min(prompt_width, k * lc)
@@ -335,13 +281,12 @@ class Decoder(nnx.Module):
     mask = jnp.concatenate([jnp.broadcast_to(head_ok, (p, k, lc, w)),
                             jnp.broadcast_to(near_ok, (p, k, lc, 2 * lc))], axis=-1)
     mask = (mask & (seg_q >= 0)).reshape(p * k, lc, w + 2 * lc)
-    cdt = self._cdt(compute_dtype)
-    cos, sin = self._rope(s + position_bkc.reshape(p * k, lc))
-    x = self._run_blocks(
-        lambda layer, x, kv: layer.packed_rows(x, cos, sin, mask, p, w, cdt, kv),
-        self.embed(packed_bkc.reshape(p * k, lc)), frozen_layers, common)
-    h_bsd = self.final_norm(x).reshape(p, k * lc, -1)
-    h_bsd = jnp.take_along_axis(h_bsd, source_bkc.reshape(p, k * lc, 1), axis=1)
+    cdt = self.compute_dtype_of(compute_dtype)
+    h_rcd, _ = self.forward(packed_bkc.reshape(p * k, lc), s + position_bkc.reshape(p * k, lc),
+                            attention.packed_layout(mask, p, w), layer_inputs=common,
+                            compute_dtype=compute_dtype, frozen_layers=frozen_layers)
+    h_bsd = jnp.take_along_axis(h_rcd.reshape(p, k * lc, -1), source_bkc.reshape(p, k * lc, 1),
+                                axis=1)
     out = chunked_logprobs(h_bsd, self.lm_head_vd(), packed_bkc.reshape(p, k * lc),
                            temperature=temperature, chunk_size=chunk_size,
                            with_entropy=with_entropy, compute_dtype=cdt,
@@ -349,37 +294,6 @@ class Decoder(nnx.Module):
     idx = unpack_bmc.reshape(p, m * lc)
     unpack = lambda x_bs: jnp.take_along_axis(x_bs, idx, axis=1).reshape(p * m, lc)  # noqa: E731
     return tuple(map(unpack, out)) if with_entropy else unpack(out)
-
-  # ------------------------------------------------------------------ KV-cache decoding
-  def init_cache(self, batch: int, max_len: int, dtype=None) -> Cache:
-    """Zeroed cache: per layer {"k", "v"} of [B, S, KVH, Dh] in `dtype` (default: compute dtype)."""
-    cfg = self.config
-    dt = dtype_of(dtype) if isinstance(dtype, str) else (dtype or dtype_of(cfg.compute_dtype))
-    shape = (batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(cfg.num_layers)]
-
-  def decode(self, tokens_bt, positions_bt, cache: Cache, cache_index, kv_valid_bs, *,
-             compute_dtype=None, last_only: bool = False):
-    """Runs T new tokens against the cache: writes their K/V at [cache_index, cache_index + T)
-    and lets query t see slot s iff kv_valid_bs[b, s] and s <= cache_index + t.
-    Returns (float32 logits [B, T, V], updated cache); with `last_only` the LM head runs on the
-    last position alone and logits are [B, 1, V] (a left-padded prefill needs only those)."""
-    cdt = self._cdt(compute_dtype)
-    t, s = tokens_bt.shape[1], cache[0]["k"].shape[1]
-    cache_index = jnp.asarray(cache_index, jnp.int32)
-    q_pos_t = cache_index + jnp.arange(t, dtype=jnp.int32)
-    causal_ts = jnp.arange(s, dtype=jnp.int32)[None, :] <= q_pos_t[:, None]
-    mask_bts = causal_ts[None] & kv_valid_bs[:, None, :].astype(bool)
-    cos, sin = self._rope(positions_bt)
-    x_btd = sharding.constrain_rows(self.embed(tokens_bt))
-    new_cache = []
-    for layer, layer_cache in zip(self.layers, cache):
-      x_btd, layer_cache = layer.decode(x_btd, cos, sin, layer_cache, cache_index, mask_bts, cdt)
-      x_btd = sharding.constrain_rows(x_btd)
-      new_cache.append(layer_cache)
-    if last_only:
-      x_btd = x_btd[:, -1:]
-    return self.logits(self.final_norm(x_btd), compute_dtype=compute_dtype), new_cache
 
 
 def stack_blocks(layers) -> tuple[nnx.GraphDef, nnx.State]:

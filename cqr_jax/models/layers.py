@@ -7,14 +7,11 @@ partition table in `cqr_jax/sharding.py` maps those names to mesh axes.
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 INIT_STD = 0.02  # HF initializer_range for both families
-_WEIGHTS_FIRST = [False]  # trace-time switch: see `weights_first`
 
 
 def init_normal(key, shape, dtype) -> jax.Array:
@@ -44,15 +41,19 @@ def mm(x: jax.Array, w: jax.Array, compute_dtype, dims: str = "...i,io->...o") -
                     preferred_element_type=jnp.float32)
 
 
-def mm_rows(x_bti: jax.Array, w: jax.Array, compute_dtype, *, w_out_in: bool = False) -> jax.Array:
+def mm_rows(x_bti: jax.Array, w: jax.Array, compute_dtype, *, w_out_in: bool = False,
+            weights_first: bool = False) -> jax.Array:
   """x [..., I] @ w [I, O] (w [O, I] with `w_out_in`, e.g. the LM head's [V, D] table) as one 2-D
   matmul over the flattened leading dims -> float32 [..., O].
 
   The same product as the batched einsum, but its weight gradient is a plain x^T dy: XLA:CPU then
   stops transposing activations for it (the GRPO update benchmark, bench/results/update.md).
+  `weights_first` (with `w_out_in`): computed as y^T = W x^T, the weight as the dot's left
+  operand, the layout a CPU decode step streams its weights fastest in (cqr_jax/cpu_decode.py).
   """
   x_ni = x_bti.reshape(-1, x_bti.shape[-1])
-  if w_out_in and _WEIGHTS_FIRST[0]:
+  if weights_first:
+    assert w_out_in, "weights_first needs an [out, in] weight"
     y_on = mm(w, x_ni, compute_dtype, "oi,ni->on")
     y_no = jax.lax.optimization_barrier(y_on).T  # barrier: XLA would swap the operands back
   else:
@@ -60,41 +61,20 @@ def mm_rows(x_bti: jax.Array, w: jax.Array, compute_dtype, *, w_out_in: bool = F
   return y_no.reshape(*x_bti.shape[:-1], y_no.shape[-1])
 
 
-@contextlib.contextmanager
-def weights_first():
-  """Trace-time switch for skinny products (a decode step's few rows): inside it `Linear` reads
-  its kernel as [out, in] (pass it parameters from `kernels_out_in`) and `mm_rows` with an
-  [out, in] weight computes y^T = W x^T, the weight as the dot's left operand. XLA:CPU streams a
-  weight faster that way at 16 rows (f32, SmolLM2's shapes), no faster at 64 (the sampler
-  benchmark's session-13 run, bench/results/history.md)."""
-  before = _WEIGHTS_FIRST[0]
-  _WEIGHTS_FIRST[0] = True
-  try:
-    yield
-  finally:
-    _WEIGHTS_FIRST[0] = before
-
-
-def kernels_out_in(state):
-  """`state` with every `Linear` kernel transposed to [out, in] and materialised (the barrier
-  keeps XLA from folding the transpose back into the products), for use under `weights_first`."""
-  def one(path, x):
-    if any(getattr(k, "key", getattr(k, "name", None)) == "kernel" for k in path):
-      return jax.lax.optimization_barrier(x.T)
-    return x
-  return jax.tree_util.tree_map_with_path(one, state)
-
-
 class Linear(nnx.Module):
-  """y = x @ kernel (+ bias); kernel [in, out] (HF stores the transpose, [out, in])."""
+  """y = x @ kernel (+ bias); kernel [in, out] (HF stores the transpose, [out, in]).
+
+  `out_in` (static): the kernel is held [out, in] and applied weights first (`mm_rows`); only a
+  decode-time copy made by `cqr_jax.cpu_decode.weights_first_model` sets it."""
 
   def __init__(self, kernel_io: jax.Array, axes: tuple[str | None, str | None], *, bias: bool):
     self.kernel = param(kernel_io, axes)
     self.bias = param(jnp.zeros(kernel_io.shape[1:], kernel_io.dtype), (axes[1],)) if bias else None
+    self.out_in = False
 
   def __call__(self, x_bti: jax.Array, compute_dtype) -> jax.Array:
-    # Under `weights_first` the kernel is [out, in] (`kernels_out_in`).
-    y_bto = mm_rows(x_bti, self.kernel[...], compute_dtype, w_out_in=_WEIGHTS_FIRST[0])
+    y_bto = mm_rows(x_bti, self.kernel[...], compute_dtype, w_out_in=self.out_in,
+                    weights_first=self.out_in)
     if self.bias is not None:
       y_bto = y_bto + self.bias[...].astype(jnp.float32)
     return y_bto

@@ -1,5 +1,5 @@
-"""Attention kernels against a plain reference: head-major attention and the shared-prefix
-attention (a prompt's keys met by all its completions' queries at once) equal softmax(q k^T) v
+"""Attention against a plain reference: the entry point `attend` and the context layout (a
+prompt's keys met by all its completions' queries at once, `context_rows`) equal softmax(q k^T) v
 written out per query head over concatenated, repeated keys, in value and gradient (f32)."""
 
 import jax
@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cqr_jax.models.attention import attend, attend_shared_prefix, heads_major
+from cqr_jax.models.attention import attend as attend_hm
+from cqr_jax.models.attention import context_rows, heads_major
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -27,6 +28,11 @@ def reference(q_btnd, k_bskd, v_bskd, mask_bts):
     p = p / np.maximum(p.sum(-1, keepdims=True), 1e-300)
     out[:, :, hi] = np.einsum("bts,bsd->btd", p, v[:, :, hi // g])
   return out.reshape(b, t, h * dh)
+
+
+def attend(q_btnd, k_bskd, v_bskd, mask_bts, compute_dtype):
+  """The attention entry point with keys/values in the [B, S, KVH, Dh] layout."""
+  return attend_hm(q_btnd, heads_major(k_bskd), heads_major(v_bskd), mask_bts, compute_dtype)
 
 
 def random_qkv(key, b, t, s, h, kvh, dh=8):
@@ -85,7 +91,7 @@ def concatenated(qc, kp, vp, kc, vc, prompt_mask, own_mask, n):
 
 
 @pytest.mark.parametrize("p,n,h,kvh", [(2, 3, 4, 2), (1, 4, 6, 3), (3, 1, 2, 1)])
-def test_shared_prefix_equals_repeated_prompt_keys(p, n, h, kvh):
+def test_context_rows_equal_repeated_prompt_keys(p, n, h, kvh):
   lp, lc, dh = 6, 5, 8
   keys = jax.random.split(jax.random.key(1), 3)
   _, kp, vp = random_qkv(keys[0], p, 1, lp, h, kvh, dh)
@@ -97,8 +103,8 @@ def test_shared_prefix_equals_repeated_prompt_keys(p, n, h, kvh):
   pm, om = jnp.asarray(prompt_mask), jnp.asarray(own_mask)
 
   def shared(qc, kp, vp, kc, vc):
-    return attend_shared_prefix(qc, heads_major(kp), heads_major(vp), kc, vc, pm, om, n,
-                                jnp.float32)
+    layout = context_rows(pm, om, n)
+    return layout(qc, kc, vc, (heads_major(kp), heads_major(vp)), jnp.float32)[0]
 
   def flat(qc, kp, vp, kc, vc):
     return concatenated(qc, kp, vp, kc, vc, pm, om, n)

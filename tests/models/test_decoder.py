@@ -1,4 +1,5 @@
-"""Decoder numerics: logits parity with transformers (PyTorch, f32), KV cache, chunked log-probs."""
+"""Decoder numerics: logits parity with transformers (PyTorch, f32), kept keys as a KV cache,
+chunked log-probs."""
 
 import functools
 
@@ -55,45 +56,32 @@ def _tiny(**kw):
   return ModelConfig(**base)
 
 
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_kv_cache_prefill_then_decode_equals_full_forward(side):
-  model = Decoder(_tiny(), rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("scan", [False, True])
+def test_continuation_from_kept_keys_equals_full_forward(scan):
+  """The one forward pass as a KV cache: left-padded prompts run with their keys kept
+  (`causal_rows(keep_kv=True)`), then continuation tokens that attend to those keys and their
+  own (`context_rows`), give the full forward's hidden states and logits."""
+  import dataclasses
+  from cqr_jax.models import attention
+  model = Decoder(dataclasses.replace(_tiny(), scan_layers=scan), rngs=nnx.Rngs(0))
   rng = np.random.default_rng(1)
-  b, p, n, s = 3, 7, 5, 16
-  tokens, positions, mask = padded_batch(rng, 96, b, p + n, "left")
-  if side == "right":  # right-padded prompts: decode continues at each row's own position
-    tokens, positions, mask = padded_batch(rng, 96, b, p, "right")
-    cont = rng.integers(0, 96, (b, n)).astype(np.int32)
-    tokens = np.concatenate([tokens, cont], 1)
-    positions = np.concatenate([positions, positions[:, -1:] + 1 + np.arange(n)], 1)
-    mask = np.concatenate([mask, np.ones((b, n), np.int32)], 1)
-  # full-forward reference: pad tokens in the prompt are masked as keys
-  full = np.asarray(nnx.jit(lambda m, *a: m(*a))(model, tokens, positions, mask))
+  b, p, c = 3, 7, 5
+  tokens, positions, mask = padded_batch(rng, 96, b, p + c, "left")  # >= 6 real tokens a row
+  full = np.asarray(model(tokens, positions, mask))
 
-  graphdef, state = nnx.split(model)
+  @jax.jit
+  def two_passes(tokens, positions, mask):
+    h_p, kv = model.forward(tokens[:, :p], positions[:, :p],
+                            attention.causal_rows(mask[:, :p], keep_kv=True))
+    if isinstance(kv, list):
+      kv = jax.tree.map(lambda *a: jnp.stack(a), *kv)
+    own = jnp.tril(jnp.ones((c, c), bool))[None] & (mask[:, None, p:] > 0)
+    h_c, _ = model.forward(tokens[:, p:], positions[:, p:],
+                           attention.context_rows(mask[:, :p], own, 1), layer_inputs=kv)
+    return model.logits(jnp.concatenate([h_p, h_c], 1))
 
-  @functools.partial(jax.jit, donate_argnums=(2,))
-  def step(state, toks, cache, index, valid, pos):
-    return nnx.merge(graphdef, state).decode(toks, pos, cache, index, valid)
-
-  cache = model.init_cache(b, s)
-  assert len(cache) == 2 and cache[0]["k"].shape == (b, s, 2, 8)
-  valid = jnp.zeros((b, s), bool).at[:, :p].set(mask[:, :p] > 0)
-  logits, cache = step(state, tokens[:, :p], cache, 0, valid, positions[:, :p])
-  outs = [logits]
-  for i in range(p, p + n):
-    valid = valid.at[:, i].set(True)
-    logits, cache = step(state, tokens[:, i:i + 1], cache, jnp.int32(i), valid,
-                         positions[:, i:i + 1])
-    outs.append(logits)
-  dec = np.asarray(jnp.concatenate(outs, 1))
-  assert np.abs(dec - full)[mask > 0].max() < 1e-5
-  # last_only prefill: the same last-position logits and cache
-  last, cache2 = nnx.merge(graphdef, state).decode(
-      tokens[:, :p], positions[:, :p], model.init_cache(b, s), 0,
-      jnp.zeros((b, s), bool).at[:, :p].set(mask[:, :p] > 0), last_only=True)
-  assert last.shape == (b, 1, 96)
-  np.testing.assert_allclose(last[:, 0], outs[0][:, -1], atol=1e-6)
+  got = np.asarray(two_passes(tokens, positions, mask))
+  assert np.abs(got - full)[mask > 0].max() < 1e-5
 
 
 def test_chunked_token_logprobs_equal_full_log_softmax():

@@ -6,9 +6,10 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from cqr_jax.models import attention
 from cqr_jax.models.config import ModelConfig
 from cqr_jax.models.tiny_hf import padded_batch
-from cqr_jax.sharding import (MeshConfig, batch_sharding, cache_shardings, create_model,
+from cqr_jax.sharding import (MeshConfig, batch_sharding, create_model,
                               make_mesh, param_specs, shard_batch)
 
 SHARD_TOL = 1e-5  # issue 2: sharded logits equal 1-device logits within 1e-5 (f32)
@@ -85,25 +86,25 @@ def test_sharded_equals_single_device(reference, shape):
   assert np.abs(np.asarray(logp) - ref_logp).max() < SHARD_TOL
 
 
-def test_sharded_decode_matches_forward(reference):
+def test_sharded_prefill_keeps_rows_sharded_and_matches_forward(reference):
+  """A prefill (the one forward keeping its keys, as the sampler's) on a 2 x 2 x 2 mesh: the
+  kept keys keep their rows on (data, fsdp) and the logits equal the one-device forward's."""
   (tokens, positions, mask), _, ref_logits, _ = reference
   mesh = make_mesh(MeshConfig(2, 2, 2))
   model = create_model(CFG, mesh, seed=5)
   graphdef, state = nnx.split(model)
-  b, t = tokens.shape
-  cache = model.init_cache(b, t + 4)
-  cache = jax.device_put(cache, cache_shardings(cache, mesh))
-  assert cache[0]["k"].sharding.spec == P(("data", "fsdp"), None, "tensor", None)
-  valid = np.zeros((b, t + 4), bool)
-  valid[:, :t] = mask > 0
 
   @jax.jit
-  def prefill(state, toks, pos, cache, valid):
-    return nnx.merge(graphdef, state).decode(toks, pos, cache, 0, valid)
+  def prefill(state, toks, pos, mask):
+    model = nnx.merge(graphdef, state)
+    h, kv = model.forward(toks, pos, attention.causal_rows(mask, keep_kv=True))
+    return model.logits(h), kv
 
   with jax.set_mesh(mesh):
-    logits, cache = prefill(state, *shard_batch((tokens, positions), mesh), cache,
-                            jax.device_put(valid, batch_sharding(mesh)))
+    logits, kv = prefill(state, *shard_batch((tokens, positions, mask), mesh))
+  keys = kv[0][0] if isinstance(kv, list) else kv[0]
+  rows_axis = 0 if isinstance(kv, list) else 1
+  assert keys.sharding.spec[rows_axis] == ("data", "fsdp")
   assert np.abs(np.asarray(logits) - ref_logits)[mask > 0].max() < SHARD_TOL
 
 

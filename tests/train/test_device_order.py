@@ -13,6 +13,7 @@ Run as a script (`python tests/train/test_device_order.py OUT_DIR`) this file is
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -85,9 +86,9 @@ def _run(interleave: bool) -> tuple[dict, dict[str, np.ndarray]]:
                                        micro_batch=MICRO, mesh=mesh)
   roll, rewards = grpo_batch(100)
   adv = np.asarray(grpo_obj.group_advantages(jnp.asarray(rewards), 4), np.float32)
-  batch = rollout_batch.assemble(roll, mesh, MICRO)
-  batch["ref_logp"] = ref_logprobs(ref_params, batch)
-  batch["adv"] = rollout_batch.place(adv.reshape(batch["completion"].shape[:2]), mesh)
+  batch = rollout_batch.grpo_batch(roll, mesh, MICRO)
+  batch = dataclasses.replace(batch, ref_logp=ref_logprobs(ref_params, batch),
+                              adv=rollout_batch.place_replicated(adv, mesh))
   state, m = update(steps.init_state(state.params, gtx), batch)
   log["grpo_loss"], log["grpo_grad_norm"] = float(m["loss"]), float(m["grad_norm"])
   final = distributed.allgather(state.params)

@@ -6,7 +6,7 @@ import pytest
 
 from cqr_jax import config as C
 from cqr_jax.sampler import Rollouts
-from train import grpo, steps
+from train import grpo, rollout_batch, steps
 
 
 def test_select_groups_prefers_groups_whose_rewards_differ():
@@ -50,8 +50,13 @@ def test_the_update_gets_the_groups_whose_rewards_differ(tiny_llama_dir, tmp_pat
     update = real_update(*args, **kw)
 
     def call(state, batch):
-      seen["batches"].append({k: np.asarray(v) for k, v in batch.items()
-                              if k in ("completion", "adv")})
+      # each rollout's completion tokens back from the packed streams (their masked tokens)
+      tokens = np.asarray(batch.tokens).reshape(batch.rollout.shape[:2] + (-1,))
+      unpack = np.asarray(batch.unpack).reshape(tokens.shape[:2] + (-1,))
+      comp = np.take_along_axis(tokens, unpack, -1).reshape(batch.unpack.shape)
+      comp = np.where(np.asarray(batch.completion_mask()), comp, 0)
+      seen["batches"].append({"completion": rollout_batch.per_rollout(
+          batch, comp, len(np.asarray(batch.lengths))), "adv": np.asarray(batch.adv)})
       return update(state, batch)
     return call
 
@@ -62,11 +67,12 @@ def test_the_update_gets_the_groups_whose_rewards_differ(tiny_llama_dir, tmp_pat
       "model.compute_dtype=float32", "mesh.fsdp=1", "grpo.steps=1", "grpo.batch_prompts=2",
       "grpo.rollout_prompts=4", "grpo.n=2", "grpo.micro_batch=2", "grpo.turns=all",
       "grpo.max_turns=0", "grpo.train_top_layers=0", "grpo.loss.kl_coef=0.0",
-      "grpo.pack_completions=false", "rollout.max_prompt_len=1024", "rollout.max_new_tokens=8"])
+      "rollout.max_prompt_len=1024", "rollout.max_new_tokens=8"])
   _, history = grpo.train_grpo(cfg, init="initial")
   (roll,), (batch,) = seen["rolls"], seen["batches"]
   assert roll.num_prompts == 4
-  want = roll.take([1, 3]).completion_ids
+  chosen = roll.take([1, 3])
+  want = np.where(chosen.completion_mask, chosen.completion_ids, 0)
   np.testing.assert_array_equal(batch["completion"].reshape(want.shape), want)
   # group advantages of the chosen groups' rewards (0, 2) and (0, 1): nonzero, opposite signs
   adv = batch["adv"].reshape(2, 2)

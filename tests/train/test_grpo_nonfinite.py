@@ -1,6 +1,7 @@
 """GRPO stops after K non-finite losses in a row, with a message naming the last good checkpoint,
 which stays restorable (issue 6)."""
 
+import dataclasses
 import os
 
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ def test_k_nonfinite_losses_in_a_row_stop_the_run(tiny_llama_dir, tmp_path, monk
     def call(state, batch):
       calls.append(1)
       if len(calls) >= 2:  # step 1 is clean; from step 2 on the reference log-probs are NaN
-        batch = dict(batch, ref_logp=batch["ref_logp"] * jnp.nan)
+        batch = dataclasses.replace(batch, ref_logp=batch.ref_logp * jnp.nan)
       return update(state, batch)
     return call
 

@@ -13,6 +13,7 @@ worker; under pytest it is the test.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -109,9 +110,9 @@ def _train(ckpt_dir: str) -> tuple[dict, dict[str, np.ndarray]]:
   def grpo_step(state, seed):
     roll, rewards = grpo_batch(seed)
     adv = np.asarray(grpo_obj.group_advantages(jnp.asarray(rewards), 4), np.float32)
-    batch = rollout_batch.assemble(roll, mesh, MICRO)
-    batch["ref_logp"] = ref_logprobs(ref_params, batch)
-    batch["adv"] = rollout_batch.place(adv.reshape(batch["completion"].shape[:2]), mesh)
+    batch = rollout_batch.grpo_batch(roll, mesh, MICRO)
+    batch = dataclasses.replace(batch, ref_logp=ref_logprobs(ref_params, batch),
+                                adv=rollout_batch.place_replicated(adv, mesh))
     state, m = update(state, batch)
     log["grpo_loss"].append(float(m["loss"]))
     log["grpo_grad_norm"].append(float(m["grad_norm"]))

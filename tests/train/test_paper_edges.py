@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cqr_jax import config as cfglib
-from cqr_jax import sharding
+from cqr_jax import shared_prefix, sharding
 from cqr_jax.data.types import Turn
 from cqr_jax.models.config import ModelConfig
 from cqr_jax.parsing import parse_response
@@ -161,4 +161,4 @@ def test_sft_overlong_examples(tmp_path, rule):
 def test_shared_prefix_with_a_fully_truncated_response():
   """A right truncation may cut a whole response: the common-prefix search still works."""
   examples = [([1, 2, 3, 4, 5], [0, 0, 0, 1, 1]), ([1, 2, 3, 9], [0, 0, 0, 0])]
-  assert sft.shared_prefix_len(examples, 1) == 0  # 3 tokens < one multiple of 16
+  assert shared_prefix.for_examples(examples, 1) == 0  # 3 tokens < one multiple of 16

@@ -1,4 +1,4 @@
-"""SFT's common prefix: which tokens may run once (`shared_prefix_len`), and the update with them
+"""SFT's common prefix: which tokens may run once (`cqr_jax.shared_prefix.for_examples`), and the update with them
 run once equals the update over whole rows."""
 
 import jax
@@ -9,7 +9,7 @@ import pytest
 from cqr_jax import sharding
 from tests.train.test_steps import CFG
 from train import rollout_batch, steps
-from train.sft import shared_prefix_len
+from cqr_jax.shared_prefix import for_examples as shared_prefix_len
 
 
 def examples_with_head(head_len: int, seed: int = 0, n: int = 4):
