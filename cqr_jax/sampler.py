@@ -613,12 +613,10 @@ class Sampler:
 
   def _place(self, x: np.ndarray) -> jax.Array:
     """Rows over ("data", "fsdp"). Every process passes the same (global) prompts; each
-    device takes its rows, so this also works on a multi-host mesh."""
+    device takes its rows (`sharding.put_global`), so this also works on a multi-host mesh."""
     if self.mesh is None:
       return jnp.asarray(x)
-    spec = jax.sharding.PartitionSpec(("data", "fsdp"))
-    sharding = jax.sharding.NamedSharding(self.mesh, spec)
-    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+    return sharding.put_global(x, sharding.batch_sharding(self.mesh, x.ndim))
 
   def _finish(self, ids_bp, mask_bp, truncated, num_prompts, n, max_new, tokens, logps, lengths,
               eos_hit) -> Rollouts:
