@@ -3,7 +3,7 @@
 A decode step is made of skinny products (a few rows against a whole weight or cache), where
 XLA:CPU's defaults lose to two rewrites (bench/results/sampler.md):
 
-- Attention as fused multiply-sums (`REDUCE`): the step's small attention products, which
+- Attention as fused multiply-sums (`Reduce`): the step's small attention products, which
   XLA:CPU runs as many tiny batched matmuls, become broadcast multiplies and sums it fuses into
   one loop each, with the generation cache's keys stored slots-minor [R, KVH, Dh, G] so the sum
   over Dh runs across whole rows of slots. The prompt part's scores stay a matmul (its keys meet
@@ -22,32 +22,27 @@ from flax import nnx
 from cqr_jax.models.layers import Linear
 
 
-def _gen_scores(q_rkgd, gen_k_rkds, dt):
-  """Scores [R, KVH, G, S] of each row's grouped query against its own keys [R, KVH, Dh, S]."""
-  return jnp.sum(q_rkgd.astype(dt)[..., None] * gen_k_rkds[:, :, None], axis=-2)
-
-
-def _prompt_values(p_bnkgp, v_bkpd, dt):
-  """sum_p P[b, j, k, g, p] v[b, k, p] -> [B, n, KVH, G, Dh] float32."""
-  del dt
-  return jnp.sum(p_bnkgp[..., None] * v_bkpd.astype(jnp.float32)[:, None, :, None], axis=-2)
-
-
-def _gen_values(p_rkgs, v_rksd, dt):
-  """sum_s P[r, k, g, s] v[r, k, s] -> [R, KVH, G, Dh] float32."""
-  del dt
-  return jnp.sum(p_rkgs[..., None] * v_rksd.astype(jnp.float32)[:, :, None], axis=-2)
-
-
 class Reduce:
-  """The decode step's attention products as fused multiply-sums (see the module docstring)."""
+  """The decode step's attention products as fused multiply-sums (see the module docstring);
+  the generation cache's keys stored slots-minor [R, KVH, Dh, G]."""
   k_slots_last = True
-  gen_scores = staticmethod(_gen_scores)
-  prompt_values = staticmethod(_prompt_values)
-  gen_values = staticmethod(_gen_values)
 
+  @staticmethod
+  def gen_scores(q_rkgd, gen_k_rkds, dt):
+    """Scores [R, KVH, G, S] of each row's grouped query against its own keys."""
+    return jnp.sum(q_rkgd.astype(dt)[..., None] * gen_k_rkds[:, :, None], axis=-2)
 
-REDUCE = Reduce
+  @staticmethod
+  def prompt_values(p_bnkgp, v_bkpd, dt):
+    """sum_p P[b, j, k, g, p] v[b, k, p] -> [B, n, KVH, G, Dh] float32."""
+    del dt
+    return jnp.sum(p_bnkgp[..., None] * v_bkpd.astype(jnp.float32)[:, None, :, None], axis=-2)
+
+  @staticmethod
+  def gen_values(p_rkgs, v_rksd, dt):
+    """sum_s P[r, k, g, s] v[r, k, s] -> [R, KVH, G, Dh] float32."""
+    del dt
+    return jnp.sum(p_rkgs[..., None] * v_rksd.astype(jnp.float32)[:, :, None], axis=-2)
 
 
 def weights_first_model(model: nnx.Module) -> nnx.Module:

@@ -22,7 +22,7 @@ class DecodePolicy:
     XLA:CPU rewrites a bf16 cache update into an f32 pass over the whole cache every step.
   prefill_dtype: matmul dtype of the prompt pass; None = the compute dtype.
   attention: the decode step's attention products, "matmul" (einsums, for matrix units) or
-    "reduce" (fused multiply-sums, keys stored slots-minor: `cpu_decode.REDUCE`).
+    "reduce" (fused multiply-sums, keys stored slots-minor: `cpu_decode.Reduce`).
   scan_layers: the prompt pass and decode step run the blocks as one lax.scan; None = the model
     config's `scan_layers`. Unrolled on CPU: XLA:CPU copies each block's weights out of the
     stacked array in every decode step (`python bench/bench_decode_layers.py`).

@@ -7,11 +7,12 @@ The cache is split in two, per layer:
   prompts share a prefix (`prefill` `shared`), that prefix is held once for all rows in
   "shared_k", "shared_v" [KVH, S, Dh] and "k", "v" hold each prompt's remaining columns;
 - generation part {"k", "v"}: [B * n, KVH, G, Dh], one slot written per step, in place; with
-  the CPU's "reduce" products "k" is stored [B * n, KVH, Dh, G] (`cpu_decode.REDUCE`).
+  the CPU's "reduce" products "k" is stored [B * n, KVH, Dh, G] (`cpu_decode.Reduce`).
 Rows are prompt-major (row i * n + j = sample j of prompt i). Head-major layouts make both
 attention matmuls plain batched matmuls over (B, KVH); a [B, S, KVH, Dh] cache made XLA:CPU
-transpose the whole cache every layer and step (slower attention; bench/results/sampler.md). A decode step's softmax runs jointly over the
-prompt and generation slots: the same attention as one concatenated cache.
+transpose the whole cache every layer and step (slower attention; bench/results/sampler.md).
+A decode step's softmax runs jointly over the prompt and generation slots: the same attention
+as one concatenated cache.
 
 Projections, norms, RoPE, MLP and LM head are the Decoder's own modules. The strategies
 (products, cache dtype, scanned blocks, weights first) come from the call's `sampler.DecodePlan`.
@@ -34,7 +35,7 @@ from cqr_jax.models.layers import mm
 
 class Matmul:
   """The decode step's attention products as einsums (matrix units: TPU, GPU); generation keys
-  stored [R, KVH, G, Dh]. The CPU's fused multiply-sums are `cpu_decode.REDUCE`."""
+  stored [R, KVH, G, Dh]. The CPU's fused multiply-sums are `cpu_decode.Reduce`."""
   k_slots_last = False
 
   @staticmethod
@@ -52,7 +53,7 @@ class Matmul:
 
 def products(attention: str):
   """The step's attention products for `DecodePolicy.attention`."""
-  return cpu_decode.REDUCE if attention == "reduce" else Matmul
+  return cpu_decode.Reduce if attention == "reduce" else Matmul
 
 
 def _attend_step(q_r1nd, prompt, gen, prompt_mask_bp, step, n, dt, ops):

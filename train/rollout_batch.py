@@ -171,9 +171,9 @@ def grpo_batch(roll, mesh, micro_batch: int, pack_rows: int = 0,
   and completions are packed into streams of k = `stream_rows(..., pack_rows)` rows
   (`pack_streams`: completions that do not fit go to a continuation stream that repeats the
   prompt); the streams, in group order, fill calls of P = `streams_per_call(...)` streams (the
-  last call padded with empty streams). With `shared_prefix_min` > 0 and prompts that share a prefix of at
-  least that many tokens (`cqr_jax.shared_prefix.split_prompts`), that prefix is `prefix` and
-  the prompts hold only what follows it."""
+  last call padded with empty streams). With `shared_prefix_min` > 0 and prompts that share a
+  prefix of at least that many tokens (`cqr_jax.shared_prefix.split_prompts`), that prefix is
+  `prefix` and the prompts hold only what follows it."""
   rows = len(roll.finish_reasons)
   m = group_size(roll.n, micro_batch, sharding.data_parallel_size(mesh))
   lc = roll.completion_ids.shape[1]

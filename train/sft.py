@@ -4,8 +4,9 @@ Each example is the chat-templated zero-shot prompt followed by `<think>..</thin
 </rewrite>` and EOS; the loss covers the response and EOS only. AdamW (0.9, 0.95), weight decay
 0.01, 10% linear warm-up then cosine to 0, clip 1.0; checkpoints every epoch and resume. The
 tokens all examples start with (the template's instructions) run once per micro-batch
-(`cqr_jax.shared_prefix.for_examples`). Examples over sft.max_len follow sft.overlong (`encode_examples`: error,
-truncate_right or drop, as the official scripts per dataset, method.md 3.4); the counts go to
+(`cqr_jax.shared_prefix.for_examples`). Examples over sft.max_len follow sft.overlong
+(`encode_examples`: error, truncate_right or drop, as the official scripts per dataset,
+method.md 3.4); the counts go to
 `<run>/sft/summary.json`.
 """
 
