@@ -30,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from cqr_jax import paths
+from cqr_jax import distributed, paths
 
 log = logging.getLogger(__name__)
 
@@ -125,10 +125,18 @@ class Checkpointer:
     except (OSError, ValueError):
       return {}
 
+  def _agreed_steps(self) -> list[int]:
+    """The steps process 0 lists, on every process (a collective: all processes call it).
+
+    Every process lists (and reloads Orbax's cache) before any can go on, so no process acts on a
+    listing taken after another began deleting (tests/test_paths.py's two-process checkpoint).
+    """
+    return [int(s) for s in distributed.broadcast_from_main(self.all_steps())]
+
   def keep_only(self, step: int) -> None:
     """Deletes every step but `step` (a finished stage: nothing left to resume)."""
     self.wait()
-    for s in self.all_steps():
+    for s in self._agreed_steps():
       if s != int(step):
         self._mngr.delete(s)
 
@@ -156,7 +164,7 @@ class Checkpointer:
     returns None when the directory holds no checkpoint. A given step that does not exist raises
     FileNotFoundError listing the steps that do.
     """
-    steps = self.all_steps()
+    steps = self._agreed_steps()
     target = abstract_state if callable(abstract_state) else lambda _: abstract_state
     if step is not None:
       if int(step) not in steps:

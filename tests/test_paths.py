@@ -149,6 +149,7 @@ def test_run_folder_writers_leave_the_same_files_on_gs_as_on_disk(tmp_path):
 
 _TWO_PROCESS_CKPT = r"""
 import sys
+import time
 import numpy as np
 from cqr_jax import distributed
 distributed.initialize()
@@ -168,6 +169,8 @@ with distributed.fail_fast():
   step, st, meta = c.restore(None, abstract_like(state(0)))
   assert step == 3 and meta == {"s": 3}, (step, meta)
   np.testing.assert_array_equal(distributed.allgather(st["w"]), full(3))
+  if jax.process_index() == 1:  # a slower host: process 0 must not delete before it has listed
+    time.sleep(3)
   c.keep_only(3)
   assert c.all_steps() == [3]
   c.close()
@@ -179,7 +182,7 @@ with distributed.fail_fast():
 @needs_emulator
 def test_two_processes_checkpoint_to_gs_with_an_interleaved_mesh(tmp_path):
   """Each process writes the shards its devices hold (every other row block) into one gs://
-  folder; both restore and agree on the steps."""
+  folder; both restore and agree on the steps, also when one host reaches `keep_only` late."""
   script = tmp_path / "ckpt.py"
   script.write_text(_TWO_PROCESS_CKPT)
   with gcs_emulator.gcs_emulator("bkt") as gcs:
