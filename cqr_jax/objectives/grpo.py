@@ -32,7 +32,8 @@ over the step's 8-sequence blocks of each block's token mean. With token_mean_se
 slices of the batch) and passes seq_weight_b, so the loss is the same on any mesh and for any
 compute micro-batch (`grpo.micro_batch`, which only sets how many sequences one forward runs over
 the whole mesh). token_mean_seqs = 0 is the older rule, the token mean of each compute
-micro-batch: it depends on the mesh and on micro_batch.
+micro-batch (one update call of packed streams): it depends on the mesh, on micro_batch and on
+grpo.pack_rows.
 """
 
 from __future__ import annotations

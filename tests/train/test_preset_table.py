@@ -34,5 +34,5 @@ def test_paper_presets_follow_the_official_code(dataset, overlong):
 def test_cpu_presets_keep_their_rules(name):
   c = cfglib.resolve(name)
   assert (c.sdpw.keep_rule, c.eval.score_rule, c.sft.overlong) == ("format", "format", "drop")
-  assert c.grpo.loss.token_mean_seqs == 0  # the token mean of each compute micro-batch
+  assert c.grpo.loss.token_mean_seqs == 0  # the token mean of each update call
   assert dataclasses.asdict(c.grpo.loss)["aggregation"] == "token_mean"
