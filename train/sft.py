@@ -6,8 +6,7 @@ Each example is the chat-templated zero-shot prompt followed by `<think>..</thin
 tokens all examples start with (the template's instructions) run once per micro-batch
 (`cqr_jax.shared_prefix.for_examples`). Examples over sft.max_len follow sft.overlong
 (`encode_examples`: error, truncate_right or drop, as the official scripts per dataset,
-method.md 3.4); the counts go to
-`<run>/sft/summary.json`.
+method.md 3.4); the counts go to `<run>/sft/summary.json`.
 """
 
 from __future__ import annotations
